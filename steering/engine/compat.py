@@ -1,0 +1,112 @@
+"""Every vLLM internal the extension relies on, checked loudly.
+
+steerserve is pinned to one vLLM release (PINNED). `check_static` runs when the plugin
+installs its hooks and `check_runner` when a runner loads its model; both raise
+`IncompatibleVLLM` naming what moved, so an upgrade fails at start-up instead of steering
+silently wrong. `tests/test_compat.py` runs them too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+PINNED = "0.32.0"
+
+
+class IncompatibleVLLM(RuntimeError):
+    pass
+
+
+def _params(fn: Any) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        import vllm
+
+        raise IncompatibleVLLM(
+            f"steerserve needs vLLM {PINNED} internals, found vLLM {vllm.__version__}: {what}"
+        )
+
+
+def check_static() -> None:
+    """Classes, methods and signatures the hooks patch or call."""
+    import vllm
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _require(vllm.__version__.split("+")[0] == PINNED, f"version {vllm.__version__} != {PINNED}")
+    _require(
+        _params(InputProcessor.process_inputs)[:4] == ["self", "request_id", "prompt", "params"],
+        "InputProcessor.process_inputs(self, request_id, prompt, params, ...)",
+    )
+    fields = getattr(EngineCoreRequest, "__struct_fields__", ())
+    _require(
+        "cache_salt" in fields and "sampling_params" in fields,
+        "EngineCoreRequest.cache_salt / .sampling_params",
+    )
+    _require("extra_args" in SamplingParams.__struct_fields__, "SamplingParams.extra_args")
+    for name, params in (
+        ("load_model", ["self", "load_dummy_weights"]),
+        ("_prepare_inputs", ["self", "scheduler_output", "num_scheduled_tokens"]),
+        ("_on_request_state_removed", ["self", "req_id", "req_state"]),
+    ):
+        fn = GPUModelRunner.__dict__.get(name)
+        _require(fn is not None, f"GPUModelRunner.{name}")
+        _require(_params(fn)[: len(params)] == params, f"GPUModelRunner.{name}{tuple(params)}")
+    for cls in runner_subclasses_with_own_load_model():
+        _require(
+            _params(cls.__dict__["load_model"])[:2] == ["self", "load_dummy_weights"],
+            f"{cls.__name__}.load_model(self, load_dummy_weights)",
+        )
+    # _on_request_state_removed must be called for every removed request; it is only a
+    # hook if _update_states calls it.
+    src = inspect.getsource(GPUModelRunner._update_states)
+    _require("_on_request_state_removed" in src, "_update_states calls _on_request_state_removed")
+    src = inspect.getsource(GPUModelRunner._prepare_inputs)
+    _require(
+        "self.req_indices.np[:total_num_scheduled_tokens] = req_indices" in src
+        and "self.query_pos.np" in src,
+        "_prepare_inputs fills self.req_indices.np and self.query_pos.np on the host",
+    )
+    from vllm.model_executor.models.llama import LlamaDecoderLayer
+    from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+    from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
+
+    for layer in (LlamaDecoderLayer, Qwen2DecoderLayer, Qwen3DecoderLayer):
+        _require(
+            _params(layer.forward)[:4] == ["self", "positions", "hidden_states", "residual"],
+            f"{layer.__name__}.forward(self, positions, hidden_states, residual)",
+        )
+
+
+def runner_subclasses_with_own_load_model() -> list[type]:
+    """Runner classes that override load_model without calling GPUModelRunner's (CPU)."""
+    out = []
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:
+        return out
+    if "load_model" in CPUModelRunner.__dict__:
+        out.append(CPUModelRunner)
+    return out
+
+
+def check_runner(runner: Any) -> None:
+    """Instance attributes read each step."""
+    batch = getattr(runner, "input_batch", None)
+    _require(batch is not None, "runner.input_batch")
+    for attr in ("req_ids", "num_reqs", "num_prompt_tokens", "num_computed_tokens_cpu"):
+        _require(hasattr(batch, attr), f"InputBatch.{attr}")
+    for attr in ("requests", "max_num_reqs", "positions", "model_config", "device"):
+        _require(hasattr(runner, attr), f"runner.{attr}")
+    for attr in ("req_indices", "query_pos"):
+        _require(hasattr(getattr(runner, attr, None), "np"), f"runner.{attr}.np (CpuGpuBuffer)")
+    _require(
+        runner.positions.shape[0] >= runner.max_num_tokens,
+        "runner.positions sized to max_num_tokens",
+    )

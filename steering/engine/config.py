@@ -1,0 +1,56 @@
+"""Per-engine settings of the extension, read from vLLM's config and the environment.
+
+The switch that turns the extension off is per engine, so plain vLLM and steerserve can be
+compared inside one process:
+
+- `STEERSERVE_DISABLE=1` in the environment, or
+- `additional_config={"steerserve": {"enabled": False}}` (`--additional-config` on the CLI).
+
+Disabled means the hooks return straight to vLLM's own code: no layer is touched, no buffer
+is allocated and a `steering` field is ignored, exactly as in plain vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+ENV_DISABLE = "STEERSERVE_DISABLE"
+ENV_VECTORS_DIR = "STEERSERVE_VECTORS_DIR"
+CONFIG_KEY = "steerserve"
+DEFAULT_VECTORS_DIR = "vectors"
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    enabled: bool = True
+    # Directory of named vectors; resolved by the API process only (workers get data).
+    vectors_dir: str = DEFAULT_VECTORS_DIR
+    # Distinct residual ops one request may need after merging consecutive adds. Buffers
+    # scale with it (layers x slots x max_ops x hidden), so it is kept small by default.
+    max_ops: int = 4
+
+    @classmethod
+    def from_vllm(cls, vllm_config: Any) -> SteeringConfig:
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        mine = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
+        unknown = set(mine) - {"enabled", "vectors_dir", "max_ops"}
+        if unknown:
+            raise ValueError(
+                f"additional_config.{CONFIG_KEY}: unknown key(s) {sorted(unknown)}; "
+                "known: enabled, vectors_dir, max_ops"
+            )
+        enabled = bool(mine.get("enabled", True))
+        if os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on"):
+            enabled = False
+        max_ops = int(mine.get("max_ops", cls.max_ops))
+        if not 1 <= max_ops <= 64:
+            raise ValueError(f"additional_config.{CONFIG_KEY}.max_ops must be in 1..64")
+        return cls(
+            enabled=enabled,
+            vectors_dir=str(
+                mine.get("vectors_dir") or os.environ.get(ENV_VECTORS_DIR) or DEFAULT_VECTORS_DIR
+            ),
+            max_ops=max_ops,
+        )

@@ -1,0 +1,86 @@
+"""API-process side of the extension: spec validation, compilation and cache salting.
+
+Runs inside vLLM's `InputProcessor.process_inputs`, i.e. before a request reaches the
+engine, so a bad spec is a `VLLMValidationError` (HTTP 400 in vLLM's server, a ValueError
+for `LLM.generate`) and the engine never sees it. Named vectors are resolved here; the
+workers receive only the compiled data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+
+from steering.compile import PAYLOAD_KEY, CompiledSpec, compile_spec
+from steering.engine.config import SteeringConfig
+from steering.spec import ModelShape, SpecContext, SpecError, parse_spec
+from steering.vectors import VectorRegistry
+
+SPEC_KEY = "steering"
+_ATTR = "_steerserve_frontend"
+
+
+class SteeringValidationError(VLLMValidationError):
+    """A bad spec; `errors` lists (field, reason) pairs, `parameter` is the first field."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        message = "; ".join(f"{loc}: {msg}" for loc, msg in errors)
+        super().__init__(message, parameter=errors[0][0])
+
+
+class SteeringFrontend:
+    def __init__(self, vllm_config: Any, config: SteeringConfig):
+        self.config = config
+        self.shape = ModelShape.from_hf_config(vllm_config.model_config.hf_config)
+        self.registry = VectorRegistry(config.vectors_dir)
+        self.context = SpecContext(self.shape, vectors=self.registry)
+
+    def compile_request(self, params: Any) -> CompiledSpec | None:
+        """Validate and compile `params.extra_args["steering"]`; None when unsteered."""
+        if not isinstance(params, SamplingParams) or not params.extra_args:
+            return None
+        if PAYLOAD_KEY in params.extra_args:
+            raise SteeringValidationError(
+                [(f"extra_args.{PAYLOAD_KEY}", "is reserved for steerserve's compiled form")]
+            )
+        raw = params.extra_args.get(SPEC_KEY)
+        if raw is None:
+            return None
+        try:
+            compiled = compile_spec(parse_spec(raw, self.context))
+        except SpecError as e:
+            raise SteeringValidationError(e.errors) from None
+        if len(compiled.ops) > self.config.max_ops:
+            raise SteeringValidationError([(
+                f"{SPEC_KEY}.vectors",
+                f"needs {len(compiled.ops)} distinct operations (consecutive 'add' entries "
+                f"with the same positions count as one); this engine allows "
+                f"{self.config.max_ops} (additional_config.steerserve.max_ops)",
+            )])
+        return compiled if compiled.ops else None
+
+    @staticmethod
+    def attach(request: Any, compiled: CompiledSpec) -> None:
+        """Put the compiled spec on the engine request and salt its prefix-cache hashes.
+
+        KV computed under one intervention must never serve a request with another, so
+        the salt is the spec's fingerprint (combined with any salt the caller set).
+        Unsteered requests keep their salt (or none) and share the cache as usual.
+        """
+        sp = request.sampling_params
+        sp.extra_args = {**(sp.extra_args or {}), PAYLOAD_KEY: compiled.to_payload()}
+        salt = f"steerserve:{compiled.fingerprint}"
+        request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+
+
+def frontend_of(input_processor: Any) -> SteeringFrontend | None:
+    """The processor's SteeringFrontend (made on first use), or None if disabled."""
+    frontend = input_processor.__dict__.get(_ATTR, False)
+    if frontend is False:
+        config = SteeringConfig.from_vllm(input_processor.vllm_config)
+        frontend = SteeringFrontend(input_processor.vllm_config, config) if config.enabled else None
+        input_processor.__dict__[_ATTR] = frontend
+    return frontend

@@ -1,0 +1,153 @@
+"""The only place that patches vLLM: method hooks on its runner and input processor.
+
+Installed by the `vllm.general_plugins` entry point (`plugin.py`) in every vLLM process.
+Each hook calls vLLM's original method first and then does its part, and does nothing
+when the extension is disabled for that engine (`config.py`), so a disabled engine runs
+plain vLLM code. `compat.py` checks every internal touched here.
+
+    InputProcessor.process_inputs      validate + compile the spec, salt the prefix cache
+    <Runner>.load_model                allocate tables, swap decoder layers
+    GPUModelRunner._prepare_inputs     per-step slot/coefficient buffers
+    GPUModelRunner._on_request_state_removed   free the request's slot reference
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from steering.engine import compat
+from steering.engine.config import SteeringConfig
+
+log = logging.getLogger(__name__)
+
+_RUNTIME_ATTR = "_steerserve_runtime"
+_installed = False
+
+
+def _wrap(cls: type, name: str, make) -> None:
+    original = cls.__dict__[name]
+    if getattr(original, "_steerserve_original", None) is not None:
+        return  # already hooked (plugins may load more than once per process)
+    hooked = functools.wraps(original)(make(original))
+    hooked._steerserve_original = original
+    setattr(cls, name, hooked)
+
+
+def runtime_of(runner: Any):
+    """The runner's SteeringRuntime, or None when steering is disabled for its engine."""
+    return getattr(runner, _RUNTIME_ATTR, None)
+
+
+# --- runner ------------------------------------------------------------------------------
+
+
+def _after_load_model(runner: Any) -> None:
+    if getattr(runner, _RUNTIME_ATTR, None) is not None:
+        return
+    setattr(runner, _RUNTIME_ATTR, None)
+    config = SteeringConfig.from_vllm(runner.vllm_config)
+    if not config.enabled:
+        log.info("steerserve: disabled for this engine, running plain vLLM")
+        return
+    import torch
+
+    from steering.engine.layers import install
+    from steering.engine.runtime import SteeringRuntime
+    from steering.engine.tables import SteeringTables
+    from steering.spec import ModelShape
+
+    compat.check_runner(runner)
+    shape = ModelShape.from_hf_config(runner.model_config.hf_config)
+    tables = SteeringTables(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_slots=runner.max_num_reqs + 1,
+        max_ops=config.max_ops,
+        max_tokens=int(runner.positions.shape[0]),
+        dtype=runner.model_config.dtype,
+        device=torch.device(runner.device),
+    )
+    n = install(runner.get_model(), tables, shape.architecture)
+    setattr(runner, _RUNTIME_ATTR, SteeringRuntime(tables, runner.max_num_reqs))
+    log.info(
+        "steerserve: steering %d decoder layers, %d slots x %d ops, %.1f MiB of buffers",
+        n, tables.num_slots, tables.max_ops, tables.nbytes / 2**20,
+    )
+
+
+def _hook_load_model(original):
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        _after_load_model(self)
+        return result
+
+    return load_model
+
+
+def _hook_prepare_inputs(original):
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        runtime = getattr(self, _RUNTIME_ATTR, None)
+        if runtime is not None:
+            batch = self.input_batch
+            num_tokens = scheduler_output.total_num_scheduled_tokens
+            req_indices = self.req_indices.np[:num_tokens]
+            # Positions as vLLM computed them on the host (num_computed + offset in query).
+            positions = batch.num_computed_tokens_cpu[req_indices] + self.query_pos.np[:num_tokens]
+            runtime.prepare_step(
+                batch.req_ids[: batch.num_reqs],
+                self.requests,
+                req_indices,
+                positions,
+                batch.num_prompt_tokens,
+            )
+        return result
+
+    return _prepare_inputs
+
+
+def _hook_request_removed(original):
+    def _on_request_state_removed(self, req_id, req_state, *args, **kwargs):
+        runtime = getattr(self, _RUNTIME_ATTR, None)
+        if runtime is not None:
+            runtime.release(req_id)
+        return original(self, req_id, req_state, *args, **kwargs)
+
+    return _on_request_state_removed
+
+
+# --- front end ---------------------------------------------------------------------------
+
+
+def _hook_process_inputs(original):
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        from steering.engine.frontend import frontend_of
+
+        frontend = frontend_of(self)
+        compiled = frontend.compile_request(params) if frontend is not None else None
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if compiled is not None:
+            frontend.attach(request, compiled)
+        return request
+
+    return process_inputs
+
+
+def install_hooks() -> None:
+    """Patch vLLM's classes (idempotent). Raises compat.IncompatibleVLLM if internals moved."""
+    global _installed
+    if _installed:
+        return
+    compat.check_static()
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap(InputProcessor, "process_inputs", _hook_process_inputs)
+    _wrap(GPUModelRunner, "load_model", _hook_load_model)
+    _wrap(GPUModelRunner, "_prepare_inputs", _hook_prepare_inputs)
+    _wrap(GPUModelRunner, "_on_request_state_removed", _hook_request_removed)
+    for runner_cls in compat.runner_subclasses_with_own_load_model():
+        _wrap(runner_cls, "load_model", _hook_load_model)
+    _installed = True

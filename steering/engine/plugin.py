@@ -1,0 +1,17 @@
+"""`vllm.general_plugins` entry point: vLLM imports and calls `register` in every process."""
+
+from __future__ import annotations
+
+import os
+
+from steering.engine.config import ENV_DISABLE
+
+
+def register() -> None:
+    # With the environment switch nothing is patched at all: the process is plain vLLM.
+    # (The per-engine switch in additional_config leaves the hooks in place as no-ops.)
+    if os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    from steering.engine.hooks import install_hooks
+
+    install_hooks()

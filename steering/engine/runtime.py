@@ -1,0 +1,127 @@
+"""Worker-side state of one model runner: requests -> specs -> slots -> per-token buffers.
+
+Called from the runner hooks (`hooks.py`) once per step, after vLLM's own `_prepare_inputs`
+has laid out the batch. All per-token work is vectorised numpy over the step's tokens; the
+only Python loop is over the batch rows (dictionary lookups), as in vLLM's own input batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from steering.compile import PAYLOAD_KEY, CompiledSpec
+from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
+
+log = logging.getLogger(__name__)
+
+_UNSEEN = object()
+
+
+class SteeringRuntime:
+    def __init__(self, tables: SteeringTables, max_rows: int):
+        self.tables = tables
+        self.bank = SlotBank(tables)
+        self.req_spec: dict[str, CompiledSpec | None] = {}
+        self.refcount: dict[str, int] = {}
+        self.specs: dict[str, CompiledSpec] = {}
+        self.row_slot = np.zeros(max_rows, dtype=np.int64)
+        self.step = 0
+        self._dirty = 0  # tokens [0, _dirty) may hold non-identity slots from an earlier step
+
+    # --- request lifecycle -------------------------------------------------------------
+
+    def _register(self, req_id: str, sampling_params: Any) -> CompiledSpec | None:
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        payload = extra.get(PAYLOAD_KEY)
+        spec = None
+        if payload is not None:
+            fp = payload["fp"]
+            spec = self.specs.get(fp)
+            if spec is None:
+                try:
+                    spec = CompiledSpec.from_payload(payload)
+                except Exception:  # the front end validated it; never take the engine down
+                    log.exception("steerserve: request %s: bad compiled payload, unsteered", req_id)
+                    spec = None
+                else:
+                    self.specs[fp] = spec
+            if spec is not None and not spec.ops:
+                spec = None
+        elif extra.get("steering"):
+            log.warning(
+                "steerserve: request %s carries 'steering' that the front end did not compile "
+                "(was it submitted as a raw EngineCoreRequest?); it runs unsteered", req_id
+            )
+        if spec is not None:
+            self.refcount[spec.fingerprint] = self.refcount.get(spec.fingerprint, 0) + 1
+        self.req_spec[req_id] = spec
+        return spec
+
+    def release(self, req_id: str) -> None:
+        spec = self.req_spec.pop(req_id, None)
+        if spec is None:
+            return
+        fp = spec.fingerprint
+        left = self.refcount[fp] - 1
+        if left:
+            self.refcount[fp] = left
+        else:
+            del self.refcount[fp]
+            del self.specs[fp]
+            self.bank.release(fp)
+
+    # --- per step ----------------------------------------------------------------------
+
+    def prepare_step(
+        self,
+        req_ids: list[str],
+        requests: dict[str, Any],
+        req_indices: np.ndarray,
+        positions: np.ndarray,
+        prompt_lens: np.ndarray,
+    ) -> None:
+        """Fill tok_slot/tok_coef for this step's tokens.
+
+        req_indices[t] is the batch row of token t, positions[t] its position, and
+        prompt_lens[r] the prompt length of row r.
+        """
+        self.step += 1
+        n = len(req_ids)
+        row_slot = self.row_slot[:n]
+        steered = False
+        for i, rid in enumerate(req_ids):
+            spec = self.req_spec.get(rid, _UNSEEN)
+            if spec is _UNSEEN:
+                state = requests.get(rid)
+                spec = self._register(rid, state.sampling_params if state is not None else None)
+            if spec is None:
+                row_slot[i] = IDENTITY_SLOT
+            else:
+                row_slot[i] = self.bank.acquire(spec, self.step)
+                steered = True
+
+        num_tokens = len(req_indices)
+        t = self.tables
+        if not steered:
+            # Rows read slot 0 (a zero vector): the coefficients are then irrelevant.
+            if self._dirty:
+                t.np_slot[: self._dirty] = IDENTITY_SLOT
+                t.publish(self._dirty)
+                self._dirty = 0
+            return
+        slot = row_slot[req_indices]
+        rel = (positions - prompt_lens[req_indices])[:, None]
+        gate = (rel >= self.bank.lo[slot]) & (rel < self.bank.hi[slot])
+        t.np_slot[:num_tokens] = slot
+        np.multiply(self.bank.coef[slot], gate[..., None], out=t.np_coef[:num_tokens])
+        if self._dirty > num_tokens:
+            t.np_slot[num_tokens : self._dirty] = IDENTITY_SLOT
+        t.publish(max(num_tokens, self._dirty))
+        self._dirty = num_tokens
+
+    @property
+    def live_slots(self) -> int:
+        return self.bank.live_slots()

@@ -1,0 +1,136 @@
+"""Persistent steering buffers and the slot bank that fills them.
+
+Modelled on vLLM's LoRA/punica path: per-spec data lives in fixed slots of tables allocated
+once at their maximum size; each step writes only small per-token index/coefficient
+buffers in place. The forward pass therefore has one shape-stable set of tensor ops (no
+Python branch on per-step state, no host sync), which is what torch.compile's single trace
+and CUDA-graph replay require. Slot 0 is the identity: a zero vector, so unsteered rows
+run the same ops and come out bit-identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from steering.compile import CompiledSpec
+
+IDENTITY_SLOT = 0
+_EMPTY = -2  # last_used value of a slot that holds nothing
+_WARM = -1  # a slot whose spec no live request uses: first to be recycled, reusable if seen again
+
+
+class SteeringTables:
+    """Device tensors read inside the forward pass (never re-bound, only updated in place).
+
+    vec      [layers, slots, max_ops, hidden]  per-slot op vectors (model dtype)
+    tok_slot [max_tokens]                      slot of each scheduled token (int64)
+    tok_coef [max_tokens, max_ops, 2]          (coef, gain) per token and op, already gated
+                                               by the op's position window (float32)
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        hidden_size: int,
+        num_slots: int,
+        max_ops: int,
+        max_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.num_slots = num_slots
+        self.max_ops = max_ops
+        self.max_tokens = max_tokens
+        self.device = device
+        self.vec = torch.zeros(num_layers, num_slots, max_ops, hidden_size, dtype=dtype, device=device)
+        self.tok_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.tok_coef = torch.zeros(max_tokens, max_ops, 2, dtype=torch.float32, device=device)
+        # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
+        self.host_slot = self._staging(self.tok_slot)
+        self.host_coef = self._staging(self.tok_coef)
+        self.np_slot = self.host_slot.numpy()
+        self.np_coef = self.host_coef.numpy()
+
+    @staticmethod
+    def _staging(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return t
+        host = torch.zeros_like(t, device="cpu")
+        return host.pin_memory() if torch.cuda.is_available() else host
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.vec, self.tok_slot, self.tok_coef))
+
+    def publish(self, num_tokens: int) -> None:
+        """Make host-staged per-token values visible to the device (no-op on CPU)."""
+        if self.host_slot is not self.tok_slot:
+            self.tok_slot[:num_tokens].copy_(self.host_slot[:num_tokens], non_blocking=True)
+            self.tok_coef[:num_tokens].copy_(self.host_coef[:num_tokens], non_blocking=True)
+
+    def write_slot(self, slot: int, spec: CompiledSpec) -> None:
+        self.vec[:, slot].zero_()
+        for k, op in enumerate(spec.ops):
+            layers = torch.from_numpy(op.layers).to(self.device)
+            data = torch.from_numpy(op.vectors).to(device=self.device, dtype=self.vec.dtype)
+            self.vec[layers, slot, k] = data
+
+
+class SlotBank:
+    """Maps spec fingerprints to table slots: LRU over slots not used by the current step.
+
+    There is one slot per possible batch row plus the identity, so the rows of any step
+    always fit; a spec whose requests all finished stays resident ("warm") until its slot
+    is needed, so a popular spec is written to the device once.
+    """
+
+    def __init__(self, tables: SteeringTables):
+        self.tables = tables
+        n, k = tables.num_slots, tables.max_ops
+        self.slot_of: dict[str, int] = {}
+        self.fp_of: list[str | None] = [None] * n
+        self.last_used = np.full(n, _EMPTY, dtype=np.int64)
+        self.last_used[IDENTITY_SLOT] = np.iinfo(np.int64).max  # never a victim
+        # Host copies of per-slot op parameters, gathered per token each step.
+        self.coef = np.zeros((n, k, 2), dtype=np.float32)
+        self.lo = np.zeros((n, k), dtype=np.int64)  # identity/unused ops: empty window
+        self.hi = np.zeros((n, k), dtype=np.int64)
+        self.loads = 0
+
+    def acquire(self, spec: CompiledSpec, step: int) -> int:
+        slot = self.slot_of.get(spec.fingerprint)
+        if slot is None:
+            slot = int(np.argmin(self.last_used))
+            if self.last_used[slot] >= step:
+                raise RuntimeError("steering slot bank exhausted: more distinct specs than rows")
+            self._load(slot, spec)
+        self.last_used[slot] = step
+        return slot
+
+    def release(self, fingerprint: str) -> None:
+        slot = self.slot_of.get(fingerprint)
+        if slot is not None:
+            self.last_used[slot] = _WARM
+
+    def live_slots(self) -> int:
+        return int(np.count_nonzero(self.last_used[1:] >= 0))
+
+    def _load(self, slot: int, spec: CompiledSpec) -> None:
+        old = self.fp_of[slot]
+        if old is not None:
+            del self.slot_of[old]
+        self.tables.write_slot(slot, spec)
+        self.coef[slot] = 0.0
+        self.lo[slot] = 0
+        self.hi[slot] = 0
+        for k, op in enumerate(spec.ops):
+            self.coef[slot, k] = (op.coef, op.gain)
+            self.lo[slot, k] = op.lo
+            self.hi[slot, k] = op.hi
+        self.fp_of[slot] = spec.fingerprint
+        self.slot_of[spec.fingerprint] = slot
+        self.loads += 1

@@ -1,0 +1,355 @@
+"""The intervention spec (v1): pydantic models, validation against the served model, fingerprint.
+
+A spec arrives as JSON (HTTP field `steering`, or `SamplingParams.extra_args["steering"]`).
+`parse_spec` validates it against the loaded model in one pass and returns a `SteeringSpec`
+whose vector entries carry their resolved per-layer data; every problem is reported as a
+`SpecError` that names the field (`steering.vectors[0].layers[1]`) and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+Op = Literal["add", "ablate", "clamp"]
+Positions = Literal["all", "prompt", "generated"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What validation needs to know of the served model."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelShape:
+        text = getattr(config, "get_text_config", lambda: config)()
+        archs = getattr(config, "architectures", None) or [type(config).__name__]
+        return cls(
+            architecture=archs[0],
+            num_layers=int(text.num_hidden_layers),
+            hidden_size=int(text.hidden_size),
+        )
+
+
+class VectorSource(Protocol):
+    """Where named vectors come from (a `VectorRegistry`, or any mapping-like lookup)."""
+
+    def lookup(self, name: str, shape: ModelShape) -> Mapping[int, np.ndarray]:
+        """Per-layer float32 data of `name`; raises KeyError/ValueError with a readable reason."""
+        ...
+
+
+@dataclass
+class SpecContext:
+    """The served model and the server's registries, against which a spec is validated."""
+
+    shape: ModelShape
+    vectors: VectorSource | None = None
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    max_vectors: int = 16
+    max_inline_floats: int = 1 << 22
+
+
+class SpecError(ValueError):
+    """A spec problem. `errors` holds (field, message) pairs; str() joins them."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in errors))
+
+    @property
+    def field(self) -> str:
+        return self.errors[0][0]
+
+
+def _fail(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
+    return PydanticCustomError(kind, message, ctx or None)
+
+
+def _context(info: ValidationInfo) -> SpecContext | None:
+    return info.context.get("steering") if info.context else None
+
+
+class VectorEntry(BaseModel):
+    """One residual-stream intervention (DESIGN.md, "The intervention spec")."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str | None = None
+    data: dict[int, list[float]] | None = None
+    layers: list[int] | None = None
+    op: Op = "add"
+    scale: float = 1.0
+    value: float | None = None
+    normalize: bool = False
+    positions: Positions = "all"
+
+    # Per-layer float32 data after name/data resolution and the `layers` subset.
+    _resolved: dict[int, np.ndarray] = PrivateAttr(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str | None, info: ValidationInfo) -> str | None:
+        ctx = _context(info)
+        if name is None or ctx is None:
+            return name
+        if ctx.vectors is None:
+            raise _fail("unknown_vector", "no vector registry is configured; send 'data' inline")
+        try:
+            ctx.vectors.lookup(name, ctx.shape)
+        except (KeyError, ValueError) as e:
+            raise _fail("unknown_vector", "{reason}", reason=e.args[0] if e.args else str(e)) from e
+        return name
+
+    @field_validator("data")
+    @classmethod
+    def _inline_data(
+        cls, data: dict[int, list[float]] | None, info: ValidationInfo
+    ) -> dict[int, list[float]] | None:
+        ctx = _context(info)
+        if data is None or ctx is None:
+            return data
+        if not data:
+            raise _fail("empty_data", "must hold at least one layer")
+        n = ctx.shape.num_layers
+        floats = sum(len(v) for v in data.values())
+        if floats > ctx.max_inline_floats:
+            raise _fail(
+                "too_large", "inline data holds {n} floats, more than the limit of {lim}",
+                n=floats, lim=ctx.max_inline_floats,
+            )
+        for layer, vec in data.items():
+            if not 0 <= layer < n:
+                raise _fail(
+                    "layer_range", "layer {layer} is out of range for this model (0..{last})",
+                    layer=layer, last=n - 1,
+                )
+            if len(vec) != ctx.shape.hidden_size:
+                raise _fail(
+                    "hidden_size", "layer {layer} has {got} values, the model's hidden size is {h}",
+                    layer=layer, got=len(vec), h=ctx.shape.hidden_size,
+                )
+        return data
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_list(cls, layers: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if layers is None:
+            return None
+        if not layers:
+            raise _fail("empty_layers", "must name at least one layer (omit it for all)")
+        if len(set(layers)) != len(layers):
+            raise _fail("duplicate_layers", "lists a layer more than once")
+        ctx = _context(info)
+        if ctx is not None:
+            n = ctx.shape.num_layers
+            for layer in layers:
+                if not 0 <= layer < n:
+                    raise _fail(
+                        "layer_range", "layer {layer} is out of range for this model (0..{last})",
+                        layer=layer, last=n - 1,
+                    )
+        return sorted(layers)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> VectorEntry:
+        if (self.name is None) == (self.data is None):
+            raise _fail(
+                "source", "give exactly one of 'name' (a registered vector) or 'data' (inline)"
+            )
+        if self.op == "clamp" and self.value is None:
+            raise _fail("clamp_value", "op 'clamp' needs 'value' (the target projection)")
+        if self.op != "clamp" and self.value is not None:
+            raise _fail("value_unused", "'value' is only used by op 'clamp'")
+        if self.normalize and self.op != "add":
+            raise _fail(
+                "normalize_unused",
+                "'normalize' applies to op 'add' only (ablate and clamp use the unit vector)",
+            )
+        ctx = _context(info)
+        if ctx is not None:
+            self._resolve(ctx)
+        return self
+
+    def _resolve(self, ctx: SpecContext) -> None:
+        if self.name is not None:
+            assert ctx.vectors is not None
+            source = {int(k): v for k, v in ctx.vectors.lookup(self.name, ctx.shape).items()}
+            origin = f"vector {self.name!r}"
+        else:
+            assert self.data is not None
+            source = {k: np.asarray(v, dtype=np.float32) for k, v in self.data.items()}
+            origin = "'data'"
+        layers = self.layers if self.layers is not None else sorted(source)
+        missing = [layer for layer in layers if layer not in source]
+        if missing:
+            raise _fail(
+                "layer_missing", "{origin} has no data for layer(s) {missing} (it has {have})",
+                origin=origin, missing=missing, have=sorted(source),
+            )
+        resolved = {}
+        for layer in layers:
+            vec = np.ascontiguousarray(source[layer], dtype=np.float32)
+            if not np.all(np.isfinite(vec)):
+                raise _fail(
+                    "not_finite", "{origin} has NaN or Inf at layer {layer}",
+                    origin=origin, layer=layer,
+                )
+            needs_unit = self.op != "add" or self.normalize
+            if needs_unit and not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
+                raise _fail(
+                    "zero_vector", "{origin} is zero at layer {layer}, it has no direction",
+                    origin=origin, layer=layer,
+                )
+            resolved[layer] = vec
+        self._resolved = resolved
+
+    @property
+    def resolved(self) -> dict[int, np.ndarray]:
+        """Per-layer float32 vectors, available once validated with a `SpecContext`."""
+        return self._resolved
+
+
+class SteeringSpec(BaseModel):
+    """A request's intervention spec. `heads` and `decoding` are reserved for later issues."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    preset: str | None = None
+    vectors: list[VectorEntry] = []
+    heads: Any = None
+    decoding: Any = None
+
+    @field_validator("heads", "decoding")
+    @classmethod
+    def _reserved(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise _fail(
+                "not_supported", "'{field}' is not supported yet", field=info.field_name
+            )
+        return value
+
+    @field_validator("vectors")
+    @classmethod
+    def _not_too_many(cls, vectors: list[VectorEntry], info: ValidationInfo) -> list[VectorEntry]:
+        ctx = _context(info)
+        if ctx is not None and len(vectors) > ctx.max_vectors:
+            raise _fail(
+                "too_many", "at most {n} vector entries per request (got {got})",
+                n=ctx.max_vectors, got=len(vectors),
+            )
+        return vectors
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.vectors
+
+    def fingerprint(self) -> str:
+        """Stable id of what this spec does to the KV cache (content, not names).
+
+        Two specs with equal fingerprints steer identically, so they may share KV-cache
+        blocks and an engine slot. Vector *content* is hashed, so replacing a registered
+        vector under the same name yields a new fingerprint.
+        """
+        h = hashlib.sha256(b"steerserve-spec-v1")
+        for e in self.vectors:
+            h.update(
+                repr((e.op, e.scale, e.value, e.normalize, e.positions, sorted(e.resolved))).encode()
+            )
+            for layer in sorted(e.resolved):
+                h.update(e.resolved[layer].tobytes())
+        return h.hexdigest()[:32]
+
+
+def _loc(loc: Iterable[Any], root: str) -> str:
+    out = root
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            out += " (key)"
+        elif isinstance(part, str) and part.lstrip("-").isdigit() and out.endswith(".data"):
+            out += f"[{part}]"
+        else:
+            out += f".{part}"
+    return out
+
+
+def parse_spec(raw: Any, ctx: SpecContext | None = None, *, root: str = "steering") -> SteeringSpec:
+    """Validate a raw spec (dict or JSON string) against the model and registries in `ctx`.
+
+    A preset named by `raw["preset"]` is expanded first: its vectors come before the
+    request's own. Raises `SpecError` naming each offending field.
+    """
+    if raw is None:
+        return SteeringSpec()
+    if isinstance(raw, SteeringSpec):
+        raw = raw.model_dump(exclude_none=True)
+    if isinstance(raw, (str, bytes)):
+        try:
+            spec = SteeringSpec.model_validate_json(raw, context={"steering": ctx})
+        except ValidationError as e:
+            raise _spec_error(e, root) from None
+        return _expand_preset(spec, ctx, root)
+    if not isinstance(raw, Mapping):
+        raise SpecError([(root, f"must be an object, got {type(raw).__name__}")])
+    try:
+        spec = SteeringSpec.model_validate(raw, context={"steering": ctx})
+    except ValidationError as e:
+        raise _spec_error(e, root) from None
+    return _expand_preset(spec, ctx, root)
+
+
+def _expand_preset(spec: SteeringSpec, ctx: SpecContext | None, root: str) -> SteeringSpec:
+    if spec.preset is None or ctx is None:
+        return spec
+    preset = ctx.presets.get(spec.preset)
+    if preset is None:
+        known = ", ".join(sorted(ctx.presets)) or "none are registered"
+        raise SpecError([(f"{root}.preset", f"unknown preset {spec.preset!r} ({known})")])
+    base = parse_spec(
+        {k: v for k, v in preset.items() if k != "preset"}, ctx, root=f"preset {spec.preset!r}"
+    )
+    merged = SteeringSpec.model_construct(
+        preset=spec.preset, vectors=[*base.vectors, *spec.vectors], heads=None, decoding=None
+    )
+    if len(merged.vectors) > ctx.max_vectors:
+        raise SpecError([
+            (f"{root}.vectors", f"preset plus request hold {len(merged.vectors)} vector "
+             f"entries, more than the limit of {ctx.max_vectors}")
+        ])
+    return merged
+
+
+def _spec_error(e: ValidationError, root: str) -> SpecError:
+    errors = []
+    for err in e.errors(include_url=False):
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        errors.append((_loc(err["loc"], root), msg))
+    return SpecError(errors)
+
+
+def unit(vec: np.ndarray) -> np.ndarray:
+    """v/|v| in float32, with the norm taken in float64 for stability."""
+    norm = math.sqrt(float(np.dot(vec.astype(np.float64), vec.astype(np.float64))))
+    return (vec.astype(np.float64) / norm).astype(np.float32)

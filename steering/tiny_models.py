@@ -1,0 +1,148 @@
+"""Tiny random-weight checkpoints (Llama, Qwen2, Qwen3) built locally, for tests and examples.
+
+Nothing is fetched from a hub: the BPE tokenizer is trained in-process on a generated corpus
+and the weights are drawn from a seeded generator, so a build is reproducible bit for bit.
+`head_dim` is 64 because vLLM's CPU attention rejects smaller heads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_WORDS = (
+    "the a one every some cat dog bird fish tree river stone cloud city road house light "
+    "happy sad calm angry bright dark quick slow big small red blue green old new warm cold "
+    "runs sees finds makes takes gives likes wants knows holds reads writes sings walks "
+    "and but or so because when while if then after before under over near with without "
+    "we they you it he she this that these those here there now today tomorrow always never"
+).split()
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a tiny checkpoint. Defaults keep a vLLM CPU engine start cheap."""
+
+    arch: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int = 256
+    vocab_size: int = 512
+    max_position_embeddings: int = 1024
+    seed: int = 0
+    # Wider than HF's 0.02 so that logits are peaked: greedy choices then do not hinge on
+    # near-ties, which keeps token-level comparisons between implementations meaningful.
+    initializer_range: float = 0.08
+
+
+def _corpus(seed: int, n: int = 4000) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14))) + "." for _ in range(n)]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int, seed: int):
+    """Train a byte-level BPE tokenizer in-process and save it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _config(spec: TinySpec, tokenizer):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-6,
+        dtype="float32",
+    )
+    if spec.arch == "llama":
+        return LlamaConfig(head_dim=spec.hidden_size // spec.num_heads, **common)
+    if spec.arch == "qwen2":
+        # Tied embeddings and qkv bias: the Qwen2 features the other two lack.
+        return Qwen2Config(tie_word_embeddings=True, **common)
+    if spec.arch == "qwen3":
+        return Qwen3Config(head_dim=spec.hidden_size // spec.num_heads, **common)
+    raise ValueError(f"unknown tiny architecture {spec.arch!r}; expected one of {ARCHITECTURES}")
+
+
+def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a tiny checkpoint (config, float32 safetensors, tokenizer, chat template).
+
+    Idempotent: an existing complete build with the same spec is reused.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = spec or TinySpec()
+    out = Path(out_dir)
+    stamp = out / "steerserve_tiny.json"
+    wanted = json.dumps(spec.__dict__, sort_keys=True)
+    if stamp.exists() and stamp.read_text() == wanted:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, spec.vocab_size, spec.seed)
+    config = _config(spec, tokenizer)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _perturb_norms(model, spec.seed)
+    model.save_pretrained(out, safe_serialization=True)
+    stamp.write_text(wanted)
+    return out
+
+
+def _perturb_norms(model, seed: int) -> None:
+    """Give RMSNorm weights non-unit values so a bug that skips a norm cannot go unnoticed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))

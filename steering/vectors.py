@@ -1,0 +1,292 @@
+"""Steering-vector files: our safetensors format, llama.cpp/repeng GGUF, and a directory registry.
+
+Our file: safetensors with one 1-D float32 tensor per layer named `layer.<i>` (i = the layer
+whose *output* the vector applies to, the convention of DESIGN.md) and string metadata
+(format, architecture, hidden_size, num_layers, method, description, site).
+
+GGUF control vectors (llama.cpp `--control-vector`, repeng `export_gguf`) use arch
+`controlvector`, tensors `direction.<i>` with the same layer convention, and the keys
+`controlvector.model_hint` / `controlvector.layer_count`. llama.cpp rejects `direction.0`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from steering.spec import ModelShape
+
+log = logging.getLogger(__name__)
+
+FORMAT = "steerserve.vector.v1"
+_LAYER_KEY = re.compile(r"^layer\.(\d+)$")
+_GGUF_KEY = re.compile(r"^direction\.(\d+)$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class VectorFileError(ValueError):
+    """A vector file that cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class SteeringVector:
+    """Per-layer directions plus what they were made for."""
+
+    directions: dict[int, np.ndarray]
+    hidden_size: int
+    architecture: str | None = None
+    num_layers: int | None = None
+    method: str | None = None
+    description: str | None = None
+    site: str = "residual"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.directions = {
+            int(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in self.directions.items()
+        }
+        self.check()
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    def check(self) -> None:
+        if not self.directions:
+            raise VectorFileError("holds no layers")
+        for layer, vec in self.directions.items():
+            if layer < 0:
+                raise VectorFileError(f"layer {layer} is negative")
+            if self.num_layers is not None and layer >= self.num_layers:
+                raise VectorFileError(
+                    f"layer {layer} is out of range for num_layers={self.num_layers}"
+                )
+            if vec.ndim != 1 or vec.shape[0] != self.hidden_size:
+                raise VectorFileError(
+                    f"layer {layer} has shape {tuple(vec.shape)}, expected ({self.hidden_size},)"
+                )
+            if not np.all(np.isfinite(vec)):
+                raise VectorFileError(f"layer {layer} holds NaN or Inf")
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"format": FORMAT, "hidden_size": str(self.hidden_size), "site": self.site}
+        for key in ("architecture", "num_layers", "method", "description"):
+            value = getattr(self, key)
+            if value is not None:
+                meta[key] = str(value)
+        meta.update(self.extra)
+        return meta
+
+    def fits(self, shape: ModelShape) -> str | None:
+        """Why this vector cannot steer a model of `shape`, or None if it can."""
+        if self.hidden_size != shape.hidden_size:
+            return (
+                f"was made for hidden size {self.hidden_size}, the model has {shape.hidden_size}"
+            )
+        too_deep = [layer for layer in self.layers if layer >= shape.num_layers]
+        if too_deep:
+            return f"has layer(s) {too_deep}, the model has {shape.num_layers} layers"
+        return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_vector(vector: SteeringVector, path: str | Path) -> Path:
+    """Write our safetensors format atomically (a reader never sees a half-written file)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tensors = {f"layer.{layer}": vector.directions[layer] for layer in vector.layers}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=vector.metadata()))
+    return path
+
+
+def load_vector(path: str | Path) -> SteeringVector:
+    """Read our safetensors format; raises VectorFileError naming the reason."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises several types for a corrupt header
+        raise VectorFileError(f"{path.name}: not a readable safetensors file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise VectorFileError(f"{path.name}: metadata 'format' is not {FORMAT!r}")
+    directions = {}
+    for key, arr in tensors.items():
+        m = _LAYER_KEY.match(key)
+        if not m:
+            raise VectorFileError(f"{path.name}: unexpected tensor {key!r} (want 'layer.<i>')")
+        directions[int(m.group(1))] = arr
+    known = {"format", "hidden_size", "architecture", "num_layers", "method", "description", "site"}
+    try:
+        return SteeringVector(
+            directions=directions,
+            hidden_size=int(meta["hidden_size"]),
+            architecture=meta.get("architecture"),
+            num_layers=int(meta["num_layers"]) if "num_layers" in meta else None,
+            method=meta.get("method"),
+            description=meta.get("description"),
+            site=meta.get("site", "residual"),
+            extra={k: v for k, v in meta.items() if k not in known},
+        )
+    except (KeyError, ValueError) as e:
+        raise VectorFileError(f"{path.name}: {e}") from e
+
+
+def export_gguf(vector: SteeringVector, path: str | Path, model_hint: str | None = None) -> Path:
+    """Write a llama.cpp/repeng control vector (arch `controlvector`, tensors `direction.<i>`)."""
+    import gguf
+
+    if 0 in vector.directions:
+        raise VectorFileError(
+            "layer 0 cannot be exported: llama.cpp rejects 'direction.0' control vectors"
+        )
+    path = Path(path)
+    hint = model_hint or vector.architecture or "unknown"
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, "controlvector")
+        writer.add_string("controlvector.model_hint", hint)
+        writer.add_uint32("controlvector.layer_count", len(vector.directions))
+        for layer in vector.layers:
+            writer.add_tensor(f"direction.{layer}", vector.directions[layer])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    _atomic_write(path, write)
+    return path
+
+
+def import_gguf(path: str | Path) -> SteeringVector:
+    """Read a llama.cpp/repeng control vector; raises VectorFileError naming the reason."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise VectorFileError(f"{path.name}: not a readable GGUF file ({e})") from e
+    arch_field = reader.fields.get("general.architecture")
+    arch = _gguf_string(arch_field) if arch_field is not None else None
+    if arch != "controlvector":
+        raise VectorFileError(f"{path.name}: GGUF architecture is {arch!r}, not 'controlvector'")
+    hint_field = reader.fields.get("controlvector.model_hint")
+    hint = _gguf_string(hint_field) if hint_field is not None else None
+    directions = {}
+    for tensor in reader.tensors:
+        m = _GGUF_KEY.match(tensor.name)
+        if not m:
+            raise VectorFileError(f"{path.name}: unexpected tensor {tensor.name!r}")
+        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise VectorFileError(f"{path.name}: {tensor.name} is {tensor.tensor_type.name}, not F32")
+        directions[int(m.group(1))] = np.array(tensor.data, dtype=np.float32).reshape(-1)
+    if not directions:
+        raise VectorFileError(f"{path.name}: holds no direction.<i> tensors")
+    sizes = {v.shape[0] for v in directions.values()}
+    if len(sizes) != 1:
+        raise VectorFileError(f"{path.name}: directions have different lengths {sorted(sizes)}")
+    try:
+        return SteeringVector(
+            directions=directions, hidden_size=sizes.pop(), architecture=hint, method="gguf-import"
+        )
+    except VectorFileError as e:
+        raise VectorFileError(f"{path.name}: {e}") from e
+
+
+def _gguf_string(f) -> str:
+    return bytes(f.parts[f.data[0]]).decode("utf-8")
+
+
+def read_any(path: str | Path) -> SteeringVector:
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return import_gguf(path)
+    if path.suffix == ".safetensors":
+        return load_vector(path)
+    raise VectorFileError(f"{path.name}: unknown extension (want .safetensors or .gguf)")
+
+
+class VectorRegistry:
+    """Named vectors from a directory (`<name>.safetensors` or `<name>.gguf`).
+
+    Every file is validated at load; a bad file is reported in `errors` by name and does
+    not stop the others from loading.
+    """
+
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self.vectors: dict[str, SteeringVector] = {}
+        self.errors: dict[str, str] = {}
+        if self.directory is not None:
+            self.reload()
+
+    def reload(self) -> None:
+        self.vectors, self.errors = {}, {}
+        if self.directory is None or not self.directory.is_dir():
+            return
+        sources: dict[str, str] = {}
+        for path in sorted(self.directory.iterdir()):
+            if path.suffix not in (".safetensors", ".gguf") or path.name.startswith("."):
+                continue
+            name = path.stem
+            if not _NAME.match(name):
+                self.errors[path.name] = f"file name {name!r} is not a valid vector name"
+            elif name in sources:
+                self.errors[path.name] = f"name {name!r} is already provided by {sources[name]}"
+            else:
+                try:
+                    self.vectors[name] = read_any(path)
+                    sources[name] = path.name
+                except VectorFileError as e:
+                    self.errors[path.name] = str(e)
+        for file, reason in self.errors.items():
+            log.error("steering vector file %s skipped: %s", file, reason)
+
+    def add(self, name: str, vector: SteeringVector) -> None:
+        if not _NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid vector name")
+        self.vectors[name] = vector
+
+    def names(self) -> list[str]:
+        return sorted(self.vectors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.vectors
+
+    def get(self, name: str) -> SteeringVector:
+        return self.vectors[name]
+
+    def lookup(self, name: str, shape: ModelShape) -> Mapping[int, np.ndarray]:
+        vector = self.vectors.get(name)
+        if vector is None:
+            for file, reason in self.errors.items():
+                if Path(file).stem == name:
+                    raise KeyError(f"vector {name!r} failed to load ({file}: {reason})")
+            known = ", ".join(self.names()[:20]) or "none are registered"
+            raise KeyError(f"unknown vector {name!r} (registered: {known})")
+        reason = vector.fits(shape)
+        if reason is not None:
+            raise ValueError(f"vector {name!r} {reason}")
+        return vector.directions
