@@ -80,7 +80,8 @@ class CompiledSpec:
         ops = []
         for op in payload["ops"]:
             layers = np.asarray(op["layers"], dtype=np.int64)
-            vectors = np.frombuffer(op["data"], dtype=np.float32).reshape(len(layers), op["hidden"]).copy()
+            flat = np.frombuffer(op["data"], dtype=np.float32)
+            vectors = flat.reshape(len(layers), op["hidden"]).copy()
             ops.append(CompiledOp(op["lo"], op["hi"], op["coef"], op["gain"], layers, vectors))
         return cls(payload["fp"], ops)
 
@@ -108,7 +109,7 @@ def compile_spec(spec: SteeringSpec) -> CompiledSpec:
                 pending, pending_window = {}, window
             for layer, vec in entry.resolved.items():
                 w = unit(vec) if entry.normalize else vec
-                delta = (np.float64(entry.scale) * w.astype(np.float64))
+                delta = np.float64(entry.scale) * w.astype(np.float64)
                 prev = pending.get(layer)
                 pending[layer] = delta if prev is None else prev + delta
             continue

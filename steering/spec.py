@@ -133,19 +133,26 @@ class VectorEntry(BaseModel):
         floats = sum(len(v) for v in data.values())
         if floats > ctx.max_inline_floats:
             raise _fail(
-                "too_large", "inline data holds {n} floats, more than the limit of {lim}",
-                n=floats, lim=ctx.max_inline_floats,
+                "too_large",
+                "inline data holds {n} floats, more than the limit of {lim}",
+                n=floats,
+                lim=ctx.max_inline_floats,
             )
         for layer, vec in data.items():
             if not 0 <= layer < n:
                 raise _fail(
-                    "layer_range", "layer {layer} is out of range for this model (0..{last})",
-                    layer=layer, last=n - 1,
+                    "layer_range",
+                    "layer {layer} is out of range for this model (0..{last})",
+                    layer=layer,
+                    last=n - 1,
                 )
             if len(vec) != ctx.shape.hidden_size:
                 raise _fail(
-                    "hidden_size", "layer {layer} has {got} values, the model's hidden size is {h}",
-                    layer=layer, got=len(vec), h=ctx.shape.hidden_size,
+                    "hidden_size",
+                    "layer {layer} has {got} values, the model's hidden size is {h}",
+                    layer=layer,
+                    got=len(vec),
+                    h=ctx.shape.hidden_size,
                 )
         return data
 
@@ -164,8 +171,10 @@ class VectorEntry(BaseModel):
             for layer in layers:
                 if not 0 <= layer < n:
                     raise _fail(
-                        "layer_range", "layer {layer} is out of range for this model (0..{last})",
-                        layer=layer, last=n - 1,
+                        "layer_range",
+                        "layer {layer} is out of range for this model (0..{last})",
+                        layer=layer,
+                        last=n - 1,
                     )
         return sorted(layers)
 
@@ -202,22 +211,29 @@ class VectorEntry(BaseModel):
         missing = [layer for layer in layers if layer not in source]
         if missing:
             raise _fail(
-                "layer_missing", "{origin} has no data for layer(s) {missing} (it has {have})",
-                origin=origin, missing=missing, have=sorted(source),
+                "layer_missing",
+                "{origin} has no data for layer(s) {missing} (it has {have})",
+                origin=origin,
+                missing=missing,
+                have=sorted(source),
             )
         resolved = {}
         for layer in layers:
             vec = np.ascontiguousarray(source[layer], dtype=np.float32)
             if not np.all(np.isfinite(vec)):
                 raise _fail(
-                    "not_finite", "{origin} has NaN or Inf at layer {layer}",
-                    origin=origin, layer=layer,
+                    "not_finite",
+                    "{origin} has NaN or Inf at layer {layer}",
+                    origin=origin,
+                    layer=layer,
                 )
             needs_unit = self.op != "add" or self.normalize
             if needs_unit and not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
                 raise _fail(
-                    "zero_vector", "{origin} is zero at layer {layer}, it has no direction",
-                    origin=origin, layer=layer,
+                    "zero_vector",
+                    "{origin} is zero at layer {layer}, it has no direction",
+                    origin=origin,
+                    layer=layer,
                 )
             resolved[layer] = vec
         self._resolved = resolved
@@ -242,9 +258,7 @@ class SteeringSpec(BaseModel):
     @classmethod
     def _reserved(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None:
-            raise _fail(
-                "not_supported", "'{field}' is not supported yet", field=info.field_name
-            )
+            raise _fail("not_supported", "'{field}' is not supported yet", field=info.field_name)
         return value
 
     @field_validator("vectors")
@@ -253,8 +267,10 @@ class SteeringSpec(BaseModel):
         ctx = _context(info)
         if ctx is not None and len(vectors) > ctx.max_vectors:
             raise _fail(
-                "too_many", "at most {n} vector entries per request (got {got})",
-                n=ctx.max_vectors, got=len(vectors),
+                "too_many",
+                "at most {n} vector entries per request (got {got})",
+                n=ctx.max_vectors,
+                got=len(vectors),
             )
         return vectors
 
@@ -272,7 +288,9 @@ class SteeringSpec(BaseModel):
         h = hashlib.sha256(b"steerserve-spec-v1")
         for e in self.vectors:
             h.update(
-                repr((e.op, e.scale, e.value, e.normalize, e.positions, sorted(e.resolved))).encode()
+                repr(
+                    (e.op, e.scale, e.value, e.normalize, e.positions, sorted(e.resolved))
+                ).encode()
             )
             for layer in sorted(e.resolved):
                 h.update(e.resolved[layer].tobytes())
@@ -332,21 +350,47 @@ def _expand_preset(spec: SteeringSpec, ctx: SpecContext | None, root: str) -> St
         preset=spec.preset, vectors=[*base.vectors, *spec.vectors], heads=None, decoding=None
     )
     if len(merged.vectors) > ctx.max_vectors:
-        raise SpecError([
-            (f"{root}.vectors", f"preset plus request hold {len(merged.vectors)} vector "
-             f"entries, more than the limit of {ctx.max_vectors}")
-        ])
+        raise SpecError(
+            [
+                (
+                    f"{root}.vectors",
+                    f"preset plus request hold {len(merged.vectors)} vector "
+                    f"entries, more than the limit of {ctx.max_vectors}",
+                )
+            ]
+        )
     return merged
 
 
 def _spec_error(e: ValidationError, root: str) -> SpecError:
-    errors = []
+    # Element-wise errors in a long list (NaN in a 4096-float vector) collapse into one
+    # error on the list: "steering.vectors[0].data[12]: ... (4096 of them, first at index 0)".
+    grouped: dict[tuple[str, str], list[int]] = {}
+    errors: list[tuple[str, str]] = []
     for err in e.errors(include_url=False):
-        msg = err["msg"]
+        loc, msg = err["loc"], err["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        errors.append((_loc(err["loc"], root), msg))
-    return SpecError(errors)
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "finite_number" and loc and isinstance(loc[-1], int):
+            key = (_loc(loc[:-1], root), "values are not finite numbers")
+            if key not in grouped:
+                grouped[key] = []
+                errors.append(key)
+            grouped[key].append(loc[-1])
+            continue
+        errors.append((_loc(loc, root), msg))
+    return SpecError(
+        [
+            (
+                loc,
+                f"{msg} ({len(grouped[(loc, msg)])} of them, first at index "
+                f"{grouped[(loc, msg)][0]})",
+            )
+            if (loc, msg) in grouped
+            else (loc, msg)
+            for loc, msg in errors
+        ]
+    )
 
 
 def unit(vec: np.ndarray) -> np.ndarray:

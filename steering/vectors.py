@@ -87,9 +87,7 @@ class SteeringVector:
     def fits(self, shape: ModelShape) -> str | None:
         """Why this vector cannot steer a model of `shape`, or None if it can."""
         if self.hidden_size != shape.hidden_size:
-            return (
-                f"was made for hidden size {self.hidden_size}, the model has {shape.hidden_size}"
-            )
+            return f"was made for hidden size {self.hidden_size}, the model has {shape.hidden_size}"
         too_deep = [layer for layer in self.layers if layer >= shape.num_layers]
         if too_deep:
             return f"has layer(s) {too_deep}, the model has {shape.num_layers} layers"
@@ -200,7 +198,9 @@ def import_gguf(path: str | Path) -> SteeringVector:
         if not m:
             raise VectorFileError(f"{path.name}: unexpected tensor {tensor.name!r}")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise VectorFileError(f"{path.name}: {tensor.name} is {tensor.tensor_type.name}, not F32")
+            raise VectorFileError(
+                f"{path.name}: {tensor.name} is {tensor.tensor_type.name}, not F32"
+            )
         directions[int(m.group(1))] = np.array(tensor.data, dtype=np.float32).reshape(-1)
     if not directions:
         raise VectorFileError(f"{path.name}: holds no direction.<i> tensors")

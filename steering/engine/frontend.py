@@ -54,12 +54,16 @@ class SteeringFrontend:
         except SpecError as e:
             raise SteeringValidationError(e.errors) from None
         if len(compiled.ops) > self.config.max_ops:
-            raise SteeringValidationError([(
-                f"{SPEC_KEY}.vectors",
-                f"needs {len(compiled.ops)} distinct operations (consecutive 'add' entries "
-                f"with the same positions count as one); this engine allows "
-                f"{self.config.max_ops} (additional_config.steerserve.max_ops)",
-            )])
+            raise SteeringValidationError(
+                [
+                    (
+                        f"{SPEC_KEY}.vectors",
+                        f"needs {len(compiled.ops)} distinct operations (consecutive 'add' entries "
+                        f"with the same positions count as one); this engine allows "
+                        f"{self.config.max_ops} (additional_config.steerserve.max_ops)",
+                    )
+                ]
+            )
         return compiled if compiled.ops else None
 
     @staticmethod

@@ -73,7 +73,10 @@ def _after_load_model(runner: Any) -> None:
     setattr(runner, _RUNTIME_ATTR, SteeringRuntime(tables, runner.max_num_reqs))
     log.info(
         "steerserve: steering %d decoder layers, %d slots x %d ops, %.1f MiB of buffers",
-        n, tables.num_slots, tables.max_ops, tables.nbytes / 2**20,
+        n,
+        tables.num_slots,
+        tables.max_ops,
+        tables.nbytes / 2**20,
     )
 
 

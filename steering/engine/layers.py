@@ -57,9 +57,9 @@ def apply_residual_ops(
 
 
 def _steered_forward(self, *args, **kwargs):
-    out = self._steerserve_base.forward(self, *args, **kwargs)
-    hidden, residual = out
-    return hidden, apply_residual_ops(self._steerserve_tables, self._steerserve_layer, hidden, residual)
+    hidden, residual = self._steerserve_base.forward(self, *args, **kwargs)
+    tables, layer = self._steerserve_tables, self._steerserve_layer
+    return hidden, apply_residual_ops(tables, layer, hidden, residual)
 
 
 def steered_class(base: type[nn.Module]) -> type[nn.Module]:
@@ -108,7 +108,8 @@ def install(model: nn.Module, tables: SteeringTables, architecture: str) -> int:
         log.warning(
             "steerserve: %s is not among the verified architectures %s; its decoder layers "
             "follow the Llama protocol, steering them anyway",
-            architecture, sorted(VERIFIED_ARCHITECTURES),
+            architecture,
+            sorted(VERIFIED_ARCHITECTURES),
         )
     for i, layer in real:
         base = getattr(type(layer), "_steerserve_base", type(layer))

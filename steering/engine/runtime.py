@@ -53,7 +53,8 @@ class SteeringRuntime:
         elif extra.get("steering"):
             log.warning(
                 "steerserve: request %s carries 'steering' that the front end did not compile "
-                "(was it submitted as a raw EngineCoreRequest?); it runs unsteered", req_id
+                "(was it submitted as a raw EngineCoreRequest?); it runs unsteered",
+                req_id,
             )
         if spec is not None:
             self.refcount[spec.fingerprint] = self.refcount.get(spec.fingerprint, 0) + 1

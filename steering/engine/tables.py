@@ -46,7 +46,9 @@ class SteeringTables:
         self.max_ops = max_ops
         self.max_tokens = max_tokens
         self.device = device
-        self.vec = torch.zeros(num_layers, num_slots, max_ops, hidden_size, dtype=dtype, device=device)
+        self.vec = torch.zeros(
+            num_layers, num_slots, max_ops, hidden_size, dtype=dtype, device=device
+        )
         self.tok_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.tok_coef = torch.zeros(max_tokens, max_ops, 2, dtype=torch.float32, device=device)
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.

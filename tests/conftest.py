@@ -1,0 +1,177 @@
+"""Shared fixtures: tiny models, a vectors directory, and vLLM engines built once per session.
+
+Engines run in-process (no engine-core subprocess) so that several small ones can be kept
+alive side by side on a 2-core machine; the V1 model runner is pinned as DESIGN.md asks.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from steering.tiny_models import ARCHITECTURES, TinySpec, build_tiny_model  # noqa: E402
+
+HIDDEN = TinySpec().hidden_size
+NUM_LAYERS = TinySpec().num_layers
+# Engines: small batches of tokens so that a few hundred prompt tokens are chunked, small
+# blocks so that prefix-cache hits happen on short prompts.
+MAX_BATCHED_TOKENS = 64
+BLOCK_SIZE = 32
+ENGINE_KW = dict(
+    dtype="float32",
+    kv_cache_memory_bytes=48 << 20,
+    max_model_len=1024,
+    max_num_seqs=16,
+    max_num_batched_tokens=MAX_BATCHED_TOKENS,
+    block_size=BLOCK_SIZE,
+    enable_prefix_caching=True,
+    seed=0,
+    disable_log_stats=False,
+)
+
+
+def random_vector(seed: int, norm: float = 8.0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(HIDDEN).astype(np.float32)
+    return (v * (norm / np.linalg.norm(v))).astype(np.float32)
+
+
+def prompt_ids(seed: int, length: int) -> list[int]:
+    # Ordinary BPE tokens only (the first ids are the special tokens).
+    return np.random.default_rng(1000 + seed).integers(10, 500, size=length).tolist()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {a: build_tiny_model(root / a, TinySpec(arch=a)) for a in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def vectors_dir(tmp_path_factory) -> Path:
+    """Registry directory shared by all engines: our format, a GGUF, and a broken file."""
+    from steering.vectors import SteeringVector, save_vector
+
+    d = tmp_path_factory.mktemp("vectors")
+    save_vector(
+        SteeringVector(
+            directions={1: random_vector(1), 2: random_vector(2)},
+            hidden_size=HIDDEN,
+            architecture="LlamaForCausalLM",
+            num_layers=NUM_LAYERS,
+            method="random",
+            description="test vector",
+        ),
+        d / "happy.safetensors",
+    )
+    write_llamacpp_gguf(d / "happy_gguf.gguf", {1: random_vector(1), 2: random_vector(2)})
+    (d / "broken.safetensors").write_bytes(b"this is not a safetensors file")
+    return d
+
+
+def write_llamacpp_gguf(path: Path, directions: dict[int, np.ndarray]) -> None:
+    """A control vector written the way llama.cpp's cvector tools and repeng do it."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    for layer, vec in directions.items():
+        writer.add_tensor(f"direction.{layer}", vec)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    logprobs: list[float]
+    prompt_logprobs: list[float] | None
+    num_cached_tokens: int
+
+
+class Engines:
+    """Lazily started engines, keyed by (architecture, variant); one of each per session."""
+
+    VARIANTS = {
+        "eager": dict(enforce_eager=True),
+        "disabled": dict(enforce_eager=True, additional_config={"steerserve": {"enabled": False}}),
+        "compiled": dict(enforce_eager=False),
+        # vLLM keeps only the newest engine's metrics in the Prometheus registry, so a test
+        # that reads counters gets an engine of its own, started right before it reads.
+        "metrics": dict(enforce_eager=True),
+    }
+
+    def __init__(self, model_dirs: dict[str, Path], vectors_dir: Path):
+        self.model_dirs = model_dirs
+        self.vectors_dir = vectors_dir
+        self._engines: dict[tuple[str, str], object] = {}
+        self._refs: dict[str, object] = {}
+
+    def get(self, arch: str = "llama", variant: str = "eager"):
+        key = (arch, variant)
+        if key not in self._engines:
+            from vllm import LLM
+
+            kw = dict(ENGINE_KW, **self.VARIANTS[variant])
+            extra = kw.pop("additional_config", {"steerserve": {}})
+            extra["steerserve"] = {**extra["steerserve"], "vectors_dir": str(self.vectors_dir)}
+            self._engines[key] = LLM(str(self.model_dirs[arch]), additional_config=extra, **kw)
+        return self._engines[key]
+
+    def reference(self, arch: str = "llama"):
+        if arch not in self._refs:
+            from steering.reference import ReferenceModel
+
+            self._refs[arch] = ReferenceModel(self.model_dirs[arch])
+        return self._refs[arch]
+
+
+@pytest.fixture(scope="session")
+def engines(model_dirs, vectors_dir) -> Engines:
+    return Engines(model_dirs, vectors_dir)
+
+
+def sampling(spec=None, max_tokens: int = 8, prompt_logprobs: bool = False, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=1,
+        prompt_logprobs=1 if prompt_logprobs else None,
+        extra_args={"steering": spec} if spec is not None else None,
+        **kw,
+    )
+
+
+def generate(llm, prompts: list[list[int]], params) -> list[Run]:
+    """Run token-id prompts through `llm`; params is one SamplingParams or one per prompt."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    runs = []
+    for out in outs:
+        o = out.outputs[0]
+        lps = [d[t].logprob for t, d in zip(o.token_ids, o.logprobs, strict=True)]
+        plp = None
+        if out.prompt_logprobs is not None:
+            plp = [
+                d[t].logprob
+                for t, d in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True)
+            ]
+        runs.append(Run(list(o.token_ids), lps, plp, out.num_cached_tokens or 0))
+    return runs
+
+
+def generate_one(llm, prompt: list[int], params) -> Run:
+    return generate(llm, [prompt], params)[0]

@@ -1,0 +1,44 @@
+"""The vLLM internals the extension relies on are where it expects them."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+
+from steering.engine import compat
+
+
+def test_pinned_internals_present():
+    compat.check_static()
+
+
+def test_plugin_entry_point_registered():
+    names = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert "steering.engine.plugin:register" in names
+
+
+def test_moved_internal_fails_loudly(monkeypatch):
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def _prepare_inputs(self, batch):  # a signature vLLM might move to
+        raise AssertionError
+
+    monkeypatch.setattr(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
+    with pytest.raises(compat.IncompatibleVLLM, match="_prepare_inputs"):
+        compat.check_static()
+
+
+def test_hooks_installed_on_runner_classes(engines):
+    engines.get("llama")  # starting an engine loads the plugin
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for fn in (
+        GPUModelRunner._prepare_inputs,
+        GPUModelRunner._on_request_state_removed,
+        CPUModelRunner.load_model,
+        InputProcessor.process_inputs,
+    ):
+        assert getattr(fn, "_steerserve_original", None) is not None, fn

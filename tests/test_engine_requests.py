@@ -1,0 +1,144 @@
+"""Engine behaviour around requests: bad specs, named/GGUF vectors, slots, compiled path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import HIDDEN, generate, generate_one, prompt_ids, random_vector, sampling
+
+from steering.engine.hooks import runtime_of
+
+PROMPT = prompt_ids(50, 14)
+GOOD = {"vectors": [{"name": "happy", "scale": 1.0}]}
+
+
+@pytest.mark.parametrize(
+    "raw, field, reason",
+    [
+        ({"vectors": [{"name": "nope"}]}, "steering.vectors[0].name", "unknown vector 'nope'"),
+        (
+            {"vectors": [{"name": "happy", "layers": [9]}]},
+            "steering.vectors[0].layers",
+            "out of range",
+        ),
+        ({"vectors": [{"data": {"1": [0.1] * 5}}]}, "steering.vectors[0].data", "hidden size"),
+        (
+            {"vectors": [{"data": {"1": [0.0] * 5 + [math.nan] * (HIDDEN - 5)}}]},
+            "steering.vectors[0].data[1]",
+            "not finite numbers (123 of them, first at index 5)",
+        ),
+        (
+            {"vectors": [{"name": "happy", "data": {"1": [0.1] * HIDDEN}}]},
+            "steering.vectors[0]",
+            "exactly one",
+        ),
+        (
+            {"vectors": [{"name": "broken"}]},
+            "steering.vectors[0].name",
+            "failed to load (broken.safetensors",
+        ),
+        (
+            {"heads": [{"layer": 0, "heads": [0], "scale": 0.0}]},
+            "steering.heads",
+            "not supported yet",
+        ),
+        (
+            {
+                "vectors": [{"name": "happy", "op": "ablate", "layers": [1]}] * 2
+                + [{"name": "happy", "op": "ablate", "layers": [2]}] * 3
+            },
+            "steering.vectors",
+            "max_ops",
+        ),
+    ],
+)
+def test_bad_spec_is_a_clear_error_and_engine_keeps_serving(engines, raw, field, reason):
+    from vllm.exceptions import VLLMValidationError
+
+    llm = engines.get("llama")
+    before = generate_one(llm, PROMPT, sampling(GOOD))
+    with pytest.raises(VLLMValidationError) as info:
+        generate(llm, [PROMPT, PROMPT], [sampling(GOOD), sampling(raw)])
+    assert info.value.parameter == field, str(info.value)
+    assert reason in str(info.value)
+    after = generate_one(llm, PROMPT, sampling(GOOD))
+    assert after.tokens == before.tokens and after.logprobs == before.logprobs
+
+
+def test_named_safetensors_gguf_and_inline_steer_identically(engines, vectors_dir):
+    from steering.vectors import load_vector
+
+    llm = engines.get("llama")
+    happy = load_vector(vectors_dir / "happy.safetensors")
+    inline = {str(k): v.tolist() for k, v in happy.directions.items()}
+    runs = generate(
+        llm,
+        [PROMPT] * 3,
+        [
+            sampling({"vectors": [{"name": "happy", "scale": 0.7}]}),
+            sampling({"vectors": [{"name": "happy_gguf", "scale": 0.7}]}),
+            sampling({"vectors": [{"data": inline, "scale": 0.7}]}),
+        ],
+    )
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+    assert runs[0].logprobs == runs[1].logprobs == runs[2].logprobs
+    plain = generate_one(llm, PROMPT, sampling(None))
+    assert plain.logprobs != runs[0].logprobs
+
+
+def _live_slots(worker) -> int:
+    return runtime_of(worker.model_runner).live_slots
+
+
+def _tracked_requests(worker) -> int:
+    """Steered requests the worker still holds a slot reference for."""
+    return sum(spec is not None for spec in runtime_of(worker.model_runner).req_spec.values())
+
+
+def _slot_loads(worker) -> int:
+    return runtime_of(worker.model_runner).bank.loads
+
+
+def test_slots_shared_by_fingerprint_and_freed(engines):
+    llm = engines.get("llama")
+    # Nine requests, three distinct specs (of vectors no other test uses): three slot loads.
+    specs = [{"vectors": [{"data": {"1": random_vector(60 + i % 3).tolist()}}]} for i in range(9)]
+    loads = llm.collective_rpc(_slot_loads)[0]
+    generate(llm, [prompt_ids(60 + i, 8) for i in range(9)], [sampling(s) for s in specs])
+    assert llm.collective_rpc(_slot_loads)[0] - loads == 3
+    # vLLM tells the worker about finished requests with the next step, as it does for its
+    # own per-request state: run one, then every slot reference is gone.
+    generate_one(llm, PROMPT, sampling(None, max_tokens=1))
+    assert llm.collective_rpc(_live_slots) == [0]
+    assert llm.collective_rpc(_tracked_requests) == [0]
+
+    # An aborted request frees its slot too.
+    engine = llm.llm_engine
+    engine.add_request("abort-me", {"prompt_token_ids": PROMPT}, sampling(specs[0], max_tokens=50))
+    engine.step()
+    engine.step()
+    assert llm.collective_rpc(_live_slots) == [1]
+    engine.abort_request(["abort-me"])
+    generate_one(llm, PROMPT, sampling(None, max_tokens=2))  # a step carries the abort
+    assert llm.collective_rpc(_live_slots) == [0]
+    assert llm.collective_rpc(_tracked_requests) == [0]
+
+
+def test_compiled_path_matches_reference_and_eager(engines):
+    llm, eager, ref = engines.get("llama", "compiled"), engines.get("llama"), engines.reference()
+    v = random_vector(70).tolist()
+    specs = [
+        {"vectors": [{"data": {"1": v}, "scale": 1.0}, {"data": {"2": v}, "op": "ablate"}]},
+        {"vectors": [{"data": {"0": v}, "op": "clamp", "value": 3.0, "positions": "generated"}]},
+        None,
+    ]
+    prompts = [prompt_ids(71, 10), prompt_ids(72, 80), prompt_ids(73, 6)]
+    runs = generate(llm, prompts, [sampling(s, max_tokens=8) for s in specs])
+    eager_runs = generate(eager, prompts, [sampling(s, max_tokens=8) for s in specs])
+    for prompt, raw, run, er in zip(prompts, specs, runs, eager_runs, strict=True):
+        spec = ref.spec(raw) if raw else None
+        assert run.tokens == ref.greedy(prompt, 8, spec)[0]
+        assert np.max(np.abs(np.array(run.logprobs) - ref.score(prompt, run.tokens, spec))) <= 1e-4
+        assert run.tokens == er.tokens
