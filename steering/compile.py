@@ -1,20 +1,20 @@
-"""Lower a validated spec into the engine's per-layer operations.
+"""Lower a validated spec into the engine's per-layer form.
 
-Every residual op has one form, so the forward pass runs the same tensor code for every
-row (slot 0, the identity, is all zeros):
+At one layer, each entry of the spec is an affine map of the residual stream h:
 
-    h <- h + v * (coef - gain * <h, v>)      for tokens whose position is in [lo, hi)
+    add    : h <- h + a                              (a = scale*v, or scale*v/|v|)
+    ablate : h <- h - g (h.u) u                      (g = scale)
+    clamp  : h <- h - (h.u) u + value u
 
-    add    : v = scale * w (w = v or v/|v|),  coef = 1,      gain = 0
-    ablate : v = u = w/|w|,                   coef = 0,      gain = scale
-    clamp  : v = u,                           coef = value,  gain = 1
+A sequence of affine maps is one affine map: h_out = Lin(h) + b, where Lin applies only the
+linear parts (the projections, in order) and b is every constant pushed through the
+projections that follow it. b does not depend on h, so it is computed here, once per spec,
+and the forward pass does just the projections plus one gathered add. Adds are therefore
+free in number and cost; only projections (ablate/clamp) take per-layer work.
 
-The window is on rel = position - prompt_len: prompt rows have rel < 0, generated rows
-rel >= 0 (DESIGN.md: decided per row from its position, never from the step kind).
-Consecutive `add` entries with the same window commute, so they merge into one op.
-
-The compiled form travels to the workers inside `SamplingParams.extra_args` as plain
-ints/floats/bytes (cheap to serialise; decoded once per distinct fingerprint).
+Positions: a token at position p of a prompt of length P has rel = p - P; its *class* is
+prompt (rel < 0) or generated (rel >= 0). b is folded once per class with the entries
+active for it; each projection also keeps its window [lo, hi) on rel.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from steering.spec import SteeringSpec, unit
 
 PAYLOAD_KEY = "steerserve.compiled"
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2
 
 NEVER = 1 << 62
 WINDOWS: dict[str, tuple[int, int]] = {
@@ -34,91 +34,113 @@ WINDOWS: dict[str, tuple[int, int]] = {
     "prompt": (-NEVER, 0),
     "generated": (0, NEVER),
 }
+# Token classes for the folded constant: rel < 0 (prompt), rel >= 0 (generated).
+CLASSES: tuple[tuple[int, int], ...] = ((-NEVER, 0), (0, NEVER))
+NUM_CLASSES = len(CLASSES)
+
+
+def _covers(window: tuple[int, int], cls: tuple[int, int]) -> bool:
+    return window[0] <= cls[0] and cls[1] <= window[1]
 
 
 @dataclass
-class CompiledOp:
+class Projection:
+    """h <- h - gain * (h.u) u at `layers`, for tokens with rel in [lo, hi)."""
+
     lo: int
     hi: int
-    coef: float
     gain: float
     layers: np.ndarray  # [n] int64, ascending
-    vectors: np.ndarray  # [n, hidden] float32
-
-    @property
-    def is_add(self) -> bool:
-        return self.coef == 1.0 and self.gain == 0.0
+    units: np.ndarray  # [n, hidden] float32, unit norm
 
 
 @dataclass
 class CompiledSpec:
     fingerprint: str
-    ops: list[CompiledOp]
+    hidden_size: int
+    projections: list[Projection]
+    const_layers: np.ndarray  # [m] int64: layers with a non-zero folded constant
+    const: np.ndarray  # [m, NUM_CLASSES, hidden] float32
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.projections and not self.const_layers.size
 
     def to_payload(self) -> dict:
+        """Plain ints/floats/bytes: cheap for vLLM to serialise to its workers."""
         return {
             "v": PAYLOAD_VERSION,
             "fp": self.fingerprint,
-            "ops": [
+            "hidden": self.hidden_size,
+            "proj": [
                 {
-                    "lo": op.lo,
-                    "hi": op.hi,
-                    "coef": op.coef,
-                    "gain": op.gain,
-                    "layers": op.layers.astype(np.int64).tolist(),
-                    "hidden": int(op.vectors.shape[1]),
-                    "data": op.vectors.astype(np.float32).tobytes(),
+                    "lo": p.lo,
+                    "hi": p.hi,
+                    "gain": p.gain,
+                    "layers": p.layers.tolist(),
+                    "units": p.units.astype(np.float32).tobytes(),
                 }
-                for op in self.ops
-            ],
+                for p in self.projections
+            ],  # fmt: skip
+            "const_layers": self.const_layers.tolist(),
+            "const": self.const.astype(np.float32).tobytes(),
         }
 
     @classmethod
     def from_payload(cls, payload: dict) -> CompiledSpec:
         if payload.get("v") != PAYLOAD_VERSION:
             raise ValueError(f"compiled steering payload version {payload.get('v')!r} unsupported")
-        ops = []
-        for op in payload["ops"]:
-            layers = np.asarray(op["layers"], dtype=np.int64)
-            flat = np.frombuffer(op["data"], dtype=np.float32)
-            vectors = flat.reshape(len(layers), op["hidden"]).copy()
-            ops.append(CompiledOp(op["lo"], op["hi"], op["coef"], op["gain"], layers, vectors))
-        return cls(payload["fp"], ops)
+        hidden = payload["hidden"]
+
+        def floats(raw: bytes, *shape: int) -> np.ndarray:
+            return np.frombuffer(raw, dtype=np.float32).reshape(*shape).copy()
+
+        projections = [
+            Projection(p["lo"], p["hi"], p["gain"], np.asarray(p["layers"], dtype=np.int64),
+                       floats(p["units"], len(p["layers"]), hidden))
+            for p in payload["proj"]
+        ]  # fmt: skip
+        const_layers = np.asarray(payload["const_layers"], dtype=np.int64)
+        const = floats(payload["const"], len(const_layers), NUM_CLASSES, hidden)
+        return cls(payload["fp"], hidden, projections, const_layers, const)
 
 
-def compile_spec(spec: SteeringSpec) -> CompiledSpec:
-    """Lower a validated (resolved) spec. The result is empty for an empty spec."""
-    ops: list[CompiledOp] = []
-    pending: dict[int, np.ndarray] | None = None  # merged adds awaiting emission
-    pending_window: tuple[int, int] | None = None
-
-    def flush() -> None:
-        nonlocal pending, pending_window
-        if pending:
-            layers = np.array(sorted(pending), dtype=np.int64)
-            vecs = np.stack([pending[int(i)] for i in layers]).astype(np.float32)
-            ops.append(CompiledOp(*pending_window, 1.0, 0.0, layers, vecs))
-        pending, pending_window = None, None
-
+def compile_spec(spec: SteeringSpec, hidden_size: int) -> CompiledSpec:
+    """Lower a validated (resolved) spec; an empty spec compiles to the identity."""
+    projections: list[Projection] = []
     for entry in spec.vectors:
-        window = WINDOWS[entry.positions]
         if entry.op == "add":
-            if pending is not None and pending_window != window:
-                flush()
-            if pending is None:
-                pending, pending_window = {}, window
-            for layer, vec in entry.resolved.items():
-                w = unit(vec) if entry.normalize else vec
-                delta = np.float64(entry.scale) * w.astype(np.float64)
-                prev = pending.get(layer)
-                pending[layer] = delta if prev is None else prev + delta
             continue
-        flush()
         layers = np.array(sorted(entry.resolved), dtype=np.int64)
-        units = np.stack([unit(entry.resolved[int(i)]) for i in layers])
-        if entry.op == "ablate":
-            ops.append(CompiledOp(*window, 0.0, float(entry.scale), layers, units))
-        else:  # clamp
-            ops.append(CompiledOp(*window, float(entry.value), 1.0, layers, units))
-    flush()
-    return CompiledSpec(spec.fingerprint(), ops)
+        units = np.stack([unit(entry.resolved[int(i)]) for i in layers]).astype(np.float32)
+        gain = float(entry.scale) if entry.op == "ablate" else 1.0
+        projections.append(Projection(*WINDOWS[entry.positions], gain, layers, units))
+
+    # Fold constants per layer and class, in float64, through the later projections.
+    consts: dict[int, np.ndarray] = {}
+    layers_touched = sorted({layer for e in spec.vectors for layer in e.resolved})
+    for layer in layers_touched:
+        b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
+        for c, cls in enumerate(CLASSES):
+            for entry in spec.vectors:
+                vec = entry.resolved.get(layer)
+                if vec is None or not _covers(WINDOWS[entry.positions], cls):
+                    continue
+                if entry.op == "add":
+                    w = unit(vec) if entry.normalize else vec
+                    b[c] += entry.scale * w.astype(np.float64)
+                    continue
+                u = unit(vec).astype(np.float64)
+                gain = entry.scale if entry.op == "ablate" else 1.0
+                b[c] -= gain * np.dot(b[c], u) * u
+                if entry.op == "clamp":
+                    b[c] += entry.value * u
+        if np.any(b):
+            consts[layer] = b
+    const_layers = np.array(sorted(consts), dtype=np.int64)
+    const = (
+        np.stack([consts[int(i)] for i in const_layers]).astype(np.float32)
+        if consts
+        else np.zeros((0, NUM_CLASSES, hidden_size), dtype=np.float32)
+    )
+    return CompiledSpec(spec.fingerprint(), hidden_size, projections, const_layers, const)

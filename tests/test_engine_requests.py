@@ -47,10 +47,10 @@ GOOD = {"vectors": [{"name": "happy", "scale": 1.0}]}
         (
             {
                 "vectors": [{"name": "happy", "op": "ablate", "layers": [1]}] * 2
-                + [{"name": "happy", "op": "ablate", "layers": [2]}] * 3
+                + [{"name": "happy", "op": "clamp", "value": 1.0, "layers": [2]}]
             },
             "steering.vectors",
-            "max_ops",
+            "uses 3 ablate/clamp entries; this engine allows 2",
         ),
     ],
 )

@@ -145,29 +145,80 @@ def test_presets_expand_before_request_vectors():
         parse_spec({"preset": "x"}, bad)
 
 
-def test_compile_merges_consecutive_adds_and_keeps_order():
-    ctx = _ctx()
+def _apply_directly(spec, layer: int, h: np.ndarray, generated: bool) -> np.ndarray:
+    """DESIGN.md's formulas, entry by entry, for one token (float64)."""
+    h = h.astype(np.float64)
+    for e in spec.vectors:
+        v = e.resolved.get(layer)
+        if v is None or e.positions == ("prompt" if generated else "generated"):
+            continue
+        v = v.astype(np.float64)
+        u = v / np.linalg.norm(v)
+        if e.op == "add":
+            h = h + e.scale * (u if e.normalize else v)
+        elif e.op == "ablate":
+            h = h - e.scale * (h @ u) * u
+        else:
+            h = h + (e.value - h @ u) * u
+    return h
+
+
+def _apply_compiled(compiled, layer: int, h: np.ndarray, generated: bool) -> np.ndarray:
+    """The engine's per-layer form: projections in order, then the folded constant."""
+    h = h.astype(np.float64)
+    rel = 0 if generated else -1
+    for p in compiled.projections:
+        if layer in p.layers and p.lo <= rel < p.hi:
+            u = p.units[list(p.layers).index(layer)].astype(np.float64)
+            h = h - p.gain * (h @ u) * u
+    if layer in compiled.const_layers:
+        h = h + compiled.const[list(compiled.const_layers).index(layer), int(generated)]
+    return h
+
+
+def test_compiled_form_equals_sequential_application():
+    rng = np.random.default_rng(3)
+    v = {i: rng.standard_normal(8).tolist() for i in range(4)}
     spec = parse_spec(
         {
             "vectors": [
-                {"data": {"1": [1.0] * 8}, "scale": 2.0},
-                {"data": {"1": [0.5] * 8, "2": [1.0] * 8}},
-                {"data": {"1": [1.0] * 8}, "op": "ablate"},
-                {"data": {"1": [1.0] * 8}, "positions": "generated"},
+                {"data": {"1": v[0]}, "scale": 2.0},
+                {"data": {"1": v[1], "2": v[1]}, "op": "clamp", "value": 1.5},
+                {"data": {"1": v[2]}, "positions": "generated", "normalize": True},
+                {"data": {"1": v[0], "2": v[3]}, "op": "ablate", "scale": 0.7,
+                 "positions": "prompt"},
+                {"data": {"2": v[2]}, "scale": -1.0},
             ]
         },
-        ctx,
+        _ctx(),
+    )  # fmt: skip
+    compiled = compile_spec(spec, 8)
+    assert len(compiled.projections) == 2 and compiled.const_layers.tolist() == [1, 2]
+    for layer in range(4):
+        for generated in (False, True):
+            h = rng.standard_normal(8)
+            np.testing.assert_allclose(
+                _apply_compiled(compiled, layer, h, generated),
+                _apply_directly(spec, layer, h, generated),
+                rtol=1e-5, atol=1e-5,
+            )  # fmt: skip
+
+
+def test_compiled_payload_round_trip_and_identity():
+    spec = parse_spec(
+        {"vectors": [{"name": "happy"}, {"name": "happy", "op": "ablate", "layers": [2]}]},
+        _ctx(),
     )
-    compiled = compile_spec(spec)
-    assert len(compiled.ops) == 3
-    merged, ablate, late = compiled.ops
-    assert merged.is_add and merged.layers.tolist() == [1, 2]
-    np.testing.assert_allclose(merged.vectors[0], 2.5)
-    assert (ablate.coef, ablate.gain) == (0.0, 1.0)
-    np.testing.assert_allclose(np.linalg.norm(ablate.vectors[0]), 1.0, rtol=1e-6)
-    assert late.lo == 0 and merged.lo < 0
+    compiled = compile_spec(spec, 8)
     again = CompiledSpec.from_payload(compiled.to_payload())
-    assert again.fingerprint == compiled.fingerprint
-    for a, b in zip(again.ops, compiled.ops, strict=True):
-        np.testing.assert_array_equal(a.vectors, b.vectors)
-        assert (a.lo, a.hi, a.coef, a.gain) == (b.lo, b.hi, b.coef, b.gain)
+    assert again.fingerprint == compiled.fingerprint and again.hidden_size == 8
+    np.testing.assert_array_equal(again.const, compiled.const)
+    np.testing.assert_array_equal(again.const_layers, compiled.const_layers)
+    for a, b in zip(again.projections, compiled.projections, strict=True):
+        np.testing.assert_array_equal(a.units, b.units)
+        assert (a.lo, a.hi, a.gain, a.layers.tolist()) == (b.lo, b.hi, b.gain, b.layers.tolist())
+    assert compile_spec(parse_spec({}, _ctx()), 8).is_identity
+    # Adds that cancel fold to nothing at all.
+    cancel = {"vectors": [{"name": "happy", "layers": [1]},
+                          {"name": "happy", "layers": [1], "scale": -1.0}]}  # fmt: skip
+    assert compile_spec(parse_spec(cancel, _ctx()), 8).is_identity

@@ -27,30 +27,31 @@ class SteeringConfig:
     enabled: bool = True
     # Directory of named vectors; resolved by the API process only (workers get data).
     vectors_dir: str = DEFAULT_VECTORS_DIR
-    # Distinct residual ops one request may need after merging consecutive adds. Buffers
-    # scale with it (layers x slots x max_ops x hidden), so it is kept small by default.
-    max_ops: int = 4
+    # Projection entries (ablate/clamp) one request may use; adds are folded and free.
+    # Each costs a dot product per token and layer for every request in the batch, and
+    # the buffers scale with it (layers x slots x max_projections x hidden).
+    max_projections: int = 2
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> SteeringConfig:
         extra = getattr(vllm_config, "additional_config", None) or {}
         mine = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
-        unknown = set(mine) - {"enabled", "vectors_dir", "max_ops"}
+        unknown = set(mine) - {"enabled", "vectors_dir", "max_projections"}
         if unknown:
             raise ValueError(
                 f"additional_config.{CONFIG_KEY}: unknown key(s) {sorted(unknown)}; "
-                "known: enabled, vectors_dir, max_ops"
+                "known: enabled, vectors_dir, max_projections"
             )
         enabled = bool(mine.get("enabled", True))
         if os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on"):
             enabled = False
-        max_ops = int(mine.get("max_ops", cls.max_ops))
-        if not 1 <= max_ops <= 64:
-            raise ValueError(f"additional_config.{CONFIG_KEY}.max_ops must be in 1..64")
+        max_proj = int(mine.get("max_projections", cls.max_projections))
+        if not 0 <= max_proj <= 64:
+            raise ValueError(f"additional_config.{CONFIG_KEY}.max_projections must be in 0..64")
         return cls(
             enabled=enabled,
             vectors_dir=str(
                 mine.get("vectors_dir") or os.environ.get(ENV_VECTORS_DIR) or DEFAULT_VECTORS_DIR
             ),
-            max_ops=max_ops,
+            max_projections=max_proj,
         )

@@ -50,21 +50,17 @@ class SteeringFrontend:
         if raw is None:
             return None
         try:
-            compiled = compile_spec(parse_spec(raw, self.context))
+            compiled = compile_spec(parse_spec(raw, self.context), self.shape.hidden_size)
         except SpecError as e:
             raise SteeringValidationError(e.errors) from None
-        if len(compiled.ops) > self.config.max_ops:
-            raise SteeringValidationError(
-                [
-                    (
-                        f"{SPEC_KEY}.vectors",
-                        f"needs {len(compiled.ops)} distinct operations (consecutive 'add' entries "
-                        f"with the same positions count as one); this engine allows "
-                        f"{self.config.max_ops} (additional_config.steerserve.max_ops)",
-                    )
-                ]
-            )
-        return compiled if compiled.ops else None
+        limit = self.config.max_projections
+        if len(compiled.projections) > limit:
+            raise SteeringValidationError([(
+                f"{SPEC_KEY}.vectors",
+                f"uses {len(compiled.projections)} ablate/clamp entries; this engine allows "
+                f"{limit} (additional_config.steerserve.max_projections; 'add' is unlimited)",
+            )])  # fmt: skip
+        return None if compiled.is_identity else compiled
 
     @staticmethod
     def attach(request: Any, compiled: CompiledSpec) -> None:

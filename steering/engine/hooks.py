@@ -64,7 +64,7 @@ def _after_load_model(runner: Any) -> None:
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_slots=runner.max_num_reqs + 1,
-        max_ops=config.max_ops,
+        max_proj=config.max_projections,
         max_tokens=int(runner.positions.shape[0]),
         dtype=runner.model_config.dtype,
         device=torch.device(runner.device),
@@ -72,10 +72,10 @@ def _after_load_model(runner: Any) -> None:
     n = install(runner.get_model(), tables, shape.architecture)
     setattr(runner, _RUNTIME_ATTR, SteeringRuntime(tables, runner.max_num_reqs))
     log.info(
-        "steerserve: steering %d decoder layers, %d slots x %d ops, %.1f MiB of buffers",
+        "steerserve: steering %d decoder layers, %d slots x %d projections, %.1f MiB buffers",
         n,
         tables.num_slots,
-        tables.max_ops,
+        tables.max_proj,
         tables.nbytes / 2**20,
     )
 

@@ -38,22 +38,25 @@ class UnsupportedModelError(RuntimeError):
 def apply_residual_ops(
     tables: SteeringTables, layer: int, hidden: torch.Tensor, residual: torch.Tensor
 ) -> torch.Tensor:
-    """residual <- residual + v * (coef - gain * <hidden + residual, v>), op by op in order.
+    """The layer's steering as one affine map (see compile.py): projections, then constant.
 
-    Identical tensor ops for every row and step: rows on the identity slot gather a zero
-    vector and add exactly 0. The dot product is accumulated in float32.
+    residual <- residual - gain * <h, u> u   for each projection, in order (h = hidden+residual)
+    residual <- residual + const[slot, class]
+
+    Identical tensor ops for every row and step: rows on the identity slot have zero gains
+    and a zero constant and come out bit-identical. Dot products accumulate in float32.
     """
     num_tokens = residual.shape[0]
-    idx = tables.tok_slot[:num_tokens]
-    coef = tables.tok_coef[:num_tokens]
-    vecs = tables.vec[layer].index_select(0, idx)  # [T, max_ops, hidden]
-    for k in range(tables.max_ops):
-        v = vecs[:, k].float()
+    if tables.max_proj:
+        units = tables.units[layer].index_select(0, tables.tok_slot[:num_tokens])
+        gains = tables.tok_gain[:num_tokens]
         stream = (hidden + residual).float()
-        dot = (stream * v).sum(dim=-1)
-        delta = coef[:, k, 0] - coef[:, k, 1] * dot
-        residual = residual + (delta.unsqueeze(-1) * v).to(residual.dtype)
-    return residual
+        for k in range(tables.max_proj):
+            u = units[:, k].float()
+            delta = (gains[:, k] * (stream * u).sum(dim=-1)).unsqueeze(-1) * u
+            stream = stream - delta
+            residual = residual - delta.to(residual.dtype)
+    return residual + tables.const[layer].index_select(0, tables.tok_const[:num_tokens])
 
 
 def _steered_forward(self, *args, **kwargs):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from steering.compile import PAYLOAD_KEY, CompiledSpec
+from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec
 from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class SteeringRuntime:
                     spec = None
                 else:
                     self.specs[fp] = spec
-            if spec is not None and not spec.ops:
+            if spec is not None and spec.is_identity:
                 spec = None
         elif extra.get("steering"):
             log.warning(
@@ -107,19 +107,23 @@ class SteeringRuntime:
         num_tokens = len(req_indices)
         t = self.tables
         if not steered:
-            # Rows read slot 0 (a zero vector): the coefficients are then irrelevant.
+            # Every row reads slot 0 (zero directions, zero constant): gains are irrelevant.
             if self._dirty:
                 t.np_slot[: self._dirty] = IDENTITY_SLOT
+                t.np_const[: self._dirty] = IDENTITY_SLOT
                 t.publish(self._dirty)
                 self._dirty = 0
             return
         slot = row_slot[req_indices]
-        rel = (positions - prompt_lens[req_indices])[:, None]
-        gate = (rel >= self.bank.lo[slot]) & (rel < self.bank.hi[slot])
+        rel = positions - prompt_lens[req_indices]
         t.np_slot[:num_tokens] = slot
-        np.multiply(self.bank.coef[slot], gate[..., None], out=t.np_coef[:num_tokens])
+        t.np_const[:num_tokens] = slot * NUM_CLASSES + (rel >= 0)
+        rel = rel[:, None]
+        gate = (rel >= self.bank.lo[slot]) & (rel < self.bank.hi[slot])
+        np.multiply(self.bank.gain[slot], gate, out=t.np_gain[:num_tokens])
         if self._dirty > num_tokens:
             t.np_slot[num_tokens : self._dirty] = IDENTITY_SLOT
+            t.np_const[num_tokens : self._dirty] = IDENTITY_SLOT
         t.publish(max(num_tokens, self._dirty))
         self._dirty = num_tokens
 

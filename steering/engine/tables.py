@@ -4,8 +4,8 @@ Modelled on vLLM's LoRA/punica path: per-spec data lives in fixed slots of table
 once at their maximum size; each step writes only small per-token index/coefficient
 buffers in place. The forward pass therefore has one shape-stable set of tensor ops (no
 Python branch on per-step state, no host sync), which is what torch.compile's single trace
-and CUDA-graph replay require. Slot 0 is the identity: a zero vector, so unsteered rows
-run the same ops and come out bit-identical.
+and CUDA-graph replay require. Slot 0 is the identity (zero directions and constants), so
+unsteered rows run the same ops and come out bit-identical.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from steering.compile import CompiledSpec
+from steering.compile import NUM_CLASSES, CompiledSpec
 
 IDENTITY_SLOT = 0
 _EMPTY = -2  # last_used value of a slot that holds nothing
@@ -23,10 +23,12 @@ _WARM = -1  # a slot whose spec no live request uses: first to be recycled, reus
 class SteeringTables:
     """Device tensors read inside the forward pass (never re-bound, only updated in place).
 
-    vec      [layers, slots, max_ops, hidden]  per-slot op vectors (model dtype)
-    tok_slot [max_tokens]                      slot of each scheduled token (int64)
-    tok_coef [max_tokens, max_ops, 2]          (coef, gain) per token and op, already gated
-                                               by the op's position window (float32)
+    units    [layers, slots, max_proj, hidden]       projection directions (model dtype)
+    const    [layers, slots * NUM_CLASSES, hidden]   folded constant per slot and token class
+    tok_slot [max_tokens]                            slot of each scheduled token (int64)
+    tok_const[max_tokens]                            slot * NUM_CLASSES + class (int64)
+    tok_gain [max_tokens, max_proj]                  projection gains, 0 outside the op's
+                                                     position window (float32)
     """
 
     def __init__(
@@ -35,7 +37,7 @@ class SteeringTables:
         num_layers: int,
         hidden_size: int,
         num_slots: int,
-        max_ops: int,
+        max_proj: int,
         max_tokens: int,
         dtype: torch.dtype,
         device: torch.device,
@@ -43,19 +45,22 @@ class SteeringTables:
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.num_slots = num_slots
-        self.max_ops = max_ops
+        self.max_proj = max_proj
         self.max_tokens = max_tokens
         self.device = device
-        self.vec = torch.zeros(
-            num_layers, num_slots, max_ops, hidden_size, dtype=dtype, device=device
+        self.units = torch.zeros(
+            num_layers, num_slots, max_proj, hidden_size, dtype=dtype, device=device
+        )
+        self.const = torch.zeros(
+            num_layers, num_slots * NUM_CLASSES, hidden_size, dtype=dtype, device=device
         )
         self.tok_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.tok_coef = torch.zeros(max_tokens, max_ops, 2, dtype=torch.float32, device=device)
+        self.tok_const = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.tok_gain = torch.zeros(max_tokens, max_proj, dtype=torch.float32, device=device)
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
-        self.host_slot = self._staging(self.tok_slot)
-        self.host_coef = self._staging(self.tok_coef)
-        self.np_slot = self.host_slot.numpy()
-        self.np_coef = self.host_coef.numpy()
+        self._per_token = (self.tok_slot, self.tok_const, self.tok_gain)
+        self._staged = tuple(self._staging(t) for t in self._per_token)
+        self.np_slot, self.np_const, self.np_gain = (t.numpy() for t in self._staged)
 
     @staticmethod
     def _staging(t: torch.Tensor) -> torch.Tensor:
@@ -66,20 +71,27 @@ class SteeringTables:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.vec, self.tok_slot, self.tok_coef))
+        tensors = (self.units, self.const, *self._per_token)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def publish(self, num_tokens: int) -> None:
         """Make host-staged per-token values visible to the device (no-op on CPU)."""
-        if self.host_slot is not self.tok_slot:
-            self.tok_slot[:num_tokens].copy_(self.host_slot[:num_tokens], non_blocking=True)
-            self.tok_coef[:num_tokens].copy_(self.host_coef[:num_tokens], non_blocking=True)
+        for dev, host in zip(self._per_token, self._staged, strict=True):
+            if dev is not host:
+                dev[:num_tokens].copy_(host[:num_tokens], non_blocking=True)
 
     def write_slot(self, slot: int, spec: CompiledSpec) -> None:
-        self.vec[:, slot].zero_()
-        for k, op in enumerate(spec.ops):
-            layers = torch.from_numpy(op.layers).to(self.device)
-            data = torch.from_numpy(op.vectors).to(device=self.device, dtype=self.vec.dtype)
-            self.vec[layers, slot, k] = data
+        self.units[:, slot].zero_()
+        rows = slice(slot * NUM_CLASSES, (slot + 1) * NUM_CLASSES)
+        self.const[:, rows].zero_()
+        for k, proj in enumerate(spec.projections):
+            layers = torch.from_numpy(proj.layers).to(self.device)
+            data = torch.from_numpy(proj.units).to(device=self.device, dtype=self.units.dtype)
+            self.units[layers, slot, k] = data
+        if spec.const_layers.size:
+            layers = torch.from_numpy(spec.const_layers).to(self.device)
+            data = torch.from_numpy(spec.const).to(device=self.device, dtype=self.const.dtype)
+            self.const[layers, rows] = data
 
 
 class SlotBank:
@@ -92,14 +104,14 @@ class SlotBank:
 
     def __init__(self, tables: SteeringTables):
         self.tables = tables
-        n, k = tables.num_slots, tables.max_ops
+        n, k = tables.num_slots, tables.max_proj
         self.slot_of: dict[str, int] = {}
         self.fp_of: list[str | None] = [None] * n
         self.last_used = np.full(n, _EMPTY, dtype=np.int64)
         self.last_used[IDENTITY_SLOT] = np.iinfo(np.int64).max  # never a victim
-        # Host copies of per-slot op parameters, gathered per token each step.
-        self.coef = np.zeros((n, k, 2), dtype=np.float32)
-        self.lo = np.zeros((n, k), dtype=np.int64)  # identity/unused ops: empty window
+        # Host copies of per-slot projection parameters, gathered per token each step.
+        self.gain = np.zeros((n, k), dtype=np.float32)
+        self.lo = np.zeros((n, k), dtype=np.int64)  # identity/unused: empty window
         self.hi = np.zeros((n, k), dtype=np.int64)
         self.loads = 0
 
@@ -126,13 +138,13 @@ class SlotBank:
         if old is not None:
             del self.slot_of[old]
         self.tables.write_slot(slot, spec)
-        self.coef[slot] = 0.0
+        self.gain[slot] = 0.0
         self.lo[slot] = 0
         self.hi[slot] = 0
-        for k, op in enumerate(spec.ops):
-            self.coef[slot, k] = (op.coef, op.gain)
-            self.lo[slot, k] = op.lo
-            self.hi[slot, k] = op.hi
+        for k, proj in enumerate(spec.projections):
+            self.gain[slot, k] = proj.gain
+            self.lo[slot, k] = proj.lo
+            self.hi[slot, k] = proj.hi
         self.fp_of[slot] = spec.fingerprint
         self.slot_of[spec.fingerprint] = slot
         self.loads += 1

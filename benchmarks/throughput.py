@@ -1,0 +1,183 @@
+"""Offline throughput: what steering costs next to plain vLLM, measured in the same run.
+
+Protocol (DESIGN.md): the same model, requests and sampling (greedy, ignore_eos, fixed
+lengths) for every scenario; scenarios interleaved round by round (A B C A B C ...) and
+compared by their median, because run-to-run noise on a shared 2-core machine is ~10%.
+Engines run in-process and side by side: "plain" is an engine with the extension switched
+off (`additional_config={"steerserve": {"enabled": False}}`: vLLM's own code path).
+
+    python benchmarks/throughput.py                  # the ~100M model, 32 x 64 tokens
+    python benchmarks/throughput.py --smoke          # seconds, tiny model (run by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+# vLLM trims torch to one thread for an in-process engine unless told otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
+
+SCENARIOS = ("plain", "unsteered", "same-spec-all-layers", "distinct-specs-all-layers")
+
+
+def _specs(scenario: str, n: int, num_layers: int, hidden: int) -> list[dict | None]:
+    """Per-request steering specs of a scenario (None = unsteered)."""
+    if scenario in ("plain", "unsteered"):
+        return [None] * n
+    rng = np.random.default_rng(0)
+
+    def spec(seed: int) -> dict:
+        vecs = np.random.default_rng(seed).standard_normal((num_layers, hidden)) * 0.05
+        return {"vectors": [{"data": {str(i): vecs[i].tolist() for i in range(num_layers)}}]}
+
+    if scenario == "same-spec-all-layers":
+        return [spec(0)] * n
+    if scenario == "distinct-specs-all-layers":
+        return [spec(int(s)) for s in rng.integers(1, 1 << 30, size=n)]
+    raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", help="checkpoint dir (default: build the ~100M random model)")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="measured rounds (after one warm-up)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--smoke", action="store_true", help="tiny model, few tokens: seconds")
+    p.add_argument("--out", help="JSON results path (default: benchmarks/results/<stamp>.json)")
+    args = p.parse_args(argv)
+
+    if args.smoke:
+        args.requests, args.output_len, args.prompt_len, args.rounds = 4, 8, 8, 1
+        args.dtype, args.eager = "float32", True
+    cache = ROOT / ".cache" / "models"
+    spec = TinySpec() if args.smoke else BENCH_SPEC
+    model = Path(args.model) if args.model else build_tiny_model(cache / _name(spec), spec)
+
+    from tqdm import tqdm
+    from transformers import AutoConfig
+    from vllm import LLM, SamplingParams
+
+    cfg = AutoConfig.from_pretrained(model)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    engine_kw = dict(
+        dtype=args.dtype,
+        enforce_eager=args.eager,
+        max_model_len=args.prompt_len + args.output_len + 16,
+        max_num_seqs=max(args.requests, 1),
+        max_num_batched_tokens=max(2048, args.prompt_len * args.requests),
+        kv_cache_memory_bytes=1 << 30 if not args.smoke else 64 << 20,
+        enable_prefix_caching=False,  # every round re-runs the same prompts
+        seed=0,
+    )
+    engines = {}
+    for name in ("plain", "steer"):
+        if name == "plain" and "plain" not in scenarios:
+            continue
+        enabled = name == "steer"
+        engines[name] = LLM(
+            str(model), additional_config={"steerserve": {"enabled": enabled}}, **engine_kw
+        )
+
+    rng = np.random.default_rng(1)
+    prompts = [
+        {"prompt_token_ids": rng.integers(10, 500, size=args.prompt_len).tolist()}
+        for _ in range(args.requests)
+    ]
+    params = {
+        s: [
+            SamplingParams(
+                max_tokens=args.output_len,
+                temperature=0.0,
+                ignore_eos=True,
+                detokenize=False,
+                extra_args={"steering": sp} if sp else None,
+            )
+            for sp in _specs(s, args.requests, cfg.num_hidden_layers, cfg.hidden_size)
+        ]
+        for s in scenarios
+    }
+    times: dict[str, list[float]] = {s: [] for s in scenarios}
+    total = (args.rounds + 1) * len(scenarios)
+    with tqdm(total=total, desc="throughput", unit="run") as bar:
+        for r in range(args.rounds + 1):
+            for s in scenarios:
+                llm = engines["plain" if s == "plain" else "steer"]
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, params[s], use_tqdm=False)
+                dt = time.perf_counter() - t0
+                assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+                if r > 0:  # round 0 warms caches and allocators
+                    times[s].append(dt)
+                bar.update()
+    tokens = args.requests * args.output_len
+    base = statistics.median(times["plain"]) if "plain" in times else None
+    rows = []
+    for s in scenarios:
+        med = statistics.median(times[s])
+        rows.append(
+            {
+                "scenario": s,
+                "median_s": med,
+                "tok_per_s": tokens / med,
+                "ratio_vs_plain": (base / med) if base else None,
+                "runs_s": times[s],
+            }
+        )
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "model": str(model) if args.model else _name(spec),
+        "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "results": rows,
+    }
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{_stamp()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(markdown_table(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        "| scenario | output tok/s | ratio vs plain vLLM |",
+        "|---|---:|---:|",
+    ]
+    for row in result["results"]:
+        ratio = f"{row['ratio_vs_plain']:.3f}x" if row["ratio_vs_plain"] else "-"
+        lines.append(f"| {row['scenario']} | {row['tok_per_s']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _name(spec: TinySpec) -> str:
+    return f"{spec.arch}-h{spec.hidden_size}-l{spec.num_layers}-v{spec.model_vocab_size or 0}"
+
+
+def _stamp() -> str:
+    return "throughput-" + datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+if __name__ == "__main__":
+    main()
