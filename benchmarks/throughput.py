@@ -60,10 +60,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5, help="measured rounds (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=8, help="measured rounds (after one warm-up)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument(
+        "--max-projections",
+        type=int,
+        default=None,
+        help="additional_config.steerserve.max_projections of the steered engine",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, few tokens: seconds")
     p.add_argument("--out", help="JSON results path (default: benchmarks/results/<stamp>.json)")
     args = p.parse_args(argv)
@@ -95,10 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("plain", "steer"):
         if name == "plain" and "plain" not in scenarios:
             continue
-        enabled = name == "steer"
-        engines[name] = LLM(
-            str(model), additional_config={"steerserve": {"enabled": enabled}}, **engine_kw
-        )
+        settings: dict = {"enabled": name == "steer"}
+        if name == "steer" and args.max_projections is not None:
+            settings["max_projections"] = args.max_projections
+        engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
 
     rng = np.random.default_rng(1)
     prompts = [
@@ -122,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     total = (args.rounds + 1) * len(scenarios)
     with tqdm(total=total, desc="throughput", unit="run") as bar:
         for r in range(args.rounds + 1):
-            for s in scenarios:
+            # Rotate the order each round so that no scenario always runs first.
+            for s in scenarios[r % len(scenarios) :] + scenarios[: r % len(scenarios)]:
                 llm = engines["plain" if s == "plain" else "steer"]
                 t0 = time.perf_counter()
                 outs = llm.generate(prompts, params[s], use_tqdm=False)

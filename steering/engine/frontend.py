@@ -8,6 +8,7 @@ workers receive only the compiled data.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from vllm.exceptions import VLLMValidationError
@@ -63,15 +64,31 @@ class SteeringFrontend:
         return None if compiled.is_identity else compiled
 
     @staticmethod
-    def attach(request: Any, compiled: CompiledSpec) -> None:
-        """Put the compiled spec on the engine request and salt its prefix-cache hashes.
+    def for_engine(params: Any, compiled: CompiledSpec | None) -> Any:
+        """The params vLLM should see: the raw spec replaced by the compiled payload.
 
-        KV computed under one intervention must never serve a request with another, so
-        the salt is the spec's fingerprint (combined with any salt the caller set).
+        vLLM deep-copies `extra_args` per request (and serialises it to every worker); a raw
+        inline spec is thousands of Python floats, the payload a few byte strings.
+        The caller's object is left untouched (it may be shared across prompts).
+        """
+        if not isinstance(params, SamplingParams) or not params.extra_args:
+            return params
+        if SPEC_KEY not in params.extra_args and compiled is None:
+            return params
+        rest = {k: v for k, v in params.extra_args.items() if k != SPEC_KEY}
+        if compiled is not None:
+            rest[PAYLOAD_KEY] = compiled.to_payload()
+        engine_params = copy.copy(params)
+        engine_params.extra_args = rest or None
+        return engine_params
+
+    @staticmethod
+    def salt(request: Any, compiled: CompiledSpec) -> None:
+        """Salt the request's prefix-cache hashes with the spec's fingerprint.
+
+        KV computed under one intervention must never serve a request with another.
         Unsteered requests keep their salt (or none) and share the cache as usual.
         """
-        sp = request.sampling_params
-        sp.extra_args = {**(sp.extra_args or {}), PAYLOAD_KEY: compiled.to_payload()}
         salt = f"steerserve:{compiled.fingerprint}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
 

@@ -129,10 +129,13 @@ def _hook_process_inputs(original):
         from steering.engine.frontend import frontend_of
 
         frontend = frontend_of(self)
-        compiled = frontend.compile_request(params) if frontend is not None else None
+        compiled = None
+        if frontend is not None:
+            compiled = frontend.compile_request(params)
+            params = frontend.for_engine(params, compiled)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if compiled is not None:
-            frontend.attach(request, compiled)
+            frontend.salt(request, compiled)
         return request
 
     return process_inputs
