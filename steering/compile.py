@@ -116,12 +116,13 @@ def compile_spec(spec: SteeringSpec, hidden_size: int) -> CompiledSpec:
         gain = float(entry.scale) if entry.op == "ablate" else 1.0
         projections.append(Projection(*WINDOWS[entry.positions], gain, layers, units))
 
-    # Fold constants per layer and class, in float64, through the later projections.
+    # Fold constants per layer and class, in float64, through the later projections. When
+    # every entry applies at all positions the classes agree: fold once, copy.
+    classes = CLASSES if any(e.positions != "all" for e in spec.vectors) else CLASSES[:1]
     consts: dict[int, np.ndarray] = {}
-    layers_touched = sorted({layer for e in spec.vectors for layer in e.resolved})
-    for layer in layers_touched:
+    for layer in sorted({layer for e in spec.vectors for layer in e.resolved}):
         b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
-        for c, cls in enumerate(CLASSES):
+        for c, cls in enumerate(classes):
             for entry in spec.vectors:
                 vec = entry.resolved.get(layer)
                 if vec is None or not _covers(WINDOWS[entry.positions], cls):
@@ -135,6 +136,7 @@ def compile_spec(spec: SteeringSpec, hidden_size: int) -> CompiledSpec:
                 b[c] -= gain * np.dot(b[c], u) * u
                 if entry.op == "clamp":
                     b[c] += entry.value * u
+        b[len(classes) :] = b[0]
         if np.any(b):
             consts[layer] = b
     const_layers = np.array(sorted(consts), dtype=np.int64)

@@ -220,7 +220,8 @@ class VectorEntry(BaseModel):
         resolved = {}
         for layer in layers:
             vec = np.ascontiguousarray(source[layer], dtype=np.float32)
-            if not np.all(np.isfinite(vec)):
+            # Inline floats were checked by pydantic; float32 can still overflow to inf.
+            if not np.isfinite(vec).all():
                 raise _fail(
                     "not_finite",
                     "{origin} has NaN or Inf at layer {layer}",
