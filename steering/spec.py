@@ -88,6 +88,16 @@ def _context(info: ValidationInfo) -> SpecContext | None:
     return info.context.get("steering") if info.context else None
 
 
+def _check_layer(layer: int, ctx: SpecContext) -> None:
+    if not 0 <= layer < ctx.shape.num_layers:
+        raise _fail(
+            "layer_range",
+            "layer {layer} is out of range for this model (0..{last})",
+            layer=layer,
+            last=ctx.shape.num_layers - 1,
+        )
+
+
 class VectorEntry(BaseModel):
     """One residual-stream intervention (DESIGN.md, "The intervention spec")."""
 
@@ -129,7 +139,6 @@ class VectorEntry(BaseModel):
             return data
         if not data:
             raise _fail("empty_data", "must hold at least one layer")
-        n = ctx.shape.num_layers
         floats = sum(len(v) for v in data.values())
         if floats > ctx.max_inline_floats:
             raise _fail(
@@ -139,13 +148,7 @@ class VectorEntry(BaseModel):
                 lim=ctx.max_inline_floats,
             )
         for layer, vec in data.items():
-            if not 0 <= layer < n:
-                raise _fail(
-                    "layer_range",
-                    "layer {layer} is out of range for this model (0..{last})",
-                    layer=layer,
-                    last=n - 1,
-                )
+            _check_layer(layer, ctx)
             if len(vec) != ctx.shape.hidden_size:
                 raise _fail(
                     "hidden_size",
@@ -167,15 +170,8 @@ class VectorEntry(BaseModel):
             raise _fail("duplicate_layers", "lists a layer more than once")
         ctx = _context(info)
         if ctx is not None:
-            n = ctx.shape.num_layers
             for layer in layers:
-                if not 0 <= layer < n:
-                    raise _fail(
-                        "layer_range",
-                        "layer {layer} is out of range for this model (0..{last})",
-                        layer=layer,
-                        last=n - 1,
-                    )
+                _check_layer(layer, ctx)
         return sorted(layers)
 
     @model_validator(mode="after")
