@@ -142,3 +142,11 @@ def test_compiled_path_matches_reference_and_eager(engines):
         assert run.tokens == ref.greedy(prompt, 8, spec)[0]
         assert np.max(np.abs(np.array(run.logprobs) - ref.score(prompt, run.tokens, spec))) <= 1e-4
         assert run.tokens == er.tokens
+
+
+def test_v2_model_runner_refused(engines, monkeypatch):
+    from vllm.exceptions import VLLMValidationError
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(VLLMValidationError, match="V1 model runner"):
+        generate_one(engines.get("llama"), PROMPT, sampling(GOOD))

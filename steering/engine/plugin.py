@@ -12,6 +12,10 @@ def register() -> None:
     # (The per-engine switch in additional_config leaves the hooks in place as no-ops.)
     if os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on"):
         return
+    # The hooks live in the V1 model runner; vLLM picks Model Runner V2 by default for some
+    # models on GPU (Qwen3), which has no per-token request index. Pin V1 unless the user
+    # chose explicitly. (The CPU backend always runs V1.)
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from steering.engine.hooks import install_hooks
 
     install_hooks()
