@@ -75,10 +75,6 @@ class SpecError(ValueError):
         self.errors = errors
         super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in errors))
 
-    @property
-    def field(self) -> str:
-        return self.errors[0][0]
-
 
 def _fail(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
     return PydanticCustomError(kind, message, ctx or None)
@@ -270,10 +266,6 @@ class SteeringSpec(BaseModel):
                 got=len(vectors),
             )
         return vectors
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.vectors
 
     def fingerprint(self) -> str:
         """Stable id of what this spec does to the KV cache (content, not names).

@@ -42,3 +42,25 @@ def test_hooks_installed_on_runner_classes(engines):
         InputProcessor.process_inputs,
     ):
         assert getattr(fn, "_steerserve_original", None) is not None, fn
+
+
+def test_env_switch_patches_nothing():
+    """STEERSERVE_DISABLE=1: the plugin loads but the process stays plain vLLM."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins();"
+        "from vllm.v1.worker.gpu_model_runner import GPUModelRunner as R;"
+        "from vllm.v1.engine.input_processor import InputProcessor as P;"
+        "print(hasattr(R._prepare_inputs, '_steerserve_original'),"
+        " hasattr(P.process_inputs, '_steerserve_original'))"
+    )
+    for env, want in (("1", "False False"), ("0", "True True")):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=dict(os.environ, STEERSERVE_DISABLE=env),
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert out.stdout.strip().splitlines()[-1] == want, out.stderr[-2000:]

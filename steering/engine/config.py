@@ -22,6 +22,10 @@ CONFIG_KEY = "steerserve"
 DEFAULT_VECTORS_DIR = "vectors"
 
 
+def disabled_by_env() -> bool:
+    return os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class SteeringConfig:
     enabled: bool = True
@@ -43,7 +47,7 @@ class SteeringConfig:
                 "known: enabled, vectors_dir, max_projections"
             )
         enabled = bool(mine.get("enabled", True))
-        if os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on"):
+        if disabled_by_env():
             enabled = False
         max_proj = int(mine.get("max_projections", cls.max_projections))
         if not 0 <= max_proj <= 64:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-from steering.engine.config import ENV_DISABLE
+from steering.engine.config import disabled_by_env
 
 
 def register() -> None:
     # With the environment switch nothing is patched at all: the process is plain vLLM.
     # (The per-engine switch in additional_config leaves the hooks in place as no-ops.)
-    if os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on"):
+    if disabled_by_env():
         return
     # The hooks live in the V1 model runner; vLLM picks Model Runner V2 by default for some
     # models on GPU (Qwen3), which has no per-token request index. Pin V1 unless the user
