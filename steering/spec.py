@@ -311,15 +311,13 @@ def parse_spec(raw: Any, ctx: SpecContext | None = None, *, root: str = "steerin
     if isinstance(raw, SteeringSpec):
         raw = raw.model_dump(exclude_none=True)
     if isinstance(raw, (str, bytes)):
-        try:
-            spec = SteeringSpec.model_validate_json(raw, context={"steering": ctx})
-        except ValidationError as e:
-            raise _spec_error(e, root) from None
-        return _expand_preset(spec, ctx, root)
-    if not isinstance(raw, Mapping):
+        validate = SteeringSpec.model_validate_json
+    elif isinstance(raw, Mapping):
+        validate = SteeringSpec.model_validate
+    else:
         raise SpecError([(root, f"must be an object, got {type(raw).__name__}")])
     try:
-        spec = SteeringSpec.model_validate(raw, context={"steering": ctx})
+        spec = validate(raw, context={"steering": ctx})
     except ValidationError as e:
         raise _spec_error(e, root) from None
     return _expand_preset(spec, ctx, root)

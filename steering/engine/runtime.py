@@ -84,7 +84,7 @@ class SteeringRuntime:
         positions: np.ndarray,
         prompt_lens: np.ndarray,
     ) -> None:
-        """Fill tok_slot/tok_coef for this step's tokens.
+        """Fill tok_slot/tok_const/tok_gain for this step's tokens.
 
         req_indices[t] is the batch row of token t, positions[t] its position, and
         prompt_lens[r] the prompt length of row r.
@@ -104,28 +104,24 @@ class SteeringRuntime:
                 row_slot[i] = self.bank.acquire(spec, self.step)
                 steered = True
 
-        num_tokens = len(req_indices)
         t = self.tables
-        if not steered:
-            # Every row reads slot 0 (zero directions, zero constant): gains are irrelevant.
-            if self._dirty:
-                t.np_slot[: self._dirty] = IDENTITY_SLOT
-                t.np_const[: self._dirty] = IDENTITY_SLOT
-                t.publish(self._dirty)
-                self._dirty = 0
-            return
-        slot = row_slot[req_indices]
-        rel = positions - prompt_lens[req_indices]
-        t.np_slot[:num_tokens] = slot
-        t.np_const[:num_tokens] = slot * NUM_CLASSES + (rel >= 0)
-        rel = rel[:, None]
-        gate = (rel >= self.bank.lo[slot]) & (rel < self.bank.hi[slot])
-        np.multiply(self.bank.gain[slot], gate, out=t.np_gain[:num_tokens])
-        if self._dirty > num_tokens:
-            t.np_slot[num_tokens : self._dirty] = IDENTITY_SLOT
-            t.np_const[num_tokens : self._dirty] = IDENTITY_SLOT
-        t.publish(max(num_tokens, self._dirty))
-        self._dirty = num_tokens
+        written = 0
+        if steered:
+            written = len(req_indices)
+            slot = row_slot[req_indices]
+            rel = positions - prompt_lens[req_indices]
+            t.np_slot[:written] = slot
+            t.np_const[:written] = slot * NUM_CLASSES + (rel >= 0)
+            rel = rel[:, None]
+            gate = (rel >= self.bank.lo[slot]) & (rel < self.bank.hi[slot])
+            np.multiply(self.bank.gain[slot], gate, out=t.np_gain[:written])
+        # Rows on slot 0 read zero directions and a zero constant; their gains are
+        # irrelevant, so only slot indices left over from an earlier step need resetting.
+        if self._dirty > written:
+            t.reset_tokens(written, self._dirty)
+        if max(written, self._dirty):
+            t.publish(max(written, self._dirty))
+        self._dirty = written
 
     @property
     def live_slots(self) -> int:

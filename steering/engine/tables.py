@@ -80,6 +80,11 @@ class SteeringTables:
             if dev is not host:
                 dev[:num_tokens].copy_(host[:num_tokens], non_blocking=True)
 
+    def reset_tokens(self, start: int, stop: int) -> None:
+        """Point tokens [start, stop) back at the identity slot (host side; then publish)."""
+        self.np_slot[start:stop] = IDENTITY_SLOT
+        self.np_const[start:stop] = IDENTITY_SLOT
+
     def write_slot(self, slot: int, spec: CompiledSpec) -> None:
         self.units[:, slot].zero_()
         rows = slice(slot * NUM_CLASSES, (slot + 1) * NUM_CLASSES)
