@@ -34,14 +34,24 @@ sys.path.insert(0, str(ROOT))
 
 from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
 
-SCENARIOS = ("plain", "unsteered", "same-spec-all-layers", "distinct-specs-all-layers")
+SCENARIOS = (
+    "plain",
+    "unsteered",
+    "same-spec-all-layers",
+    "distinct-specs-all-layers",
+    "distinct-head-masks",
+    "distinct-head-vectors",
+)
 
 
-def _specs(scenario: str, n: int, num_layers: int, hidden: int) -> list[dict | None]:
+def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
     """Per-request steering specs of a scenario (None = unsteered)."""
     if scenario in ("plain", "unsteered"):
         return [None] * n
     rng = np.random.default_rng(0)
+    num_layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    num_heads = cfg.num_attention_heads
+    width = num_heads * (getattr(cfg, "head_dim", None) or hidden // num_heads)
 
     def spec(seed: int) -> dict:
         vecs = np.random.default_rng(seed).standard_normal((num_layers, hidden)) * 0.05
@@ -51,6 +61,23 @@ def _specs(scenario: str, n: int, num_layers: int, hidden: int) -> list[dict | N
         return [spec(0)] * n
     if scenario == "distinct-specs-all-layers":
         return [spec(int(s)) for s in rng.integers(1, 1 << 30, size=n)]
+    if scenario == "distinct-head-masks":
+        # Every request masks its own pair of heads at every layer (PH3-style pruning).
+        def masks() -> list[dict]:
+            pairs = (
+                sorted(rng.choice(num_heads, 2, replace=False).tolist()) for _ in range(num_layers)
+            )
+            return [{"layer": i, "heads": pair} for i, pair in enumerate(pairs)]
+
+        return [{"heads": masks()} for _ in range(n)]
+    if scenario == "distinct-head-vectors":
+        # ITI-style: a distinct o_proj-input direction added at every layer, per request.
+        return [
+            {"vectors": [{"site": "heads", "scale": 0.05,
+                          "data": {str(i): rng.standard_normal(width).tolist()
+                                   for i in range(num_layers)}}]}
+            for _ in range(n)
+        ]  # fmt: skip
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
@@ -120,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                 detokenize=False,
                 extra_args={"steering": sp} if sp else None,
             )
-            for sp in _specs(s, args.requests, cfg.num_hidden_layers, cfg.hidden_size)
+            for sp in _specs(s, args.requests, cfg)
         ]
         for s in scenarios
     }

@@ -13,8 +13,16 @@ and the forward pass does just the projections plus one gathered add. Adds are t
 free in number and cost; only projections (ablate/clamp) take per-layer work.
 
 Positions: a token at position p of a prompt of length P has rel = p - P; its *class* is
-prompt (rel < 0) or generated (rel >= 0). b is folded once per class with the entries
+early prompt (rel < -1), last prompt (rel == -1) or generated (rel >= 0), which is enough
+to decide every position rule of the spec. b is folded once per class with the entries
 active for it; each projection also keeps its window [lo, hi) on rel.
+
+Head site (the input of o_proj, [T, H*D] seen as [T, H, D]): a head mask scales a head's
+slice, `add` adds a constant, `mix` is z <- (1-w) z + w v on the heads where v != 0. Each is
+a per-head map z_h <- a_h z_h + b_h with a scalar a_h, so any sequence of them is one map
+of that form: the engine does one multiply-add per token with the folded (a, b) of its
+slot and class. Inside a layer: masks first (in order), then head-site vectors (in order);
+all head ops act before o_proj, residual ops after the layer.
 """
 
 from __future__ import annotations
@@ -23,20 +31,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from steering.spec import SteeringSpec, unit
+from steering.spec import ModelShape, SteeringSpec, VectorEntry, unit
 
 PAYLOAD_KEY = "steerserve.compiled"
-PAYLOAD_VERSION = 2
+PAYLOAD_VERSION = 3
 
 NEVER = 1 << 62
 WINDOWS: dict[str, tuple[int, int]] = {
     "all": (-NEVER, NEVER),
     "prompt": (-NEVER, 0),
     "generated": (0, NEVER),
+    "last_prompt": (-1, 0),
+    "from_last_prompt": (-1, NEVER),
 }
-# Token classes for the folded constant: rel < 0 (prompt), rel >= 0 (generated).
-CLASSES: tuple[tuple[int, int], ...] = ((-NEVER, 0), (0, NEVER))
+# Token classes for the folded constants; token_class() computes a token's index.
+CLASSES: tuple[tuple[int, int], ...] = ((-NEVER, -1), (-1, 0), (0, NEVER))
 NUM_CLASSES = len(CLASSES)
+
+
+def token_class(rel: np.ndarray) -> np.ndarray:
+    """Class index of each token from rel = position - prompt_length (see CLASSES)."""
+    return (rel >= -1).astype(np.int64) + (rel >= 0)
 
 
 def _covers(window: tuple[int, int], cls: tuple[int, int]) -> bool:
@@ -55,23 +70,57 @@ class Projection:
 
 
 @dataclass
+class HeadOps:
+    """Folded head-site maps z_h <- scale_h z_h + const_h, per layer and token class."""
+
+    num_heads: int
+    head_dim: int
+    layers: np.ndarray  # [m] int64: layers where some class is not the identity
+    scale: np.ndarray  # [m, NUM_CLASSES, num_heads] float32
+    const: np.ndarray  # [m, NUM_CLASSES, num_heads * head_dim] float32
+
+    @classmethod
+    def identity(cls, num_heads: int, head_dim: int) -> HeadOps:
+        return cls(
+            num_heads,
+            head_dim,
+            np.zeros(0, dtype=np.int64),
+            np.ones((0, NUM_CLASSES, num_heads), dtype=np.float32),
+            np.zeros((0, NUM_CLASSES, num_heads * head_dim), dtype=np.float32),
+        )
+
+
+@dataclass
 class CompiledSpec:
     fingerprint: str
     hidden_size: int
     projections: list[Projection]
     const_layers: np.ndarray  # [m] int64: layers with a non-zero folded constant
     const: np.ndarray  # [m, NUM_CLASSES, hidden] float32
+    heads: HeadOps
 
     @property
     def is_identity(self) -> bool:
-        return not self.projections and not self.const_layers.size
+        return not self.projections and not self.const_layers.size and not self.heads.layers.size
+
+    @property
+    def uses_heads(self) -> bool:
+        return bool(self.heads.layers.size)
 
     def to_payload(self) -> dict:
         """Plain ints/floats/bytes: cheap for vLLM to serialise to its workers."""
+        heads = self.heads
         return {
             "v": PAYLOAD_VERSION,
             "fp": self.fingerprint,
             "hidden": self.hidden_size,
+            "heads": {
+                "n": heads.num_heads,
+                "dim": heads.head_dim,
+                "layers": heads.layers.tolist(),
+                "scale": heads.scale.astype(np.float32).tobytes(),
+                "const": heads.const.astype(np.float32).tobytes(),
+            },
             "proj": [
                 {
                     "lo": p.lo,
@@ -102,13 +151,38 @@ class CompiledSpec:
         ]  # fmt: skip
         const_layers = np.asarray(payload["const_layers"], dtype=np.int64)
         const = floats(payload["const"], len(const_layers), NUM_CLASSES, hidden)
-        return cls(payload["fp"], hidden, projections, const_layers, const)
+        h = payload["heads"]
+        m = len(h["layers"])
+        heads = HeadOps(
+            h["n"],
+            h["dim"],
+            np.asarray(h["layers"], dtype=np.int64),
+            floats(h["scale"], m, NUM_CLASSES, h["n"]),
+            floats(h["const"], m, NUM_CLASSES, h["n"] * h["dim"]),
+        )
+        return cls(payload["fp"], hidden, projections, const_layers, const, heads)
 
 
-def compile_spec(spec: SteeringSpec, hidden_size: int) -> CompiledSpec:
+def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
     """Lower a validated (resolved) spec; an empty spec compiles to the identity."""
+    residual = [e for e in spec.vectors if e.site == "residual"]
+    projections, const_layers, const = _compile_residual(residual, shape.hidden_size)
+    heads = _compile_heads(spec, shape)
+    return CompiledSpec(
+        spec.fingerprint(), shape.hidden_size, projections, const_layers, const, heads
+    )
+
+
+def _classes(windows: list[str]) -> tuple[tuple[int, int], ...]:
+    # When every entry applies at all positions the classes agree: fold once, then copy.
+    return CLASSES if any(w != "all" for w in windows) else CLASSES[:1]
+
+
+def _compile_residual(
+    entries: list[VectorEntry], hidden_size: int
+) -> tuple[list[Projection], np.ndarray, np.ndarray]:
     projections: list[Projection] = []
-    for entry in spec.vectors:
+    for entry in entries:
         if entry.op == "add":
             continue
         layers = np.array(sorted(entry.resolved), dtype=np.int64)
@@ -116,14 +190,13 @@ def compile_spec(spec: SteeringSpec, hidden_size: int) -> CompiledSpec:
         gain = float(entry.scale) if entry.op == "ablate" else 1.0
         projections.append(Projection(*WINDOWS[entry.positions], gain, layers, units))
 
-    # Fold constants per layer and class, in float64, through the later projections. When
-    # every entry applies at all positions the classes agree: fold once, copy.
-    classes = CLASSES if any(e.positions != "all" for e in spec.vectors) else CLASSES[:1]
+    # Fold constants per layer and class, in float64, through the later projections.
+    classes = _classes([e.positions for e in entries])
     consts: dict[int, np.ndarray] = {}
-    for layer in sorted({layer for e in spec.vectors for layer in e.resolved}):
+    for layer in sorted({layer for e in entries for layer in e.resolved}):
         b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
         for c, cls in enumerate(classes):
-            for entry in spec.vectors:
+            for entry in entries:
                 vec = entry.resolved.get(layer)
                 if vec is None or not _covers(WINDOWS[entry.positions], cls):
                     continue
@@ -145,4 +218,47 @@ def compile_spec(spec: SteeringSpec, hidden_size: int) -> CompiledSpec:
         if consts
         else np.zeros((0, NUM_CLASSES, hidden_size), dtype=np.float32)
     )
-    return CompiledSpec(spec.fingerprint(), hidden_size, projections, const_layers, const)
+    return projections, const_layers, const
+
+
+def _compile_heads(spec: SteeringSpec, shape: ModelShape) -> HeadOps:
+    n, d = shape.num_heads, shape.head_dim
+    entries = [e for e in spec.vectors if e.site == "heads"]
+    if not entries and not spec.heads:
+        return HeadOps.identity(n, d)
+    classes = _classes([e.positions for e in entries] + [m.positions for m in spec.heads])
+    layers = sorted({m.layer for m in spec.heads} | {i for e in entries for i in e.resolved})
+    kept: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for layer in layers:
+        a = np.ones((NUM_CLASSES, n), dtype=np.float64)
+        b = np.zeros((NUM_CLASSES, n, d), dtype=np.float64)
+        for c, cls in enumerate(classes):
+            for mask in spec.heads:
+                if mask.layer == layer and _covers(WINDOWS[mask.positions], cls):
+                    a[c, mask.heads] *= mask.scale
+                    b[c, mask.heads] *= mask.scale
+            for entry in entries:
+                vec = entry.resolved.get(layer)
+                if vec is None or not _covers(WINDOWS[entry.positions], cls):
+                    continue
+                v = (unit(vec) if entry.normalize else vec).astype(np.float64).reshape(n, d)
+                if entry.op == "add":
+                    b[c] += entry.scale * v
+                else:  # mix, on the heads where v is non-zero
+                    on = np.any(v != 0.0, axis=1)
+                    w = float(entry.weight)
+                    a[c, on] *= 1.0 - w
+                    b[c, on] = (1.0 - w) * b[c, on] + w * v[on]
+        a[len(classes) :] = a[0]
+        b[len(classes) :] = b[0]
+        if np.any(a != 1.0) or np.any(b):
+            kept.append((layer, a, b.reshape(NUM_CLASSES, n * d)))
+    if not kept:
+        return HeadOps.identity(n, d)
+    return HeadOps(
+        n,
+        d,
+        np.array([k[0] for k in kept], dtype=np.int64),
+        np.stack([k[1] for k in kept]).astype(np.float32),
+        np.stack([k[2] for k in kept]).astype(np.float32),
+    )

@@ -1,9 +1,13 @@
 """The oracle: a spec applied to the HF transformers model with forward hooks, in float32.
 
 Deliberately independent of the engine path (`compile.py`, `engine/`): it applies each
-vector entry as DESIGN.md states it, entry by entry, with no merging, slot tables or
+entry as DESIGN.md states it, one after the other, with no folding, slot tables or
 per-token buffers, and recomputes the whole sequence at every greedy step (no KV cache),
-so every row's prompt/generated status comes straight from its position.
+so every row's position class comes straight from its position.
+
+Residual entries act on each decoder layer's output (forward hook); head masks and
+site "heads" vectors on the input of each layer's `self_attn.o_proj` (forward pre-hook),
+masks first, then head vectors, in spec order.
 """
 
 from __future__ import annotations
@@ -37,15 +41,17 @@ class ReferenceModel:
 
     @staticmethod
     def _window(positions: str, rel: torch.Tensor) -> torch.Tensor:
-        if positions == "all":
-            return torch.ones_like(rel, dtype=torch.bool)
-        if positions == "prompt":
-            return rel < 0
-        return rel >= 0  # generated
+        return {
+            "all": torch.ones_like(rel, dtype=torch.bool),
+            "prompt": rel < 0,
+            "generated": rel >= 0,
+            "last_prompt": rel == -1,
+            "from_last_prompt": rel >= -1,
+        }[positions]
 
     def _apply(self, spec: SteeringSpec, layer: int, h: torch.Tensor, rel: torch.Tensor):
         for entry in spec.vectors:
-            if layer not in entry.resolved:
+            if entry.site != "residual" or layer not in entry.resolved:
                 continue
             v = torch.as_tensor(entry.resolved[layer], dtype=torch.float64)
             hd = h.to(torch.float64)
@@ -63,21 +69,58 @@ class ReferenceModel:
             h = (hd + mask * delta).to(h.dtype)
         return h
 
+    def _apply_heads(self, spec: SteeringSpec, layer: int, z: torch.Tensor, rel: torch.Tensor):
+        """z: o_proj input [..., T, H*D]; returns it with masks then head vectors applied."""
+        n, d = self.shape.num_heads, self.shape.head_dim
+        zd = z.to(torch.float64).unflatten(-1, (n, d))  # [..., T, H, D]
+        for mask in spec.heads:
+            if mask.layer != layer:
+                continue
+            active = self._window(mask.positions, rel)  # [T]
+            factor = torch.ones(rel.shape[0], n, dtype=torch.float64)
+            factor[active.nonzero(as_tuple=True)[0].unsqueeze(-1), torch.tensor(mask.heads)] = (
+                mask.scale
+            )
+            zd = zd * factor.unsqueeze(-1)
+        for entry in spec.vectors:
+            if entry.site != "heads" or layer not in entry.resolved:
+                continue
+            v = torch.as_tensor(entry.resolved[layer], dtype=torch.float64)
+            if entry.normalize:
+                v = v / v.norm()
+            v = v.view(n, d)
+            active = self._window(entry.positions, rel).view(-1, 1, 1)  # [T, 1, 1]
+            if entry.op == "add":
+                zd = torch.where(active, zd + entry.scale * v, zd)
+            else:  # mix, on heads whose slice of v is non-zero
+                on = (v != 0).any(dim=-1).view(1, n, 1)
+                mixed = (1.0 - entry.weight) * zd + entry.weight * v
+                zd = torch.where(active & on, mixed, zd)
+        return zd.flatten(-2).to(z.dtype)
+
     @contextmanager
     def steered(self, spec: SteeringSpec | None, prompt_len: int):
         """Hooks on each decoder layer's output for one unpadded sequence."""
         handles = []
-        if spec is not None and spec.vectors:
-            layers = self.model.model.layers
-            for i, module in enumerate(layers):
+        residual = spec is not None and any(e.site == "residual" for e in spec.vectors)
+        heads = spec is not None and (spec.heads or any(e.site == "heads" for e in spec.vectors))
+        for i, module in enumerate(self.model.model.layers):
 
-                def hook(mod, args, output, i=i):
-                    hidden = output[0] if isinstance(output, tuple) else output
-                    rel = torch.arange(hidden.shape[-2]) - prompt_len
-                    new = self._apply(spec, i, hidden, rel)
-                    return (new, *output[1:]) if isinstance(output, tuple) else new
+            def hook(mod, args, output, i=i):
+                hidden = output[0] if isinstance(output, tuple) else output
+                rel = torch.arange(hidden.shape[-2]) - prompt_len
+                new = self._apply(spec, i, hidden, rel)
+                return (new, *output[1:]) if isinstance(output, tuple) else new
 
+            def pre_hook(mod, args, i=i):
+                z = args[0]
+                rel = torch.arange(z.shape[-2]) - prompt_len
+                return (self._apply_heads(spec, i, z, rel), *args[1:])
+
+            if residual:
                 handles.append(module.register_forward_hook(hook))
+            if heads:
+                handles.append(module.self_attn.o_proj.register_forward_pre_hook(pre_hook))
         try:
             yield
         finally:

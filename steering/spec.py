@@ -26,8 +26,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-Op = Literal["add", "ablate", "clamp"]
-Positions = Literal["all", "prompt", "generated"]
+Op = Literal["add", "ablate", "clamp", "mix"]
+Site = Literal["residual", "heads"]
+# Which tokens an entry acts on, by rel = position - prompt_length (DESIGN.md):
+# prompt rel < 0, generated rel >= 0, last_prompt rel == -1 (the row that predicts the
+# first generated token), from_last_prompt rel >= -1 (the last row of every forward pass).
+Positions = Literal["all", "prompt", "generated", "last_prompt", "from_last_prompt"]
 
 
 @dataclass(frozen=True)
@@ -37,23 +41,36 @@ class ModelShape:
     architecture: str
     num_layers: int
     hidden_size: int
+    num_heads: int  # query heads (head masks and head-site vectors index these)
+    num_kv_heads: int
+    head_dim: int
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
         text = getattr(config, "get_text_config", lambda: config)()
         archs = getattr(config, "architectures", None) or [type(config).__name__]
+        heads = int(text.num_attention_heads)
         return cls(
             architecture=archs[0],
             num_layers=int(text.num_hidden_layers),
             hidden_size=int(text.hidden_size),
+            num_heads=heads,
+            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
         )
+
+    def width(self, site: str) -> int:
+        """Length of a vector at `site`: the residual stream, or o_proj's input (H*D)."""
+        return self.hidden_size if site == "residual" else self.num_heads * self.head_dim
 
 
 class VectorSource(Protocol):
     """Where named vectors come from (a `VectorRegistry`, or any mapping-like lookup)."""
 
-    def lookup(self, name: str, shape: ModelShape) -> Mapping[int, np.ndarray]:
-        """Per-layer float32 data of `name`; raises KeyError/ValueError with a readable reason."""
+    def lookup(
+        self, name: str, shape: ModelShape, site: str = "residual"
+    ) -> Mapping[int, np.ndarray]:
+        """Per-layer float32 data of `name` at `site`; KeyError/ValueError with the reason."""
         ...
 
 
@@ -65,6 +82,7 @@ class SpecContext:
     vectors: VectorSource | None = None
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     max_vectors: int = 16
+    max_head_masks: int = 256
     max_inline_floats: int = 1 << 22
 
 
@@ -94,17 +112,46 @@ def _check_layer(layer: int, ctx: SpecContext) -> None:
         )
 
 
+def _check_heads(heads: list[int], ctx: SpecContext | None) -> list[int]:
+    if not heads:
+        raise _fail("empty_heads", "must name at least one head")
+    if len(set(heads)) != len(heads):
+        raise _fail("duplicate_heads", "lists a head more than once")
+    if ctx is not None:
+        s = ctx.shape
+        for head in heads:
+            if not 0 <= head < s.num_heads:
+                raise _fail(
+                    "head_range",
+                    "head {head} is out of range: the model has {n} query heads (0..{last})"
+                    + (", grouped over {kv} KV heads" if s.num_kv_heads != s.num_heads else ""),
+                    head=head,
+                    n=s.num_heads,
+                    last=s.num_heads - 1,
+                    kv=s.num_kv_heads,
+                )
+    return sorted(heads)
+
+
+def _site_of(info: ValidationInfo) -> str:
+    return info.data.get("site", "residual")
+
+
 class VectorEntry(BaseModel):
-    """One residual-stream intervention (DESIGN.md, "The intervention spec")."""
+    """One vector intervention at the residual stream or the heads' o_proj input."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    # `site` comes first: the fields after it are validated against its width.
+    site: Site = "residual"
     name: str | None = None
     data: dict[int, list[float]] | None = None
     layers: list[int] | None = None
+    heads: list[int] | None = None
     op: Op = "add"
     scale: float = 1.0
     value: float | None = None
+    weight: float | None = None
     normalize: bool = False
     positions: Positions = "all"
 
@@ -120,7 +167,7 @@ class VectorEntry(BaseModel):
         if ctx.vectors is None:
             raise _fail("unknown_vector", "no vector registry is configured; send 'data' inline")
         try:
-            ctx.vectors.lookup(name, ctx.shape)
+            ctx.vectors.lookup(name, ctx.shape, _site_of(info))
         except (KeyError, ValueError) as e:
             raise _fail("unknown_vector", "{reason}", reason=e.args[0] if e.args else str(e)) from e
         return name
@@ -143,15 +190,24 @@ class VectorEntry(BaseModel):
                 n=floats,
                 lim=ctx.max_inline_floats,
             )
+        site = _site_of(info)
+        width = ctx.shape.width(site)
         for layer, vec in data.items():
             _check_layer(layer, ctx)
-            if len(vec) != ctx.shape.hidden_size:
+            if len(vec) != width:
+                s = ctx.shape
+                what = (
+                    f"the model's hidden size is {width}"
+                    if site == "residual"
+                    else f"site 'heads' needs num_heads * head_dim = {s.num_heads} * "
+                    f"{s.head_dim} = {width}"
+                )
                 raise _fail(
-                    "hidden_size",
-                    "layer {layer} has {got} values, the model's hidden size is {h}",
+                    "width",
+                    "layer {layer} has {got} values, {what}",
                     layer=layer,
                     got=len(vec),
-                    h=ctx.shape.hidden_size,
+                    what=what,
                 )
         return data
 
@@ -170,6 +226,11 @@ class VectorEntry(BaseModel):
                 _check_layer(layer, ctx)
         return sorted(layers)
 
+    @field_validator("heads")
+    @classmethod
+    def _head_list(cls, heads: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        return None if heads is None else _check_heads(heads, _context(info))
+
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> VectorEntry:
         if (self.name is None) == (self.data is None):
@@ -185,6 +246,22 @@ class VectorEntry(BaseModel):
                 "normalize_unused",
                 "'normalize' applies to op 'add' only (ablate and clamp use the unit vector)",
             )
+        if self.site == "heads" and self.op in ("ablate", "clamp"):
+            raise _fail(
+                "op_site",
+                "op '{op}' acts on the residual stream; at site 'heads' use 'add' or 'mix' "
+                "(or a head mask in 'heads')",
+                op=self.op,
+            )
+        if self.op == "mix":
+            if self.site != "heads":
+                raise _fail("op_site", "op 'mix' is only available at site 'heads'")
+            if self.weight is None or not 0.0 <= self.weight <= 1.0:
+                raise _fail("mix_weight", "op 'mix' needs 'weight' between 0 and 1")
+        elif self.weight is not None:
+            raise _fail("weight_unused", "'weight' is only used by op 'mix'")
+        if self.heads is not None and self.site != "heads":
+            raise _fail("heads_unused", "'heads' restricts a vector at site 'heads' only")
         ctx = _context(info)
         if ctx is not None:
             self._resolve(ctx)
@@ -193,7 +270,8 @@ class VectorEntry(BaseModel):
     def _resolve(self, ctx: SpecContext) -> None:
         if self.name is not None:
             assert ctx.vectors is not None
-            source = {int(k): v for k, v in ctx.vectors.lookup(self.name, ctx.shape).items()}
+            found = ctx.vectors.lookup(self.name, ctx.shape, self.site)
+            source = {int(k): v for k, v in found.items()}
             origin = f"vector {self.name!r}"
         else:
             assert self.data is not None
@@ -211,7 +289,7 @@ class VectorEntry(BaseModel):
             )
         resolved = {}
         for layer in layers:
-            vec = np.ascontiguousarray(source[layer], dtype=np.float32)
+            vec = np.array(source[layer], dtype=np.float32)
             # Inline floats were checked by pydantic; float32 can still overflow to inf.
             if not np.isfinite(vec).all():
                 raise _fail(
@@ -220,12 +298,21 @@ class VectorEntry(BaseModel):
                     origin=origin,
                     layer=layer,
                 )
+            if self.heads is not None:
+                # Restricting to listed heads = zeroing the others' slices; a zero slice is
+                # left alone by every op (add adds 0, mix mixes only non-zero heads).
+                per_head = vec.reshape(ctx.shape.num_heads, ctx.shape.head_dim)
+                keep = np.zeros(ctx.shape.num_heads, dtype=bool)
+                keep[self.heads] = True
+                per_head[~keep] = 0.0
             needs_unit = self.op != "add" or self.normalize
             if needs_unit and not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
+                where = " on the listed heads" if self.heads is not None else ""
                 raise _fail(
                     "zero_vector",
-                    "{origin} is zero at layer {layer}, it has no direction",
+                    "{origin} is zero{where} at layer {layer}, it has no direction",
                     origin=origin,
+                    where=where,
                     layer=layer,
                 )
             resolved[layer] = vec
@@ -233,26 +320,63 @@ class VectorEntry(BaseModel):
 
     @property
     def resolved(self) -> dict[int, np.ndarray]:
-        """Per-layer float32 vectors, available once validated with a `SpecContext`."""
+        """Per-layer float32 vectors (restricted to `heads` if given), once validated."""
         return self._resolved
 
 
+class HeadMask(BaseModel):
+    """Scale the attention output of query heads at one layer (the o_proj input slices)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    layer: int
+    heads: list[int]
+    scale: float = 0.0
+    positions: Positions = "all"
+
+    @field_validator("layer")
+    @classmethod
+    def _layer_range(cls, layer: int, info: ValidationInfo) -> int:
+        ctx = _context(info)
+        if ctx is not None:
+            _check_layer(layer, ctx)
+        return layer
+
+    @field_validator("heads")
+    @classmethod
+    def _head_list(cls, heads: list[int], info: ValidationInfo) -> list[int]:
+        return _check_heads(heads, _context(info))
+
+
 class SteeringSpec(BaseModel):
-    """A request's intervention spec. `heads` and `decoding` are reserved for later issues."""
+    """A request's intervention spec. `decoding` is reserved for a later issue."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: str | None = None
     vectors: list[VectorEntry] = []
-    heads: Any = None
+    heads: list[HeadMask] = []
     decoding: Any = None
 
-    @field_validator("heads", "decoding")
+    @field_validator("decoding")
     @classmethod
     def _reserved(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None:
             raise _fail("not_supported", "'{field}' is not supported yet", field=info.field_name)
         return value
+
+    @field_validator("heads")
+    @classmethod
+    def _not_too_many_masks(cls, heads: list[HeadMask], info: ValidationInfo) -> list[HeadMask]:
+        ctx = _context(info)
+        if ctx is not None and len(heads) > ctx.max_head_masks:
+            raise _fail(
+                "too_many",
+                "at most {n} head masks per request (got {got})",
+                n=ctx.max_head_masks,
+                got=len(heads),
+            )
+        return heads
 
     @field_validator("vectors")
     @classmethod
@@ -274,15 +398,14 @@ class SteeringSpec(BaseModel):
         blocks and an engine slot. Vector *content* is hashed, so replacing a registered
         vector under the same name yields a new fingerprint.
         """
-        h = hashlib.sha256(b"steerserve-spec-v1")
+        h = hashlib.sha256(b"steerserve-spec-v2")
         for e in self.vectors:
-            h.update(
-                repr(
-                    (e.op, e.scale, e.value, e.normalize, e.positions, sorted(e.resolved))
-                ).encode()
-            )
+            fields = (e.site, e.op, e.scale, e.value, e.weight, e.normalize, e.positions)
+            h.update(repr((*fields, sorted(e.resolved))).encode())
             for layer in sorted(e.resolved):
                 h.update(e.resolved[layer].tobytes())
+        for m in self.heads:
+            h.update(repr(("mask", m.layer, m.heads, m.scale, m.positions)).encode())
         return h.hexdigest()[:32]
 
 
@@ -334,18 +457,20 @@ def _expand_preset(spec: SteeringSpec, ctx: SpecContext | None, root: str) -> St
         {k: v for k, v in preset.items() if k != "preset"}, ctx, root=f"preset {spec.preset!r}"
     )
     merged = SteeringSpec.model_construct(
-        preset=spec.preset, vectors=[*base.vectors, *spec.vectors], heads=None, decoding=None
+        preset=spec.preset,
+        vectors=[*base.vectors, *spec.vectors],
+        heads=[*base.heads, *spec.heads],
+        decoding=None,
     )
-    if len(merged.vectors) > ctx.max_vectors:
-        raise SpecError(
-            [
-                (
-                    f"{root}.vectors",
-                    f"preset plus request hold {len(merged.vectors)} vector "
-                    f"entries, more than the limit of {ctx.max_vectors}",
-                )
-            ]
-        )
+    for name, have, limit in (
+        ("vectors", len(merged.vectors), ctx.max_vectors),
+        ("heads", len(merged.heads), ctx.max_head_masks),
+    ):
+        if have > limit:
+            raise SpecError([(
+                f"{root}.{name}",
+                f"preset plus request hold {have} {name} entries, more than the limit of {limit}",
+            )])  # fmt: skip
     return merged
 
 

@@ -40,8 +40,11 @@ class TinySpec:
     arch: str = "llama"
     hidden_size: int = 128
     num_layers: int = 4
-    num_heads: int = 2
-    num_kv_heads: int = 1
+    # GQA with o_proj input wider than the residual (4 x 64 = 256 > 128): head-site
+    # code that confuses the two widths fails on these models.
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
     intermediate_size: int = 256
     vocab_size: int = 512
     max_position_embeddings: int = 1024
@@ -60,11 +63,19 @@ BENCH_SPEC = TinySpec(
     num_layers=12,
     num_heads=12,
     num_kv_heads=12,
+    head_dim=64,
     intermediate_size=2048,
     model_vocab_size=32000,
     max_position_embeddings=2048,
     initializer_range=0.02,
 )
+
+
+def tiny_spec(arch: str) -> TinySpec:
+    """The test model of `arch`: Qwen2 keeps o_proj input as wide as the residual."""
+    if arch == "qwen2":
+        return TinySpec(arch=arch, num_heads=2, num_kv_heads=1)
+    return TinySpec(arch=arch)
 
 
 def _corpus(seed: int, n: int = 4000) -> list[str]:
@@ -119,12 +130,15 @@ def _config(spec: TinySpec, tokenizer):
         dtype="float32",
     )
     if spec.arch == "llama":
-        return LlamaConfig(head_dim=spec.hidden_size // spec.num_heads, **common)
+        return LlamaConfig(head_dim=spec.head_dim, **common)
     if spec.arch == "qwen2":
+        if spec.num_heads * spec.head_dim != spec.hidden_size:
+            # vLLM's Qwen2 derives head_dim from hidden_size and ignores the config's.
+            raise ValueError("qwen2 needs num_heads * head_dim == hidden_size")
         # Tied embeddings and qkv bias: the Qwen2 features the other two lack.
         return Qwen2Config(tie_word_embeddings=True, **common)
     if spec.arch == "qwen3":
-        return Qwen3Config(head_dim=spec.hidden_size // spec.num_heads, **common)
+        return Qwen3Config(head_dim=spec.head_dim, **common)
     raise ValueError(f"unknown tiny architecture {spec.arch!r}; expected one of {ARCHITECTURES}")
 
 

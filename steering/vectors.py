@@ -4,6 +4,11 @@ Our file: safetensors with one 1-D float32 tensor per layer named `layer.<i>` (i
 whose *output* the vector applies to, the convention of DESIGN.md) and string metadata
 (format, architecture, hidden_size, num_layers, method, description, site).
 
+`site` says where a vector applies: "residual" (the residual stream after layer i; each
+tensor has hidden_size floats) or "heads" (the attention output of layer i, the input of
+o_proj; each tensor has num_heads * head_dim floats, and `hidden_size` is that width, with
+`num_heads`/`head_dim` in the metadata so that a model with another head split is refused).
+
 GGUF control vectors (llama.cpp `--control-vector`, repeng `export_gguf`) use arch
 `controlvector`, tensors `direction.<i>` with the same layer convention, and the keys
 `controlvector.model_hint` / `controlvector.layer_count`. llama.cpp rejects `direction.0`.
@@ -29,6 +34,7 @@ FORMAT = "steerserve.vector.v1"
 _LAYER_KEY = re.compile(r"^layer\.(\d+)$")
 _GGUF_KEY = re.compile(r"^direction\.(\d+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+SITES = ("residual", "heads")
 
 
 class VectorFileError(ValueError):
@@ -40,12 +46,14 @@ class SteeringVector:
     """Per-layer directions plus what they were made for."""
 
     directions: dict[int, np.ndarray]
-    hidden_size: int
+    hidden_size: int  # the length of each layer's vector (o_proj input width at site heads)
     architecture: str | None = None
     num_layers: int | None = None
     method: str | None = None
     description: str | None = None
     site: str = "residual"
+    num_heads: int | None = None  # site "heads" only
+    head_dim: int | None = None  # site "heads" only
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,6 +67,18 @@ class SteeringVector:
         return sorted(self.directions)
 
     def check(self) -> None:
+        if self.site not in SITES:
+            raise VectorFileError(f"site {self.site!r} is not one of {SITES}")
+        if self.site == "heads":
+            if self.num_heads is None or self.head_dim is None:
+                raise VectorFileError("a site 'heads' vector needs num_heads and head_dim")
+            if self.num_heads * self.head_dim != self.hidden_size:
+                raise VectorFileError(
+                    f"num_heads * head_dim = {self.num_heads} * {self.head_dim} is not its "
+                    f"length {self.hidden_size}"
+                )
+        elif self.num_heads is not None or self.head_dim is not None:
+            raise VectorFileError("num_heads/head_dim belong to site 'heads' vectors only")
         if not self.directions:
             raise VectorFileError("holds no layers")
         for layer, vec in self.directions.items():
@@ -77,16 +97,23 @@ class SteeringVector:
 
     def metadata(self) -> dict[str, str]:
         meta = {"format": FORMAT, "hidden_size": str(self.hidden_size), "site": self.site}
-        for key in ("architecture", "num_layers", "method", "description"):
+        for key in ("architecture", "num_layers", "method", "description", "num_heads", "head_dim"):
             value = getattr(self, key)
             if value is not None:
                 meta[key] = str(value)
         meta.update(self.extra)
         return meta
 
-    def fits(self, shape: ModelShape) -> str | None:
-        """Why this vector cannot steer a model of `shape`, or None if it can."""
-        if self.hidden_size != shape.hidden_size:
+    def fits(self, shape: ModelShape, site: str = "residual") -> str | None:
+        """Why this vector cannot be used at `site` of a model of `shape`, or None."""
+        if self.site != site:
+            return f"is a site {self.site!r} vector, the entry asks for site {site!r}"
+        if site == "heads" and (self.num_heads, self.head_dim) != (shape.num_heads, shape.head_dim):
+            return (
+                f"was made for {self.num_heads} heads x {self.head_dim} dims, the model has "
+                f"{shape.num_heads} x {shape.head_dim}"
+            )
+        if self.hidden_size != shape.hidden_size and site == "residual":
             return f"was made for hidden size {self.hidden_size}, the model has {shape.hidden_size}"
         too_deep = [layer for layer in self.layers if layer >= shape.num_layers]
         if too_deep:
@@ -136,15 +163,22 @@ def load_vector(path: str | Path) -> SteeringVector:
             raise VectorFileError(f"{path.name}: unexpected tensor {key!r} (want 'layer.<i>')")
         directions[int(m.group(1))] = arr
     known = {"format", "hidden_size", "architecture", "num_layers", "method", "description", "site"}
+    known |= {"num_heads", "head_dim"}
+
+    def opt_int(key: str) -> int | None:
+        return int(meta[key]) if key in meta else None
+
     try:
         return SteeringVector(
             directions=directions,
             hidden_size=int(meta["hidden_size"]),
             architecture=meta.get("architecture"),
-            num_layers=int(meta["num_layers"]) if "num_layers" in meta else None,
+            num_layers=opt_int("num_layers"),
             method=meta.get("method"),
             description=meta.get("description"),
             site=meta.get("site", "residual"),
+            num_heads=opt_int("num_heads"),
+            head_dim=opt_int("head_dim"),
             extra={k: v for k, v in meta.items() if k not in known},
         )
     except (KeyError, ValueError) as e:
@@ -155,6 +189,11 @@ def export_gguf(vector: SteeringVector, path: str | Path, model_hint: str | None
     """Write a llama.cpp/repeng control vector (arch `controlvector`, tensors `direction.<i>`)."""
     import gguf
 
+    if vector.site != "residual":
+        raise VectorFileError(
+            f"a site {vector.site!r} vector cannot be exported: GGUF control vectors "
+            "(llama.cpp, repeng) act on the residual stream"
+        )
     if 0 in vector.directions:
         raise VectorFileError(
             "layer 0 cannot be exported: llama.cpp rejects 'direction.0' control vectors"
@@ -278,7 +317,9 @@ class VectorRegistry:
     def get(self, name: str) -> SteeringVector:
         return self.vectors[name]
 
-    def lookup(self, name: str, shape: ModelShape) -> Mapping[int, np.ndarray]:
+    def lookup(
+        self, name: str, shape: ModelShape, site: str = "residual"
+    ) -> Mapping[int, np.ndarray]:
         vector = self.vectors.get(name)
         if vector is None:
             for file, reason in self.errors.items():
@@ -286,7 +327,7 @@ class VectorRegistry:
                     raise KeyError(f"vector {name!r} failed to load ({file}: {reason})")
             known = ", ".join(self.names()[:20]) or "none are registered"
             raise KeyError(f"unknown vector {name!r} (registered: {known})")
-        reason = vector.fits(shape)
+        reason = vector.fits(shape, site)
         if reason is not None:
             raise ValueError(f"vector {name!r} {reason}")
         return vector.directions

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from steering.tiny_models import ARCHITECTURES, TinySpec, build_tiny_model  # noqa: E402
+from steering.tiny_models import ARCHITECTURES, TinySpec, build_tiny_model, tiny_spec  # noqa: E402
 
 HIDDEN = TinySpec().hidden_size
 NUM_LAYERS = TinySpec().num_layers
@@ -52,7 +52,7 @@ def prompt_ids(seed: int, length: int) -> list[int]:
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {a: build_tiny_model(root / a, TinySpec(arch=a)) for a in ARCHITECTURES}
+    return {a: build_tiny_model(root / a, tiny_spec(a)) for a in ARCHITECTURES}
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +73,19 @@ def vectors_dir(tmp_path_factory) -> Path:
         d / "happy.safetensors",
     )
     write_llamacpp_gguf(d / "happy_gguf.gguf", {1: random_vector(1), 2: random_vector(2)})
+    # A head-site vector for the Llama test model (o_proj input: 4 heads x 64).
+    rng = np.random.default_rng(5)
+    save_vector(
+        SteeringVector(
+            directions={i: rng.standard_normal(256).astype(np.float32) for i in (1, 3)},
+            hidden_size=256,
+            site="heads",
+            num_heads=4,
+            head_dim=64,
+            method="random",
+        ),
+        d / "iti_heads.safetensors",
+    )
     (d / "broken.safetensors").write_bytes(b"this is not a safetensors file")
     return d
 
@@ -106,6 +119,7 @@ class Engines:
     VARIANTS = {
         "eager": dict(enforce_eager=True),
         "disabled": dict(enforce_eager=True, additional_config={"steerserve": {"enabled": False}}),
+        "noheads": dict(enforce_eager=True, additional_config={"steerserve": {"heads": False}}),
         "compiled": dict(enforce_eager=False),
         # vLLM keeps only the newest engine's metrics in the Prometheus registry, so a test
         # that reads counters gets an engine of its own, started right before it reads.

@@ -40,9 +40,29 @@ GOOD = {"vectors": [{"name": "happy", "scale": 1.0}]}
             "failed to load (broken.safetensors",
         ),
         (
-            {"heads": [{"layer": 0, "heads": [0], "scale": 0.0}]},
-            "steering.heads",
-            "not supported yet",
+            {"heads": [{"layer": 4, "heads": [0], "scale": 0.0}]},
+            "steering.heads[0].layer",
+            "layer 4 is out of range for this model (0..3)",
+        ),
+        (
+            {"heads": [{"layer": 0, "heads": [1, 4]}]},
+            "steering.heads[0].heads",
+            "head 4 is out of range: the model has 4 query heads (0..3), grouped over 2 KV heads",
+        ),
+        (
+            {"heads": [{"layer": 0, "heads": [1], "scale": math.inf}]},
+            "steering.heads[0].scale",
+            "finite",
+        ),
+        (
+            {"vectors": [{"site": "heads", "data": {"1": [0.1] * HIDDEN}}]},
+            "steering.vectors[0].data",
+            f"{HIDDEN} values, site 'heads' needs num_heads * head_dim = 4 * 64 = 256",
+        ),
+        (
+            {"vectors": [{"site": "heads", "name": "happy"}]},
+            "steering.vectors[0].name",
+            "is a site 'residual' vector",
         ),
         (
             {
@@ -88,6 +108,44 @@ def test_named_safetensors_gguf_and_inline_steer_identically(engines, vectors_di
     assert plain.logprobs != runs[0].logprobs
 
 
+def test_named_head_vector_from_registry(engines, vectors_dir):
+    from steering.vectors import load_vector
+
+    llm = engines.get("llama")
+    iti = load_vector(vectors_dir / "iti_heads.safetensors")
+    assert (iti.site, iti.num_heads, iti.head_dim) == ("heads", 4, 64)
+    inline = {str(k): v.tolist() for k, v in iti.directions.items()}
+    common = {"site": "heads", "op": "mix", "weight": 0.5, "heads": [0, 2]}
+    named, by_data = generate(
+        llm,
+        [PROMPT] * 2,
+        [
+            sampling({"vectors": [{"name": "iti_heads", **common}]}),
+            sampling({"vectors": [{"data": inline, **common}]}),
+        ],
+    )
+    assert named.logprobs == by_data.logprobs
+    assert named.logprobs != generate_one(llm, PROMPT, sampling(None)).logprobs
+
+
+def test_engine_without_head_ops_refuses_head_specs(engines):
+    from vllm.exceptions import VLLMValidationError
+
+    llm, full = engines.get("llama", "noheads"), engines.get("llama")
+    assert llm.collective_rpc(lambda w: runtime_of(w.model_runner).tables.head_scale) == [None]
+    raw = {
+        "heads": [{"layer": 1, "heads": [0]}],
+        "vectors": [{"site": "heads", "name": "iti_heads"}],
+    }
+    with pytest.raises(VLLMValidationError) as info:
+        generate_one(llm, PROMPT, sampling(raw))
+    assert info.value.parameter == "steering.heads"
+    assert "steering.vectors[0].site: head interventions are off" in str(info.value)
+    # Residual steering is unaffected, and matches the engine that has head tables.
+    a, b = generate_one(llm, PROMPT, sampling(GOOD)), generate_one(full, PROMPT, sampling(GOOD))
+    assert a.logprobs == b.logprobs
+
+
 def _live_slots(worker) -> int:
     return runtime_of(worker.model_runner).live_slots
 
@@ -129,12 +187,18 @@ def test_slots_shared_by_fingerprint_and_freed(engines):
 def test_compiled_path_matches_reference_and_eager(engines):
     llm, eager, ref = engines.get("llama", "compiled"), engines.get("llama"), engines.reference()
     v = random_vector(70).tolist()
+    w = (np.random.default_rng(74).standard_normal(256) * 0.5).tolist()
     specs = [
         {"vectors": [{"data": {"1": v}, "scale": 1.0}, {"data": {"2": v}, "op": "ablate"}]},
         {"vectors": [{"data": {"0": v}, "op": "clamp", "value": 3.0, "positions": "generated"}]},
         None,
-    ]
-    prompts = [prompt_ids(71, 10), prompt_ids(72, 80), prompt_ids(73, 6)]
+        {"heads": [{"layer": 1, "heads": [0, 3]}, {"layer": 2, "heads": [1], "scale": 2.0}]},
+        {"vectors": [{"site": "heads", "op": "mix", "weight": 0.5, "data": {"2": w},
+                      "positions": "from_last_prompt"},
+                     {"site": "heads", "data": {"3": w}, "heads": [2]}]},
+    ]  # fmt: skip
+    prompts = [prompt_ids(71, 10), prompt_ids(72, 80), prompt_ids(73, 6), prompt_ids(75, 20),
+               prompt_ids(76, 40)]  # fmt: skip
     runs = generate(llm, prompts, [sampling(s, max_tokens=8) for s in specs])
     eager_runs = generate(eager, prompts, [sampling(s, max_tokens=8) for s in specs])
     for prompt, raw, run, er in zip(prompts, specs, runs, eager_runs, strict=True):
@@ -150,3 +214,24 @@ def test_v2_model_runner_refused(engines, monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(VLLMValidationError, match="V1 model runner"):
         generate_one(engines.get("llama"), PROMPT, sampling(GOOD))
+
+
+def _compile_hash_with_and_without_marker(worker) -> tuple[str, str]:
+    from steering.engine.hooks import COMPILE_CACHE_KEY
+
+    config = worker.model_runner.vllm_config
+    marked = config.compute_hash()
+    marker = config.additional_config.pop(COMPILE_CACHE_KEY)
+    try:
+        return marked, config.compute_hash()
+    finally:
+        config.additional_config[COMPILE_CACHE_KEY] = marker
+
+
+def test_compile_cache_key_differs_from_plain_vllm(engines):
+    # vLLM's AOT compile cache is keyed by this hash; a plain engine started with the same
+    # flags must not hand its graph (without steering ops) to a steered one, or back.
+    [(marked, plain)] = engines.get("llama", "compiled").collective_rpc(
+        _compile_hash_with_and_without_marker
+    )
+    assert marked != plain

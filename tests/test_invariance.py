@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 from conftest import generate, generate_one, prompt_ids, random_vector, sampling
 
 V = [random_vector(20 + i).tolist() for i in range(4)]
+# o_proj input vectors of the Llama test model (4 query heads x 64).
+W = [(np.random.default_rng(40 + i).standard_normal(256) * 0.5).tolist() for i in range(2)]
 
 SPECS = [
     None,
@@ -17,15 +20,26 @@ SPECS = [
     {"vectors": [{"data": {"1": V[0]}}, {"data": {"2": V[1]}, "op": "ablate"}]},
     None,
     {"vectors": [{"name": "happy", "layers": [2], "normalize": True, "scale": 5.0}]},
-]
+    # Every request below masks or edits different heads.
+    {"heads": [{"layer": 1, "heads": [0, 3]}]},
+    {"heads": [{"layer": 1, "heads": [1]}, {"layer": 2, "heads": [2], "scale": 2.0}]},
+    {"heads": [{"layer": 3, "heads": [0, 1, 2], "scale": 0.5, "positions": "generated"}]},
+    None,
+    {"vectors": [{"site": "heads", "data": {"1": W[0]}, "heads": [2],
+                  "positions": "from_last_prompt", "scale": 3.0}]},
+    {"vectors": [{"site": "heads", "op": "mix", "weight": 0.7, "data": {"2": W[1]},
+                  "positions": "last_prompt"}],
+     "heads": [{"layer": 0, "heads": [3]}]},
+]  # fmt: skip
 # Mixed lengths: the long ones are chunked (max_num_batched_tokens=64) and share steps
 # with other requests' decode tokens.
-PROMPTS = [prompt_ids(100 + i, n) for i, n in enumerate([9, 30, 70, 12, 5, 90, 16, 40, 8, 25])]
+LENGTHS = [9, 30, 70, 12, 5, 90, 16, 40, 8, 25, 33, 7, 50, 11, 64, 20]
+PROMPTS = [prompt_ids(100 + i, n) for i, n in enumerate(LENGTHS)]
 
 
 def test_mixed_batch_equals_solo(engines):
     llm = engines.get("llama")
-    assert len({repr(s) for s in SPECS if s}) >= 6
+    assert len({repr(s) for s in SPECS if s}) >= 12
     batch = generate(llm, PROMPTS, [sampling(s, max_tokens=10) for s in SPECS])
     for i, (prompt, spec) in enumerate(zip(PROMPTS, SPECS, strict=True)):
         alone = generate_one(llm, prompt, sampling(spec, max_tokens=10))
@@ -48,8 +62,8 @@ def test_unsteered_bit_identical_to_disabled_extension(engines):
 
 def test_unsteered_rows_bit_identical_beside_steered_ones(engines):
     steered, plain = engines.get("llama"), engines.get("llama", "disabled")
-    prompts = PROMPTS[:6]
-    specs = [None, SPECS[1], None, SPECS[4], None, SPECS[5]]
+    prompts = PROMPTS[:8]
+    specs = [None, SPECS[1], None, SPECS[4], None, SPECS[10], SPECS[15], None]
     a = generate(steered, prompts, [sampling(s, max_tokens=12) for s in specs])
     b = generate(plain, prompts, sampling(None, max_tokens=12))
     for i, spec in enumerate(specs):

@@ -17,7 +17,9 @@ from steering.vectors import (
     save_vector,
 )
 
-SHAPE = ModelShape("LlamaForCausalLM", num_layers=4, hidden_size=16)
+SHAPE = ModelShape(
+    "LlamaForCausalLM", num_layers=4, hidden_size=16, num_heads=2, num_kv_heads=2, head_dim=8
+)
 
 
 def _vec(**kw) -> SteeringVector:
@@ -76,9 +78,37 @@ def test_gguf_export_refuses_layer_zero(tmp_path):
     assert not (tmp_path / "zero.gguf").exists()
 
 
+def test_head_site_vectors_round_trip_and_registry(tmp_path):
+    heads = _vec(site="heads", num_heads=2, head_dim=8)
+    back = load_vector(save_vector(heads, tmp_path / "iti.safetensors"))
+    assert (back.site, back.num_heads, back.head_dim, back.hidden_size) == ("heads", 2, 8, 16)
+    np.testing.assert_array_equal(back.directions[3], heads.directions[3])
+    with pytest.raises(VectorFileError, match="act on the residual stream"):
+        export_gguf(heads, tmp_path / "iti.gguf")
+    save_vector(_vec(), tmp_path / "resid.safetensors")
+    save_vector(_vec(site="heads", num_heads=4, head_dim=4), tmp_path / "split4.safetensors")
+    reg = VectorRegistry(tmp_path)
+    assert reg.lookup("iti", SHAPE, "heads")[1].shape == (16,)
+    with pytest.raises(ValueError, match="is a site 'heads' vector, the entry asks for site 're"):
+        reg.lookup("iti", SHAPE)
+    with pytest.raises(ValueError, match="is a site 'residual' vector"):
+        reg.lookup("resid", SHAPE, "heads")
+    # Same width, other head split: refused rather than silently re-sliced.
+    with pytest.raises(ValueError, match="made for 4 heads x 4 dims, the model has 2 x 8"):
+        reg.lookup("split4", SHAPE, "heads")
+
+
 @pytest.mark.parametrize(
     "dirs, kw, reason",
     [
+        ({1: np.ones(16)}, {"site": "heads"}, "needs num_heads and head_dim"),
+        (
+            {1: np.ones(16)},
+            {"site": "heads", "num_heads": 3, "head_dim": 8},
+            "is not its length 16",
+        ),
+        ({1: np.ones(16)}, {"num_heads": 2, "head_dim": 8}, "site 'heads' vectors only"),
+        ({1: np.ones(16)}, {"site": "mlp"}, "site 'mlp' is not one of"),
         ({1: np.ones(15)}, {}, "shape (15,)"),
         ({1: np.full(16, np.nan)}, {}, "NaN"),
         ({5: np.ones(16)}, {"num_layers": 4}, "out of range"),

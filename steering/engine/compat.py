@@ -82,6 +82,38 @@ def check_static() -> None:
             _params(layer.forward)[:4] == ["self", "positions", "hidden_states", "residual"],
             f"{layer.__name__}.forward(self, positions, hidden_states, residual)",
         )
+    _check_head_site()
+
+
+def _check_head_site() -> None:
+    """Head ops rewrite o_proj's input: the per-head attention output, sharded by TP rank."""
+    from vllm import distributed
+    from vllm.model_executor.layers.linear import RowParallelLinear
+    from vllm.model_executor.models.llama import LlamaAttention
+    from vllm.model_executor.models.qwen2 import Qwen2Attention
+    from vllm.model_executor.models.qwen3 import Qwen3Attention
+
+    for fn in ("get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size"):
+        _require(callable(getattr(distributed, fn, None)), f"vllm.distributed.{fn}")
+    _require(
+        _params(RowParallelLinear.forward)[:2] == ["self", "input_"],
+        "RowParallelLinear.forward(self, input_)",
+    )
+    _require(
+        "input_size_per_partition" in inspect.getsource(RowParallelLinear.__init__),
+        "RowParallelLinear.input_size_per_partition",
+    )
+    for attn in (LlamaAttention, Qwen2Attention, Qwen3Attention):
+        src = inspect.getsource(attn.forward)
+        _require(
+            "self.o_proj(attn_output)" in src,
+            f"{attn.__name__}.forward feeds the attention output straight into self.o_proj",
+        )
+        init = inspect.getsource(attn.__init__)
+        _require(
+            "self.num_heads = self.total_num_heads // tp_size" in init,
+            f"{attn.__name__} shards query heads as total_num_heads // tp_size",
+        )
 
 
 def runner_subclasses_with_own_load_model() -> list[type]:

@@ -35,16 +35,21 @@ class SteeringConfig:
     # Each costs a dot product per token and layer for every request in the batch, and
     # the buffers scale with it (layers x slots x max_projections x hidden).
     max_projections: int = 2
+    # Head interventions (masks, head-site vectors): a gathered multiply-add on every
+    # layer's o_proj input and two tables of layers x slots x 3 x (H, H*D). Off: neither
+    # exists and specs that use heads are refused.
+    heads: bool = True
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> SteeringConfig:
         extra = getattr(vllm_config, "additional_config", None) or {}
         mine = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
-        unknown = set(mine) - {"enabled", "vectors_dir", "max_projections"}
+        known = ("enabled", "vectors_dir", "max_projections", "heads")
+        unknown = set(mine) - set(known)
         if unknown:
             raise ValueError(
                 f"additional_config.{CONFIG_KEY}: unknown key(s) {sorted(unknown)}; "
-                "known: enabled, vectors_dir, max_projections"
+                f"known: {', '.join(known)}"
             )
         enabled = bool(mine.get("enabled", True))
         if disabled_by_env():
@@ -58,4 +63,5 @@ class SteeringConfig:
                 mine.get("vectors_dir") or os.environ.get(ENV_VECTORS_DIR) or DEFAULT_VECTORS_DIR
             ),
             max_projections=max_proj,
+            heads=bool(mine.get("heads", True)),
         )

@@ -17,7 +17,7 @@ from vllm.sampling_params import SamplingParams
 
 from steering.compile import PAYLOAD_KEY, CompiledSpec, compile_spec
 from steering.engine.config import SteeringConfig
-from steering.spec import ModelShape, SpecContext, SpecError, parse_spec
+from steering.spec import ModelShape, SpecContext, SpecError, SteeringSpec, parse_spec
 from steering.vectors import VectorRegistry
 
 SPEC_KEY = "steering"
@@ -58,9 +58,12 @@ class SteeringFrontend:
                 "steering needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1",
             )])  # fmt: skip
         try:
-            compiled = compile_spec(parse_spec(raw, self.context), self.shape.hidden_size)
+            spec = parse_spec(raw, self.context)
         except SpecError as e:
             raise SteeringValidationError(e.errors) from None
+        if not self.config.heads:
+            self._refuse_heads(spec)
+        compiled = compile_spec(spec, self.shape)
         limit = self.config.max_projections
         if len(compiled.projections) > limit:
             raise SteeringValidationError([(
@@ -69,6 +72,15 @@ class SteeringFrontend:
                 f"{limit} (additional_config.steerserve.max_projections; 'add' is unlimited)",
             )])  # fmt: skip
         return None if compiled.is_identity else compiled
+
+    @staticmethod
+    def _refuse_heads(spec: SteeringSpec) -> None:
+        fields = [f"{SPEC_KEY}.heads"] if spec.heads else []
+        fields += [f"{SPEC_KEY}.vectors[{i}].site" for i, e in enumerate(spec.vectors)
+                   if e.site == "heads"]  # fmt: skip
+        if fields:
+            why = "head interventions are off in this engine (additional_config.steerserve.heads)"
+            raise SteeringValidationError([(f, why) for f in fields])
 
     @staticmethod
     def for_engine(params: Any, compiled: CompiledSpec | None) -> Any:

@@ -23,6 +23,9 @@ from steering.engine.config import SteeringConfig
 log = logging.getLogger(__name__)
 
 _RUNTIME_ATTR = "_steerserve_runtime"
+# Top-level key of vLLM's additional_config that makes a steered engine's compile-cache
+# hash differ from a plain one's (see _mark_compile_cache).
+COMPILE_CACHE_KEY = "steerserve_compiled"
 _installed = False
 
 
@@ -43,6 +46,27 @@ def runtime_of(runner: Any):
 # --- runner ------------------------------------------------------------------------------
 
 
+def _mark_compile_cache(vllm_config: Any, config: SteeringConfig) -> None:
+    """Keep vLLM's on-disk torch.compile cache apart for steered and plain engines.
+
+    vLLM keys its AOT compile cache by `vllm_config.compute_hash()` (which includes
+    additional_config) and then checks only the source files the cached graph traced. A
+    plain engine (STEERSERVE_DISABLE=1, same flags) and a steered one would share a key, so
+    a steered engine could load a graph without its steering ops. The model is compiled on
+    its first forward, after load_model: marking the config here changes the key in time.
+    """
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict):
+        extra[COMPILE_CACHE_KEY] = (
+            f"{compat.PINNED}:heads={config.heads}:max_projections={config.max_projections}"
+        )
+    else:
+        log.warning(
+            "steerserve: additional_config is not a dict; vLLM's compile cache may be shared "
+            "with a plain engine (set VLLM_DISABLE_COMPILE_CACHE=1 to be safe)"
+        )
+
+
 def _after_load_model(runner: Any) -> None:
     if getattr(runner, _RUNTIME_ATTR, None) is not None:
         return
@@ -52,14 +76,22 @@ def _after_load_model(runner: Any) -> None:
         log.info("steerserve: disabled for this engine, running plain vLLM")
         return
     import torch
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
 
     from steering.engine.layers import install
     from steering.engine.runtime import SteeringRuntime
-    from steering.engine.tables import SteeringTables
+    from steering.engine.tables import SteeringTables, local_heads
     from steering.spec import ModelShape
 
     compat.check_runner(runner)
     shape = ModelShape.from_hf_config(runner.model_config.hf_config)
+    heads = None
+    if config.heads:
+        rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        heads = local_heads(shape.num_heads, rank, size)
     tables = SteeringTables(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -68,12 +100,17 @@ def _after_load_model(runner: Any) -> None:
         max_tokens=int(runner.positions.shape[0]),
         dtype=runner.model_config.dtype,
         device=torch.device(runner.device),
+        heads=heads,
+        head_dim=shape.head_dim,
     )
     n = install(runner.get_model(), tables, shape.architecture)
+    _mark_compile_cache(runner.vllm_config, config)
     setattr(runner, _RUNTIME_ATTR, SteeringRuntime(tables, runner.max_num_reqs))
     log.info(
-        "steerserve: steering %d decoder layers, %d slots x %d projections, %.1f MiB buffers",
+        "steerserve: steering %d decoder layers (heads: %s), %d slots x %d projections, "
+        "%.1f MiB buffers",
         n,
+        f"{heads.start}..{heads.stop - 1}" if heads is not None else "off",
         tables.num_slots,
         tables.max_proj,
         tables.nbytes / 2**20,

@@ -1,10 +1,12 @@
-"""Residual-stream ops inside vLLM's decoder layers.
+"""Steering ops inside vLLM's decoder layers: residual stream and attention heads.
 
 Each decoder layer instance gets a subclass of its own class (made once per class) whose
-`forward` calls the original and then applies the layer's steering ops. Swapping
-`__class__` keeps parameter names, module structure and the compile decorator of the
-parent model untouched; the layer index and the tables are plain attributes, constant for
-the single Dynamo trace.
+`forward` calls the original and then applies the layer's residual ops; each layer's
+`self_attn.o_proj` gets one whose `forward` first applies the head ops to its input (the
+per-head attention output, [T, H_local * D]). Swapping `__class__` keeps parameter names,
+module structure, weight loading and the compile decorator of the parent model untouched;
+the layer index and the tables are plain attributes, constant for the single Dynamo trace.
+So within layer i: head ops (before o_proj), then the rest of the layer, then residual ops.
 
 Llama/Qwen-style layers return `(hidden, residual)` with the residual add deferred into the
 next fused add-RMSNorm, so the stream after layer i is `hidden + residual`; the delta goes
@@ -59,22 +61,75 @@ def apply_residual_ops(
     return residual + tables.const[layer].index_select(0, tables.tok_const[:num_tokens])
 
 
-def _steered_forward(self, *args, **kwargs):
+def apply_head_ops(tables: SteeringTables, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """z_h <- head_scale[slot, class, h] * z_h + head_const[slot, class, h] for local heads.
+
+    One gathered multiply-add for every row; the identity slot has scale 1 and constant 0,
+    which leaves z bit-identical.
+    """
+    assert tables.head_scale is not None and tables.head_const is not None
+    num_tokens = z.shape[0]
+    rows = tables.tok_const[:num_tokens]
+    scale = tables.head_scale[layer].index_select(0, rows)
+    const = tables.head_const[layer].index_select(0, rows)
+    per_head = (num_tokens, scale.shape[1], -1)
+    out = torch.addcmul(const.view(per_head), z.reshape(per_head), scale.unsqueeze(-1))
+    return out.view(num_tokens, -1)
+
+
+def _steered_layer_forward(self, *args, **kwargs):
     hidden, residual = self._steerserve_base.forward(self, *args, **kwargs)
     tables, layer = self._steerserve_tables, self._steerserve_layer
     return hidden, apply_residual_ops(tables, layer, hidden, residual)
 
 
-def steered_class(base: type[nn.Module]) -> type[nn.Module]:
+def _steered_o_proj_forward(self, input_, *args, **kwargs):
+    input_ = apply_head_ops(self._steerserve_tables, self._steerserve_layer, input_)
+    return self._steerserve_base.forward(self, input_, *args, **kwargs)
+
+
+def steered_class(base: type[nn.Module], forward=_steered_layer_forward) -> type[nn.Module]:
     cls = _STEERED.get(base)
     if cls is None:
         cls = type(
             f"Steered{base.__name__}",
             (base,),
-            {"forward": _steered_forward, "_steerserve_base": base, "__module__": __name__},
+            {"forward": forward, "_steerserve_base": base, "__module__": __name__},
         )
         _STEERED[base] = cls
     return cls
+
+
+def _swap(module: nn.Module, forward, layer: int, tables: SteeringTables) -> None:
+    base = getattr(type(module), "_steerserve_base", type(module))
+    module.__class__ = steered_class(base, forward)
+    module._steerserve_layer = layer
+    module._steerserve_tables = tables
+
+
+def o_proj_of(layer: nn.Module, index: int, tables: SteeringTables) -> nn.Module:
+    """The layer's o_proj, after checking it sees this rank's heads as the tables do."""
+    attn = getattr(layer, "self_attn", None)
+    o_proj = getattr(attn, "o_proj", None)
+    if not isinstance(o_proj, nn.Module):
+        raise UnsupportedModelError(
+            f"layer {index} ({type(layer).__name__}): no self_attn.o_proj; head interventions "
+            "need the Llama/Qwen attention layout (disable them with "
+            "additional_config.steerserve.heads=false)"
+        )
+    assert tables.heads is not None
+    local = (getattr(attn, "num_heads", None), getattr(attn, "head_dim", None))
+    width = getattr(o_proj, "input_size_per_partition", None)
+    if (
+        local != (len(tables.heads), tables.head_dim)
+        or width != len(tables.heads) * tables.head_dim
+    ):
+        raise UnsupportedModelError(
+            f"layer {index}: attention has (num_heads, head_dim) = {local} and o_proj input "
+            f"width {width} on this rank; expected {len(tables.heads)} x {tables.head_dim} "
+            f"(heads {tables.heads.start}..{tables.heads.stop - 1} of the model)"
+        )
+    return o_proj
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -100,13 +155,15 @@ def check_layer_protocol(layer: nn.Module) -> None:
 
 
 def install(model: nn.Module, tables: SteeringTables, architecture: str) -> int:
-    """Swap every local decoder layer to its steered subclass; returns how many."""
+    """Swap every local decoder layer (and its o_proj, with head tables) to its steered
+    subclass; returns how many layers."""
     layers = decoder_layers(model)
     real = [(i, m) for i, m in enumerate(layers) if type(m).__name__ != "PPMissingLayer"]
     if not real:
         raise UnsupportedModelError("no decoder layers on this rank")
     for _, layer in real:
         check_layer_protocol(layer)
+    o_projs = [o_proj_of(layer, i, tables) for i, layer in real] if tables.heads is not None else []
     if architecture not in VERIFIED_ARCHITECTURES:
         log.warning(
             "steerserve: %s is not among the verified architectures %s; its decoder layers "
@@ -115,8 +172,7 @@ def install(model: nn.Module, tables: SteeringTables, architecture: str) -> int:
             sorted(VERIFIED_ARCHITECTURES),
         )
     for i, layer in real:
-        base = getattr(type(layer), "_steerserve_base", type(layer))
-        layer.__class__ = steered_class(base)
-        layer._steerserve_layer = i
-        layer._steerserve_tables = tables
+        _swap(layer, _steered_layer_forward, i, tables)
+    for (i, _), o_proj in zip(real, o_projs, strict=False):
+        _swap(o_proj, _steered_o_proj_forward, i, tables)
     return len(real)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec
+from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec, token_class
 from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,12 @@ class SteeringRuntime:
                     log.exception("steerserve: request %s: bad compiled payload, unsteered", req_id)
                     spec = None
                 else:
-                    self.specs[fp] = spec
+                    problem = self._misfit(spec)
+                    if problem:
+                        log.error("steerserve: request %s: %s; it runs unsteered", req_id, problem)
+                        spec = None
+                    else:
+                        self.specs[fp] = spec
             if spec is not None and spec.is_identity:
                 spec = None
         elif extra.get("steering"):
@@ -60,6 +65,24 @@ class SteeringRuntime:
             self.refcount[spec.fingerprint] = self.refcount.get(spec.fingerprint, 0) + 1
         self.req_spec[req_id] = spec
         return spec
+
+    def _misfit(self, spec: CompiledSpec) -> str | None:
+        """Why a compiled spec cannot go into these tables (the front end compiled it for
+        the same model, so this is a guard against a mismatched deployment, not validation)."""
+        t = self.tables
+        if spec.hidden_size != t.hidden_size:
+            return f"compiled for hidden size {spec.hidden_size}, the model has {t.hidden_size}"
+        if len(spec.projections) > t.max_proj:
+            return f"{len(spec.projections)} projections, the tables hold {t.max_proj}"
+        if spec.uses_heads:
+            if t.heads is None:
+                return "uses head interventions, which are off in this engine"
+            if spec.heads.head_dim != t.head_dim or t.heads.stop > spec.heads.num_heads:
+                return (
+                    f"compiled for {spec.heads.num_heads} heads x {spec.heads.head_dim}, "
+                    f"this rank holds heads {t.heads.start}..{t.heads.stop - 1} x {t.head_dim}"
+                )
+        return None
 
     def release(self, req_id: str) -> None:
         spec = self.req_spec.pop(req_id, None)
@@ -111,7 +134,7 @@ class SteeringRuntime:
             slot = row_slot[req_indices]
             rel = positions - prompt_lens[req_indices]
             t.np_slot[:written] = slot
-            t.np_const[:written] = slot * NUM_CLASSES + (rel >= 0)
+            t.np_const[:written] = slot * NUM_CLASSES + token_class(rel)
             rel = rel[:, None]
             gate = (rel >= self.bank.lo[slot]) & (rel < self.bank.hi[slot])
             np.multiply(self.bank.gain[slot], gate, out=t.np_gain[:written])

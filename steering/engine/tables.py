@@ -4,8 +4,8 @@ Modelled on vLLM's LoRA/punica path: per-spec data lives in fixed slots of table
 once at their maximum size; each step writes only small per-token index/coefficient
 buffers in place. The forward pass therefore has one shape-stable set of tensor ops (no
 Python branch on per-step state, no host sync), which is what torch.compile's single trace
-and CUDA-graph replay require. Slot 0 is the identity (zero directions and constants), so
-unsteered rows run the same ops and come out bit-identical.
+and CUDA-graph replay require. Slot 0 is the identity (zero directions and constants, unit
+head scales), so unsteered rows run the same ops and come out bit-identical.
 """
 
 from __future__ import annotations
@@ -16,6 +16,17 @@ import torch
 from steering.compile import NUM_CLASSES, CompiledSpec
 
 IDENTITY_SLOT = 0
+
+
+def local_heads(num_heads: int, tp_rank: int, tp_size: int) -> range:
+    """The query heads a tensor-parallel rank holds: vLLM shards them in contiguous blocks
+    (QKVParallelLinear's output, RowParallelLinear's input)."""
+    if num_heads % tp_size:
+        raise ValueError(f"{num_heads} query heads do not split over {tp_size} TP ranks")
+    per_rank = num_heads // tp_size
+    return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+
+
 _EMPTY = -2  # last_used value of a slot that holds nothing
 _WARM = -1  # a slot whose spec no live request uses: first to be recycled, reusable if seen again
 
@@ -29,6 +40,11 @@ class SteeringTables:
     tok_const[max_tokens]                            slot * NUM_CLASSES + class (int64)
     tok_gain [max_tokens, max_proj]                  projection gains, 0 outside the op's
                                                      position window (float32)
+    head_scale [layers, slots * NUM_CLASSES, H_local]        per-head factor (1 = identity)
+    head_const [layers, slots * NUM_CLASSES, H_local * D]    per-head constant (o_proj input)
+
+    The head tables hold only this rank's heads (`heads`, a range of query heads) and are
+    absent (None) when the engine runs without head interventions.
     """
 
     def __init__(
@@ -41,6 +57,8 @@ class SteeringTables:
         max_tokens: int,
         dtype: torch.dtype,
         device: torch.device,
+        heads: range | None = None,
+        head_dim: int = 0,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -57,6 +75,16 @@ class SteeringTables:
         self.tok_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.tok_const = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.tok_gain = torch.zeros(max_tokens, max_proj, dtype=torch.float32, device=device)
+        self.heads = heads
+        self.head_dim = head_dim
+        self.head_scale: torch.Tensor | None = None
+        self.head_const: torch.Tensor | None = None
+        if heads is not None:
+            rows = num_slots * NUM_CLASSES
+            self.head_scale = torch.ones(num_layers, rows, len(heads), dtype=dtype, device=device)
+            self.head_const = torch.zeros(
+                num_layers, rows, len(heads) * head_dim, dtype=dtype, device=device
+            )
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
         self._per_token = (self.tok_slot, self.tok_const, self.tok_gain)
         self._staged = tuple(self._staging(t) for t in self._per_token)
@@ -71,8 +99,8 @@ class SteeringTables:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.units, self.const, *self._per_token)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = (self.units, self.const, self.head_scale, self.head_const, *self._per_token)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def publish(self, num_tokens: int) -> None:
         """Make host-staged per-token values visible to the device (no-op on CPU)."""
@@ -97,6 +125,32 @@ class SteeringTables:
             layers = torch.from_numpy(spec.const_layers).to(self.device)
             data = torch.from_numpy(spec.const).to(device=self.device, dtype=self.const.dtype)
             self.const[layers, rows] = data
+        if self.heads is not None:
+            self._write_heads(rows, spec)
+
+    def _write_heads(self, rows: slice, spec: CompiledSpec) -> None:
+        assert self.head_scale is not None and self.head_const is not None
+        self.head_scale[:, rows].fill_(1.0)
+        self.head_const[:, rows].zero_()
+        ops = spec.heads
+        if not ops.layers.size:
+            return
+        if ops.head_dim != self.head_dim or self.heads.stop > ops.num_heads:
+            raise ValueError(
+                f"compiled head ops for {ops.num_heads} x {ops.head_dim} do not fit this "
+                f"rank's heads {self.heads} x {self.head_dim}"
+            )
+        lo, hi = self.heads.start, self.heads.stop
+        m = len(ops.layers)
+        scale = ops.scale[:, :, lo:hi]
+        const = ops.const.reshape(m, NUM_CLASSES, ops.num_heads, ops.head_dim)[:, :, lo:hi]
+        layers = torch.from_numpy(ops.layers).to(self.device)
+        self.head_scale[layers, rows] = torch.from_numpy(np.ascontiguousarray(scale)).to(
+            device=self.device, dtype=self.head_scale.dtype
+        )
+        self.head_const[layers, rows] = torch.from_numpy(
+            np.ascontiguousarray(const).reshape(m, NUM_CLASSES, -1)
+        ).to(device=self.device, dtype=self.head_const.dtype)
 
 
 class SlotBank:
