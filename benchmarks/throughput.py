@@ -1,8 +1,11 @@
 """Offline throughput: what steering costs next to plain vLLM, measured in the same run.
 
 Protocol (DESIGN.md): the same model, requests and sampling (greedy, ignore_eos, fixed
-lengths) for every scenario; scenarios interleaved round by round (A B C A B C ...) and
-compared by their median, because run-to-run noise on a shared 2-core machine is ~10%.
+lengths) for every scenario; scenarios interleaved round by round (A B C A B C ...). The
+machine's speed drifts by 10-50% over minutes on a shared 2-core VM, in stretches that hit
+every scenario of a round alike, so a scenario's ratio to plain vLLM is taken within each
+round (plain time / scenario time) and summarised by the median over rounds, with the
+interquartile range; the ratio of the two medians is kept in the JSON too.
 Engines run in-process and side by side: "plain" is an engine with the extension switched
 off (`additional_config={"steerserve": {"enabled": False}}`: vLLM's own code path).
 
@@ -166,16 +169,19 @@ def main(argv: list[str] | None = None) -> dict:
                     times[s].append(dt)
                 bar.update()
     tokens = args.requests * args.output_len
-    base = statistics.median(times["plain"]) if "plain" in times else None
+    base = times.get("plain")
     rows = []
     for s in scenarios:
         med = statistics.median(times[s])
+        paired = [p / t for p, t in zip(base, times[s], strict=True)] if base else None
         rows.append(
             {
                 "scenario": s,
                 "median_s": med,
                 "tok_per_s": tokens / med,
-                "ratio_vs_plain": (base / med) if base else None,
+                "ratio_vs_plain": statistics.median(paired) if paired else None,
+                "ratio_iqr": _quartiles(paired) if paired else None,
+                "ratio_of_medians": statistics.median(base) / med if base else None,
                 "runs_s": times[s],
             }
         )
@@ -194,14 +200,24 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
 def markdown_table(result: dict) -> str:
     lines = [
-        "| scenario | output tok/s | ratio vs plain vLLM |",
-        "|---|---:|---:|",
+        "| scenario | output tok/s | ratio vs plain vLLM (paired median) | interquartile range |",
+        "|---|---:|---:|---:|",
     ]
     for row in result["results"]:
-        ratio = f"{row['ratio_vs_plain']:.3f}x" if row["ratio_vs_plain"] else "-"
-        lines.append(f"| {row['scenario']} | {row['tok_per_s']:.0f} | {ratio} |")
+        ratio, iqr = "-", "-"
+        if row["ratio_vs_plain"]:
+            ratio = f"{row['ratio_vs_plain']:.3f}x"
+            iqr = "{:.3f}-{:.3f}".format(*row["ratio_iqr"])
+        lines.append(f"| {row['scenario']} | {row['tok_per_s']:.0f} | {ratio} | {iqr} |")
     return "\n".join(lines)
 
 

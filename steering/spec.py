@@ -365,31 +365,25 @@ class SteeringSpec(BaseModel):
             raise _fail("not_supported", "'{field}' is not supported yet", field=info.field_name)
         return value
 
-    @field_validator("heads")
+    @field_validator("vectors", "heads")
     @classmethod
-    def _not_too_many_masks(cls, heads: list[HeadMask], info: ValidationInfo) -> list[HeadMask]:
+    def _not_too_many(cls, entries: list, info: ValidationInfo) -> list:
         ctx = _context(info)
-        if ctx is not None and len(heads) > ctx.max_head_masks:
+        if ctx is None:
+            return entries
+        limit, what = {
+            "vectors": (ctx.max_vectors, "vector entries"),
+            "heads": (ctx.max_head_masks, "head masks"),
+        }[info.field_name]
+        if len(entries) > limit:
             raise _fail(
                 "too_many",
-                "at most {n} head masks per request (got {got})",
-                n=ctx.max_head_masks,
-                got=len(heads),
+                "at most {n} {what} per request (got {got})",
+                n=limit,
+                what=what,
+                got=len(entries),
             )
-        return heads
-
-    @field_validator("vectors")
-    @classmethod
-    def _not_too_many(cls, vectors: list[VectorEntry], info: ValidationInfo) -> list[VectorEntry]:
-        ctx = _context(info)
-        if ctx is not None and len(vectors) > ctx.max_vectors:
-            raise _fail(
-                "too_many",
-                "at most {n} vector entries per request (got {got})",
-                n=ctx.max_vectors,
-                got=len(vectors),
-            )
-        return vectors
+        return entries
 
     def fingerprint(self) -> str:
         """Stable id of what this spec does to the KV cache (content, not names).

@@ -419,3 +419,28 @@ def test_compiled_payload_round_trip_and_identity():
     cancel = {"vectors": [{"name": "happy", "layers": [1]},
                           {"name": "happy", "layers": [1], "scale": -1.0}]}  # fmt: skip
     assert compile_spec(parse_spec(cancel, _ctx()), SHAPE).is_identity
+
+
+def test_readme_head_examples_are_valid_specs():
+    """The README's one-example-per-method table holds specs that validate as written."""
+    import json
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text[text.index("One example per published method") :]
+    table = table[: table.index("\n\n", table.index("|---|"))]
+    shape = ModelShape("LlamaForCausalLM", 32, 4096, num_heads=32, num_kv_heads=8, head_dim=128)
+    reg = VectorRegistry()
+    for name in ("iti_truthful", "task_antonym"):
+        data = {i: np.ones(4096, dtype=np.float32) for i in range(32)}
+        reg.add(name, SteeringVector(data, 4096, site="heads", num_heads=32, head_dim=128))
+    specs = []
+    for snippet in re.findall(r"`(\{[^`]*\})`", table):
+        try:
+            raw = json.loads(snippet)
+        except json.JSONDecodeError:
+            continue  # a fragment such as `"scale": 2.0`
+        specs.append(parse_spec(raw, SpecContext(shape, vectors=reg)))
+    assert len(specs) >= 5
+    assert any(s.heads for s in specs) and any(e.op == "mix" for s in specs for e in s.vectors)
