@@ -22,7 +22,9 @@ slice, `add` adds a constant, `mix` is z <- (1-w) z + w v on the heads where v !
 a per-head map z_h <- a_h z_h + b_h with a scalar a_h, so any sequence of them is one map
 of that form: the engine does one multiply-add per token with the folded (a, b) of its
 slot and class. Inside a layer: masks first (in order), then head-site vectors (in order);
-all head ops act before o_proj, residual ops after the layer.
+all head ops act before o_proj, residual ops after the layer. Query masks (target "query")
+scale a head's query inside attention (after its norm and rotary embedding): a per-head
+factor folded by product, applied before the attention kernel.
 """
 
 from __future__ import annotations
@@ -71,13 +73,15 @@ class Projection:
 
 @dataclass
 class HeadOps:
-    """Folded head-site maps z_h <- scale_h z_h + const_h, per layer and token class."""
+    """Folded head-site maps z_h <- scale_h z_h + const_h, and query factors q_h <- f_h q_h,
+    per layer and token class."""
 
     num_heads: int
     head_dim: int
     layers: np.ndarray  # [m] int64: layers where some class is not the identity
     scale: np.ndarray  # [m, NUM_CLASSES, num_heads] float32
     const: np.ndarray  # [m, NUM_CLASSES, num_heads * head_dim] float32
+    query: np.ndarray  # [m, NUM_CLASSES, num_heads] float32
 
     @classmethod
     def identity(cls, num_heads: int, head_dim: int) -> HeadOps:
@@ -87,6 +91,7 @@ class HeadOps:
             np.zeros(0, dtype=np.int64),
             np.ones((0, NUM_CLASSES, num_heads), dtype=np.float32),
             np.zeros((0, NUM_CLASSES, num_heads * head_dim), dtype=np.float32),
+            np.ones((0, NUM_CLASSES, num_heads), dtype=np.float32),
         )
 
 
@@ -120,6 +125,7 @@ class CompiledSpec:
                 "layers": heads.layers.tolist(),
                 "scale": heads.scale.astype(np.float32).tobytes(),
                 "const": heads.const.astype(np.float32).tobytes(),
+                "query": heads.query.astype(np.float32).tobytes(),
             },
             "proj": [
                 {
@@ -159,6 +165,7 @@ class CompiledSpec:
             np.asarray(h["layers"], dtype=np.int64),
             floats(h["scale"], m, NUM_CLASSES, h["n"]),
             floats(h["const"], m, NUM_CLASSES, h["n"] * h["dim"]),
+            floats(h["query"], m, NUM_CLASSES, h["n"]),
         )
         return cls(payload["fp"], hidden, projections, const_layers, const, heads)
 
@@ -228,13 +235,18 @@ def _compile_heads(spec: SteeringSpec, shape: ModelShape) -> HeadOps:
         return HeadOps.identity(n, d)
     classes = _classes([e.positions for e in entries] + [m.positions for m in spec.heads])
     layers = sorted({m.layer for m in spec.heads} | {i for e in entries for i in e.resolved})
-    kept: list[tuple[int, np.ndarray, np.ndarray]] = []
+    kept: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     for layer in layers:
         a = np.ones((NUM_CLASSES, n), dtype=np.float64)
         b = np.zeros((NUM_CLASSES, n, d), dtype=np.float64)
+        q = np.ones((NUM_CLASSES, n), dtype=np.float64)
         for c, cls in enumerate(classes):
             for mask in spec.heads:
-                if mask.layer == layer and _covers(WINDOWS[mask.positions], cls):
+                if mask.layer != layer or not _covers(WINDOWS[mask.positions], cls):
+                    continue
+                if mask.target == "query":
+                    q[c, mask.heads] *= mask.scale
+                else:
                     a[c, mask.heads] *= mask.scale
                     b[c, mask.heads] *= mask.scale
             for entry in entries:
@@ -251,8 +263,9 @@ def _compile_heads(spec: SteeringSpec, shape: ModelShape) -> HeadOps:
                     b[c, on] = (1.0 - w) * b[c, on] + w * v[on]
         a[len(classes) :] = a[0]
         b[len(classes) :] = b[0]
-        if np.any(a != 1.0) or np.any(b):
-            kept.append((layer, a, b.reshape(NUM_CLASSES, n * d)))
+        q[len(classes) :] = q[0]
+        if np.any(a != 1.0) or np.any(b) or np.any(q != 1.0):
+            kept.append((layer, a, b.reshape(NUM_CLASSES, n * d), q))
     if not kept:
         return HeadOps.identity(n, d)
     return HeadOps(
@@ -261,4 +274,5 @@ def _compile_heads(spec: SteeringSpec, shape: ModelShape) -> HeadOps:
         np.array([k[0] for k in kept], dtype=np.int64),
         np.stack([k[1] for k in kept]).astype(np.float32),
         np.stack([k[2] for k in kept]).astype(np.float32),
+        np.stack([k[3] for k in kept]).astype(np.float32),
     )

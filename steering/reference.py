@@ -7,7 +7,9 @@ so every row's position class comes straight from its position.
 
 Residual entries act on each decoder layer's output (forward hook); head masks and
 site "heads" vectors on the input of each layer's `self_attn.o_proj` (forward pre-hook),
-masks first, then head vectors, in spec order.
+masks first, then head vectors, in spec order. Query masks scale the query projection's
+output (forward hook on `q_proj`, or on `q_norm` where the model normalises queries per
+head); the rotary embedding is linear, so that equals scaling the rotated query.
 """
 
 from __future__ import annotations
@@ -69,12 +71,30 @@ class ReferenceModel:
             h = (hd + mask * delta).to(h.dtype)
         return h
 
+    def _query_factor(self, spec: SteeringSpec, layer: int, rel: torch.Tensor) -> torch.Tensor:
+        """Per-token, per-head query factor [T, H] of the layer's query masks (float64)."""
+        factor = torch.ones(rel.shape[0], self.shape.num_heads, dtype=torch.float64)
+        for mask in spec.heads:
+            if mask.layer == layer and mask.target == "query":
+                active = self._window(mask.positions, rel).nonzero(as_tuple=True)[0]
+                factor[active.unsqueeze(-1), torch.tensor(mask.heads)] *= mask.scale
+        return factor
+
+    def _apply_query(self, spec: SteeringSpec, layer: int, q: torch.Tensor, rel: torch.Tensor):
+        """q: q_proj output [B, T, H*D] or q_norm output [B, T, H, D]."""
+        flat = q.dim() == 3
+        qd = q.to(torch.float64)
+        if flat:
+            qd = qd.unflatten(-1, (self.shape.num_heads, self.shape.head_dim))
+        qd = qd * self._query_factor(spec, layer, rel).unsqueeze(-1)
+        return (qd.flatten(-2) if flat else qd).to(q.dtype)
+
     def _apply_heads(self, spec: SteeringSpec, layer: int, z: torch.Tensor, rel: torch.Tensor):
         """z: o_proj input [..., T, H*D]; returns it with masks then head vectors applied."""
         n, d = self.shape.num_heads, self.shape.head_dim
         zd = z.to(torch.float64).unflatten(-1, (n, d))  # [..., T, H, D]
         for mask in spec.heads:
-            if mask.layer != layer:
+            if mask.layer != layer or mask.target != "output":
                 continue
             active = self._window(mask.positions, rel)  # [T]
             factor = torch.ones(rel.shape[0], n, dtype=torch.float64)
@@ -104,6 +124,7 @@ class ReferenceModel:
         handles = []
         residual = spec is not None and any(e.site == "residual" for e in spec.vectors)
         heads = spec is not None and (spec.heads or any(e.site == "heads" for e in spec.vectors))
+        query = spec is not None and any(m.target == "query" for m in spec.heads)
         for i, module in enumerate(self.model.model.layers):
 
             def hook(mod, args, output, i=i):
@@ -117,10 +138,18 @@ class ReferenceModel:
                 rel = torch.arange(z.shape[-2]) - prompt_len
                 return (self._apply_heads(spec, i, z, rel), *args[1:])
 
+            def query_hook(mod, args, output, i=i):
+                rel = torch.arange(output.shape[1]) - prompt_len
+                return self._apply_query(spec, i, output, rel)
+
             if residual:
                 handles.append(module.register_forward_hook(hook))
             if heads:
                 handles.append(module.self_attn.o_proj.register_forward_pre_hook(pre_hook))
+            if query:
+                attn = module.self_attn
+                q_site = attn.q_norm if hasattr(attn, "q_norm") else attn.q_proj
+                handles.append(q_site.register_forward_hook(query_hook))
         try:
             yield
         finally:

@@ -325,13 +325,16 @@ class VectorEntry(BaseModel):
 
 
 class HeadMask(BaseModel):
-    """Scale the attention output of query heads at one layer (the o_proj input slices)."""
+    """Scale query heads at one layer: their attention output (the o_proj input slices,
+    target "output") or their query vectors (target "query": 0 gives uniform attention
+    over the visible positions, i.e. the mean of V, as retrieval-head masking does)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     layer: int
     heads: list[int]
     scale: float = 0.0
+    target: Literal["output", "query"] = "output"
     positions: Positions = "all"
 
     @field_validator("layer")
@@ -399,7 +402,7 @@ class SteeringSpec(BaseModel):
             for layer in sorted(e.resolved):
                 h.update(e.resolved[layer].tobytes())
         for m in self.heads:
-            h.update(repr(("mask", m.layer, m.heads, m.scale, m.positions)).encode())
+            h.update(repr(("mask", m.layer, m.heads, m.scale, m.target, m.positions)).encode())
         return h.hexdigest()[:32]
 
 

@@ -23,7 +23,8 @@ SPECS = [
     # Every request below masks or edits different heads.
     {"heads": [{"layer": 1, "heads": [0, 3]}]},
     {"heads": [{"layer": 1, "heads": [1]}, {"layer": 2, "heads": [2], "scale": 2.0}]},
-    {"heads": [{"layer": 3, "heads": [0, 1, 2], "scale": 0.5, "positions": "generated"}]},
+    {"heads": [{"layer": 3, "heads": [0, 1, 2], "scale": 0.5, "positions": "generated"},
+               {"layer": 2, "heads": [3], "target": "query", "positions": "from_last_prompt"}]},
     None,
     {"vectors": [{"site": "heads", "data": {"1": W[0]}, "heads": [2],
                   "positions": "from_last_prompt", "scale": 3.0}]},

@@ -34,6 +34,16 @@ HEAD_CASES = {
     "mask-decode-only": lambda w: {
         "heads": [{"layer": 3, "heads": [1], "scale": 0.0, "positions": "from_last_prompt"}]
     },
+    "query-uniform-decode": lambda w: {
+        "heads": [{"layer": 2, "heads": [1], "target": "query", "positions": "from_last_prompt"},
+                  {"layer": 3, "heads": [0], "target": "query", "positions": "from_last_prompt"}]
+    },
+    "query-sharpen-and-output-mask": lambda w: {
+        "heads": [{"layer": 1, "heads": [0, 1], "scale": 4.0, "target": "query"},
+                  {"layer": 1, "heads": [1], "scale": 0.0},
+                  {"layer": 0, "heads": [1], "scale": 0.5, "target": "query",
+                   "positions": "prompt"}]
+    },
     "iti-add-restricted": lambda w: {
         "vectors": [{"site": "heads", "data": {"1": head_vector(1, w), "2": head_vector(2, w)},
                      "heads": [1], "scale": 1.5, "positions": "from_last_prompt"}]

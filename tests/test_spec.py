@@ -119,6 +119,11 @@ def _err(raw, **kw) -> SpecError:
         ({"heads": [{"layer": 1}]}, "steering.heads[0].heads", "Field required"),
         ({"heads": [{"layer": 1, "heads": [0], "op": "x"}]}, "steering.heads[0].op", "Extra"),
         (
+            {"heads": [{"layer": 1, "heads": [0], "target": "key"}]},
+            "steering.heads[0].target",
+            "'output' or 'query'",
+        ),
+        (
             {"vectors": [{"site": "heads", "data": {"1": [0.0] * 8}}]},
             "steering.vectors[0].data",
             "8 values, site 'heads' needs num_heads * head_dim = 4 * 4 = 16",
@@ -371,6 +376,23 @@ def test_compiled_head_ops_equal_sequential_application():
     )  # fmt: skip
     ops = compile_spec(spec, SHAPE).heads
     assert ops.layers.tolist() == [1, 2, 3] and ops.scale.shape == (3, 3, 4)
+    # Query masks fold into their own factor and leave the output maps alone.
+    with_query = parse_spec(
+        {"heads": [*spec.model_dump()["heads"],
+                   {"layer": 1, "heads": [1, 3], "scale": 0.0, "target": "query"},
+                   {"layer": 3, "heads": [3], "scale": 2.0, "target": "query",
+                    "positions": "generated"},
+                   {"layer": 3, "heads": [3, 0], "scale": 0.5, "target": "query"}],
+         "vectors": spec.model_dump(exclude_none=True)["vectors"]},
+        _ctx(),
+    )  # fmt: skip
+    folded = compile_spec(with_query, SHAPE).heads
+    np.testing.assert_array_equal(folded.scale, ops.scale)
+    np.testing.assert_array_equal(folded.const, ops.const)
+    q = {layer: folded.query[i] for i, layer in enumerate(folded.layers)}
+    np.testing.assert_array_equal(q[1], np.tile([1.0, 0.0, 1.0, 0.0], (3, 1)))
+    np.testing.assert_array_equal(q[2], np.ones((3, 4)))
+    np.testing.assert_array_equal(q[3], [[0.5, 1, 1, 0.5], [0.5, 1, 1, 0.5], [0.5, 1, 1, 1.0]])
     for layer in range(4):
         for rel in RELS:
             z = rng.standard_normal(16)

@@ -18,7 +18,7 @@ import torch
 from conftest import ENGINE_KW, prompt_ids
 
 from steering.compile import NUM_CLASSES, compile_spec
-from steering.engine.layers import apply_head_ops
+from steering.engine.layers import apply_head_ops, apply_query_ops
 from steering.engine.tables import SteeringTables, local_heads
 from steering.spec import ModelShape, SpecContext, parse_spec
 
@@ -45,6 +45,7 @@ def test_rank_tables_and_ops_are_slices_of_the_full_ones():
     rng = np.random.default_rng(0)
     raw = {
         "heads": [{"layer": 1, "heads": [0, 3], "scale": 0.0},
+                  {"layer": 0, "heads": [1, 2], "scale": 0.0, "target": "query"},
                   {"layer": 2, "heads": [1, 2], "scale": 1.5, "positions": "generated"}],
         "vectors": [{"site": "heads", "data": {"1": rng.standard_normal(32).tolist()},
                      "heads": [1, 2], "op": "mix", "weight": 0.25},
@@ -64,6 +65,19 @@ def test_rank_tables_and_ops_are_slices_of_the_full_ones():
     np.testing.assert_array_equal(
         torch.cat([r.head_const for r in ranks], dim=-1).numpy(), full.head_const.numpy()
     )
+    np.testing.assert_array_equal(
+        torch.cat([r.query_scale for r in ranks], dim=-1).numpy(), full.query_scale.numpy()
+    )
+    q = torch.randn(4, 4, 8)  # [T, H, D]: 3-D queries keep their shape
+    torch.testing.assert_close(
+        torch.cat([apply_query_ops(r, 0, q[:, 2 * i : 2 * i + 2]) for i, r in enumerate(ranks)], 1),
+        apply_query_ops(full, 0, q),
+        rtol=0,
+        atol=0,
+    )
+    assert not apply_query_ops(full, 0, q)[:3, 1:3].any() and torch.equal(
+        apply_query_ops(full, 0, q)[3], q[3]
+    )
     z = torch.randn(4, 32)
     for layer in range(SHAPE.num_layers):
         want = apply_head_ops(full, layer, z)
@@ -80,7 +94,8 @@ W = np.random.default_rng(9).standard_normal(256) * 0.5
 TP_SPECS = [
     None,
     {"heads": [{"layer": 1, "heads": [0, 3]}, {"layer": 2, "heads": [2], "scale": 2.0}]},
-    {"heads": [{"layer": 3, "heads": [1, 2], "scale": 0.0, "positions": "generated"}]},
+    {"heads": [{"layer": 3, "heads": [1, 2], "scale": 0.0, "positions": "generated"},
+               {"layer": 1, "heads": [0, 3], "target": "query"}]},
     {"vectors": [{"site": "heads", "op": "mix", "weight": 0.6, "data": {"1": W.tolist()}},
                  {"site": "heads", "data": {"2": W.tolist()}, "heads": [3], "scale": 3.0},
                  {"data": {"1": (W[:128] * 4).tolist()}}]},

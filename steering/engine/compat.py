@@ -88,6 +88,7 @@ def check_static() -> None:
 def _check_head_site() -> None:
     """Head ops rewrite o_proj's input: the per-head attention output, sharded by TP rank."""
     from vllm import distributed
+    from vllm.model_executor.layers.attention.attention import Attention
     from vllm.model_executor.layers.linear import RowParallelLinear
     from vllm.model_executor.models.llama import LlamaAttention
     from vllm.model_executor.models.qwen2 import Qwen2Attention
@@ -103,11 +104,20 @@ def _check_head_site() -> None:
         "input_size_per_partition" in inspect.getsource(RowParallelLinear.__init__),
         "RowParallelLinear.input_size_per_partition",
     )
+    _require(
+        _params(Attention.forward)[:4] == ["self", "query", "key", "value"],
+        "Attention.forward(self, query, key, value)",
+    )
+    init = inspect.getsource(Attention.__init__)
+    _require(
+        "self.num_heads = num_heads" in init and "self.head_size = head_size" in init,
+        "Attention.num_heads / .head_size",
+    )
     for attn in (LlamaAttention, Qwen2Attention, Qwen3Attention):
         src = inspect.getsource(attn.forward)
         _require(
-            "self.o_proj(attn_output)" in src,
-            f"{attn.__name__}.forward feeds the attention output straight into self.o_proj",
+            "self.o_proj(attn_output)" in src and "self.attn(q, k, v)" in src,
+            f"{attn.__name__}.forward: q (after rotary) into self.attn, its output into o_proj",
         )
         init = inspect.getsource(attn.__init__)
         _require(

@@ -35,9 +35,10 @@ class SteeringConfig:
     # Each costs a dot product per token and layer for every request in the batch, and
     # the buffers scale with it (layers x slots x max_projections x hidden).
     max_projections: int = 2
-    # Head interventions (masks, head-site vectors): a gathered multiply-add on every
-    # layer's o_proj input and two tables of layers x slots x 3 x (H, H*D). Off: neither
-    # exists and specs that use heads are refused.
+    # Head interventions (masks, query masks, head-site vectors): a gathered multiply on
+    # every layer's queries and a multiply-add on its o_proj input, with tables of
+    # layers x slots x 3 x (H, H, H*D). Off: none of it exists and specs that use heads are
+    # refused.
     heads: bool = True
 
     @classmethod

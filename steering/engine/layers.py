@@ -3,10 +3,13 @@
 Each decoder layer instance gets a subclass of its own class (made once per class) whose
 `forward` calls the original and then applies the layer's residual ops; each layer's
 `self_attn.o_proj` gets one whose `forward` first applies the head ops to its input (the
-per-head attention output, [T, H_local * D]). Swapping `__class__` keeps parameter names,
-module structure, weight loading and the compile decorator of the parent model untouched;
-the layer index and the tables are plain attributes, constant for the single Dynamo trace.
-So within layer i: head ops (before o_proj), then the rest of the layer, then residual ops.
+per-head attention output, [T, H_local * D]), and each `self_attn.attn` (the attention
+kernel's module) one that scales the heads' queries first (query masks). Swapping
+`__class__` keeps parameter names, module structure, weight loading and the compile
+decorator of the parent model untouched; the layer index and the tables are plain
+attributes, constant for the single Dynamo trace.
+So within layer i: query masks (inside attention), head ops (before o_proj), then the rest
+of the layer, then residual ops.
 
 Llama/Qwen-style layers return `(hidden, residual)` with the residual add deferred into the
 next fused add-RMSNorm, so the stream after layer i is `hidden + residual`; the delta goes
@@ -77,6 +80,15 @@ def apply_head_ops(tables: SteeringTables, layer: int, z: torch.Tensor) -> torch
     return out.view(num_tokens, -1)
 
 
+def apply_query_ops(tables: SteeringTables, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """q_h <- query_scale[slot, class, h] * q_h for local heads (q after norm and rotary)."""
+    assert tables.query_scale is not None
+    num_tokens = q.shape[0]
+    factor = tables.query_scale[layer].index_select(0, tables.tok_const[:num_tokens])
+    per_head = q.reshape(num_tokens, factor.shape[1], -1) * factor.unsqueeze(-1)
+    return per_head.view(q.shape)
+
+
 def _steered_layer_forward(self, *args, **kwargs):
     hidden, residual = self._steerserve_base.forward(self, *args, **kwargs)
     tables, layer = self._steerserve_tables, self._steerserve_layer
@@ -86,6 +98,11 @@ def _steered_layer_forward(self, *args, **kwargs):
 def _steered_o_proj_forward(self, input_, *args, **kwargs):
     input_ = apply_head_ops(self._steerserve_tables, self._steerserve_layer, input_)
     return self._steerserve_base.forward(self, input_, *args, **kwargs)
+
+
+def _steered_attn_forward(self, query, key, value, *args, **kwargs):
+    query = apply_query_ops(self._steerserve_tables, self._steerserve_layer, query)
+    return self._steerserve_base.forward(self, query, key, value, *args, **kwargs)
 
 
 def steered_class(base: type[nn.Module], forward=_steered_layer_forward) -> type[nn.Module]:
@@ -107,29 +124,33 @@ def _swap(module: nn.Module, forward, layer: int, tables: SteeringTables) -> Non
     module._steerserve_tables = tables
 
 
-def o_proj_of(layer: nn.Module, index: int, tables: SteeringTables) -> nn.Module:
-    """The layer's o_proj, after checking it sees this rank's heads as the tables do."""
+def head_modules(
+    layer: nn.Module, index: int, tables: SteeringTables
+) -> tuple[nn.Module, nn.Module]:
+    """The layer's attention kernel module and o_proj, after checking that they see this
+    rank's heads as the tables do."""
     attn = getattr(layer, "self_attn", None)
-    o_proj = getattr(attn, "o_proj", None)
-    if not isinstance(o_proj, nn.Module):
+    kernel, o_proj = getattr(attn, "attn", None), getattr(attn, "o_proj", None)
+    if not isinstance(kernel, nn.Module) or not isinstance(o_proj, nn.Module):
         raise UnsupportedModelError(
-            f"layer {index} ({type(layer).__name__}): no self_attn.o_proj; head interventions "
-            "need the Llama/Qwen attention layout (disable them with "
+            f"layer {index} ({type(layer).__name__}): no self_attn.attn / self_attn.o_proj; "
+            "head interventions need the Llama/Qwen attention layout (disable them with "
             "additional_config.steerserve.heads=false)"
         )
     assert tables.heads is not None
-    local = (getattr(attn, "num_heads", None), getattr(attn, "head_dim", None))
-    width = getattr(o_proj, "input_size_per_partition", None)
-    if (
-        local != (len(tables.heads), tables.head_dim)
-        or width != len(tables.heads) * tables.head_dim
-    ):
+    n, d = len(tables.heads), tables.head_dim
+    checks = {
+        "self_attn (num_heads, head_dim)": ((attn.num_heads, attn.head_dim), (n, d)),
+        "attn (num_heads, head_size)": ((kernel.num_heads, kernel.head_size), (n, d)),
+        "o_proj input width": (o_proj.input_size_per_partition, n * d),
+    }
+    wrong = {name: seen for name, (seen, want) in checks.items() if seen != want}
+    if wrong:
         raise UnsupportedModelError(
-            f"layer {index}: attention has (num_heads, head_dim) = {local} and o_proj input "
-            f"width {width} on this rank; expected {len(tables.heads)} x {tables.head_dim} "
+            f"layer {index}: {wrong} on this rank; expected {n} heads x {d} "
             f"(heads {tables.heads.start}..{tables.heads.stop - 1} of the model)"
         )
-    return o_proj
+    return kernel, o_proj
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -163,7 +184,9 @@ def install(model: nn.Module, tables: SteeringTables, architecture: str) -> int:
         raise UnsupportedModelError("no decoder layers on this rank")
     for _, layer in real:
         check_layer_protocol(layer)
-    o_projs = [o_proj_of(layer, i, tables) for i, layer in real] if tables.heads is not None else []
+    heads = (
+        [head_modules(layer, i, tables) for i, layer in real] if tables.heads is not None else []
+    )
     if architecture not in VERIFIED_ARCHITECTURES:
         log.warning(
             "steerserve: %s is not among the verified architectures %s; its decoder layers "
@@ -173,6 +196,7 @@ def install(model: nn.Module, tables: SteeringTables, architecture: str) -> int:
         )
     for i, layer in real:
         _swap(layer, _steered_layer_forward, i, tables)
-    for (i, _), o_proj in zip(real, o_projs, strict=False):
+    for (i, _), (kernel, o_proj) in zip(real, heads, strict=False):
+        _swap(kernel, _steered_attn_forward, i, tables)
         _swap(o_proj, _steered_o_proj_forward, i, tables)
     return len(real)

@@ -42,6 +42,7 @@ class SteeringTables:
                                                      position window (float32)
     head_scale [layers, slots * NUM_CLASSES, H_local]        per-head factor (1 = identity)
     head_const [layers, slots * NUM_CLASSES, H_local * D]    per-head constant (o_proj input)
+    query_scale [layers, slots * NUM_CLASSES, H_local]       per-head query factor (1 = identity)
 
     The head tables hold only this rank's heads (`heads`, a range of query heads) and are
     absent (None) when the engine runs without head interventions.
@@ -79,12 +80,14 @@ class SteeringTables:
         self.head_dim = head_dim
         self.head_scale: torch.Tensor | None = None
         self.head_const: torch.Tensor | None = None
+        self.query_scale: torch.Tensor | None = None
         if heads is not None:
             rows = num_slots * NUM_CLASSES
             self.head_scale = torch.ones(num_layers, rows, len(heads), dtype=dtype, device=device)
             self.head_const = torch.zeros(
                 num_layers, rows, len(heads) * head_dim, dtype=dtype, device=device
             )
+            self.query_scale = torch.ones_like(self.head_scale)
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
         self._per_token = (self.tok_slot, self.tok_const, self.tok_gain)
         self._staged = tuple(self._staging(t) for t in self._per_token)
@@ -99,7 +102,8 @@ class SteeringTables:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.units, self.const, self.head_scale, self.head_const, *self._per_token)
+        heads = (self.head_scale, self.head_const, self.query_scale)
+        tensors = (self.units, self.const, *heads, *self._per_token)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def publish(self, num_tokens: int) -> None:
@@ -130,8 +134,10 @@ class SteeringTables:
 
     def _write_heads(self, rows: slice, spec: CompiledSpec) -> None:
         assert self.head_scale is not None and self.head_const is not None
+        assert self.query_scale is not None
         self.head_scale[:, rows].fill_(1.0)
         self.head_const[:, rows].zero_()
+        self.query_scale[:, rows].fill_(1.0)
         ops = spec.heads
         if not ops.layers.size:
             return
@@ -151,6 +157,10 @@ class SteeringTables:
         self.head_const[layers, rows] = torch.from_numpy(
             np.ascontiguousarray(const).reshape(m, NUM_CLASSES, -1)
         ).to(device=self.device, dtype=self.head_const.dtype)
+        query = np.ascontiguousarray(ops.query[:, :, lo:hi])
+        self.query_scale[layers, rows] = torch.from_numpy(query).to(
+            device=self.device, dtype=self.query_scale.dtype
+        )
 
 
 class SlotBank:
