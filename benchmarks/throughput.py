@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
 
+DECODING_SCENARIOS = ("fuse-fixed", "contrast-high")
 SCENARIOS = (
     "plain",
     "unsteered",
@@ -44,6 +45,8 @@ SCENARIOS = (
     "distinct-specs-all-layers",
     "distinct-head-masks",
     "distinct-head-vectors",
+    "fuse-fixed",
+    "contrast-high",
 )
 
 
@@ -73,6 +76,12 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
             return [{"layer": i, "heads": pair} for i, pair in enumerate(pairs)]
 
         return [{"heads": masks()} for _ in range(n)]
+    if scenario == "fuse-fixed":
+        # Layer Fused Decoding with a fixed layer: one extra lm_head row per request.
+        return [{"decoding": {"mode": "fuse", "layer": num_layers * 2 // 3, "weight": 0.5}}] * n
+    if scenario == "contrast-high":
+        # DoLa, the "high" bucket: N/4 extra lm_head rows per request and token.
+        return [{"decoding": {"mode": "contrast", "layers": "high"}}] * n
     if scenario == "distinct-head-vectors":
         # ITI-style: a distinct o_proj-input direction added at every layer, per request.
         return [
@@ -127,12 +136,16 @@ def main(argv: list[str] | None = None) -> dict:
         enable_prefix_caching=False,  # every round re-runs the same prompts
         seed=0,
     )
+    # Layer-reading decoding is opt-in per engine (its capture costs every request), so
+    # its scenarios run on an engine of their own and the others measure it switched off.
+    engine_of = {
+        s: "plain" if s == "plain" else "decode" if s in DECODING_SCENARIOS else "steer"
+        for s in scenarios
+    }
     engines = {}
-    for name in ("plain", "steer"):
-        if name == "plain" and "plain" not in scenarios:
-            continue
-        settings: dict = {"enabled": name == "steer"}
-        if name == "steer" and args.max_projections is not None:
+    for name in sorted(set(engine_of.values())):
+        settings: dict = {"enabled": name != "plain", "decoding": name == "decode"}
+        if name != "plain" and args.max_projections is not None:
             settings["max_projections"] = args.max_projections
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
 
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in range(args.rounds + 1):
             # Rotate the order each round so that no scenario always runs first.
             for s in scenarios[r % len(scenarios) :] + scenarios[: r % len(scenarios)]:
-                llm = engines["plain" if s == "plain" else "steer"]
+                llm = engines[engine_of[s]]
                 t0 = time.perf_counter()
                 outs = llm.generate(prompts, params[s], use_tqdm=False)
                 dt = time.perf_counter() - t0

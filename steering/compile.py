@@ -36,7 +36,7 @@ import numpy as np
 from steering.spec import ModelShape, SteeringSpec, VectorEntry, unit
 
 PAYLOAD_KEY = "steerserve.compiled"
-PAYLOAD_VERSION = 3
+PAYLOAD_VERSION = 4
 
 NEVER = 1 << 62
 WINDOWS: dict[str, tuple[int, int]] = {
@@ -95,6 +95,27 @@ class HeadOps:
         )
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """What the sampler step does with intermediate layers (spec.DecodingSpec, resolved)."""
+
+    mode: str  # "fuse" | "contrast"
+    candidates: tuple[int, ...]  # fuse: the layer, or the "auto" range; contrast: the set
+    auto: bool = False
+    weight: float = 0.0
+    alpha: float = 0.0
+
+    def to_payload(self) -> dict:
+        return {"mode": self.mode, "cand": list(self.candidates), "auto": self.auto,
+                "w": self.weight, "alpha": self.alpha}  # fmt: skip
+
+    @classmethod
+    def from_payload(cls, p: dict | None) -> Decoding | None:
+        if p is None:
+            return None
+        return cls(p["mode"], tuple(p["cand"]), p["auto"], p["w"], p["alpha"])
+
+
 @dataclass
 class CompiledSpec:
     fingerprint: str
@@ -103,10 +124,17 @@ class CompiledSpec:
     const_layers: np.ndarray  # [m] int64: layers with a non-zero folded constant
     const: np.ndarray  # [m, NUM_CLASSES, hidden] float32
     heads: HeadOps
+    # Layer-reading decoding (plain data, see Decoding) or None.
+    decoding: Decoding | None = None
+
+    @property
+    def affects_kv(self) -> bool:
+        """Whether the forward pass changes (so the KV cache must be salted, a slot used)."""
+        return bool(self.projections or self.const_layers.size or self.heads.layers.size)
 
     @property
     def is_identity(self) -> bool:
-        return not self.projections and not self.const_layers.size and not self.heads.layers.size
+        return not self.affects_kv and self.decoding is None
 
     @property
     def uses_heads(self) -> bool:
@@ -139,6 +167,7 @@ class CompiledSpec:
             ],  # fmt: skip
             "const_layers": self.const_layers.tolist(),
             "const": self.const.astype(np.float32).tobytes(),
+            "decoding": self.decoding.to_payload() if self.decoding else None,
         }
 
     @classmethod
@@ -167,7 +196,8 @@ class CompiledSpec:
             floats(h["const"], m, NUM_CLASSES, h["n"] * h["dim"]),
             floats(h["query"], m, NUM_CLASSES, h["n"]),
         )
-        return cls(payload["fp"], hidden, projections, const_layers, const, heads)
+        decoding = Decoding.from_payload(payload.get("decoding"))
+        return cls(payload["fp"], hidden, projections, const_layers, const, heads, decoding)
 
 
 def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
@@ -175,8 +205,18 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
     residual = [e for e in spec.vectors if e.site == "residual"]
     projections, const_layers, const = _compile_residual(residual, shape.hidden_size)
     heads = _compile_heads(spec, shape)
+    decoding = None
+    if spec.decoding is not None:
+        d = spec.decoding
+        decoding = Decoding(
+            d.mode,
+            tuple(d.candidates),
+            auto=d.layer == "auto",
+            weight=float(d.weight or 0.0),
+            alpha=float(d.alpha or 0.0),
+        )
     return CompiledSpec(
-        spec.fingerprint(), shape.hidden_size, projections, const_layers, const, heads
+        spec.fingerprint(), shape.hidden_size, projections, const_layers, const, heads, decoding
     )
 
 

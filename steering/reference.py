@@ -10,10 +10,15 @@ site "heads" vectors on the input of each layer's `self_attn.o_proj` (forward pr
 masks first, then head vectors, in spec order. Query masks scale the query projection's
 output (forward hook on `q_proj`, or on `q_norm` where the model normalises queries per
 head); the rotary embedding is linear, so that equals scaling the rotated query.
+
+Decoding (fuse / contrast) is computed from every layer's output, captured by forward
+hooks registered after the steering hooks, and from the stream before each layer's MLP
+(the input of `post_attention_layernorm`), straight from the README's formulas.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,11 +165,106 @@ class ReferenceModel:
 
     @torch.no_grad()
     def logprobs(self, token_ids: Sequence[int], prompt_len: int, spec: SteeringSpec | None):
-        """log_softmax of the logits at every row of `token_ids`: [len, vocab], float32."""
+        """log_softmax of the logits at every row of `token_ids`: [len, vocab], float32.
+
+        With `decoding`, the rows from the last prompt row on carry the decoded scores.
+        """
         ids = torch.tensor([list(token_ids)])
-        with self.steered(spec, prompt_len):
-            logits = self.model(input_ids=ids, use_cache=False).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1)
+        after: dict[int, torch.Tensor] = {}
+        before: dict[int, torch.Tensor] = {}
+        with self.steered(spec, prompt_len), self._captured(spec, after, before):
+            logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        if spec is not None and spec.decoding is not None:
+            logits = self._decode(spec.decoding, logits, after, before, prompt_len)
+        return torch.log_softmax(logits, dim=-1)
+
+    @contextmanager
+    def _captured(self, spec, after: dict, before: dict):
+        handles = []
+        if spec is not None and spec.decoding is not None:
+            for i, module in enumerate(self.model.model.layers):
+
+                def out_hook(mod, args, output, i=i):
+                    after[i] = (output[0] if isinstance(output, tuple) else output)[0]
+
+                def mid_hook(mod, args, i=i):
+                    before[i] = args[0][0]
+
+                handles.append(module.register_forward_hook(out_hook))
+                handles.append(module.post_attention_layernorm.register_forward_pre_hook(mid_hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _layer_logp(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.model.lm_head(self.model.model.norm(h)).float(), dim=-1)
+
+    @staticmethod
+    def _jsd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        p, q = logp.double().exp(), logq.double().exp()
+        m = 0.5 * (p + q)
+        kl_p = torch.where(p > 0, p * (p.log() - m.log()), torch.zeros_like(p)).sum(-1)
+        kl_q = torch.where(q > 0, q * (q.log() - m.log()), torch.zeros_like(q)).sum(-1)
+        return 0.5 * (kl_p + kl_q)
+
+    @staticmethod
+    def _plausible(final_row: torch.Tensor, alpha: float, scores: torch.Tensor) -> torch.Tensor:
+        if alpha <= 0:
+            return scores
+        keep = final_row >= final_row.max() + math.log(alpha)
+        return torch.where(keep, scores, -torch.inf)
+
+    def _lfd(self, d, final, out, after, before, rows) -> torch.Tensor:
+        """As LFD's `_lfd_select`/`_lfd_decoding`: its JS via F.kl_div, argmin, un-normed
+        early logits added to the final log-probs under the relative-top filter."""
+        import torch.nn.functional as F
+
+        self.last_contrast_layers = []
+        for r in rows:
+            scores = []
+            for c in d.candidates:
+                p = torch.softmax(self.model.lm_head(self.model.model.norm(after[c][r])), -1)
+                q = torch.softmax(self.model.lm_head(self.model.model.norm(before[c][r])), -1)
+                m = 0.5 * (p + q)
+                kl1 = F.kl_div(torch.log(p), m, reduction="none").mean(-1)
+                kl2 = F.kl_div(torch.log(q), m, reduction="none").mean(-1)
+                scores.append(float(0.5 * (kl1 + kl2)))
+            layer = d.candidates[min(range(len(scores)), key=scores.__getitem__)]
+            self.last_contrast_layers.append(layer)
+            raw = torch.log_softmax(self.model.lm_head(after[layer][r]).float(), dim=-1)
+            out[r] = self._plausible(final[r], d.alpha, final[r] + raw)
+        return out
+
+    def _decode(self, d, logits, after, before, prompt_len: int) -> torch.Tensor:
+        out = logits.clone()
+        final = torch.log_softmax(logits, dim=-1)
+        rows = range(prompt_len - 1, logits.shape[0])
+        if d.mode == "fuse":
+            layer = d.candidates[0]
+            if d.layer == "auto":  # lowest IKS at the last prompt row
+                r = prompt_len - 1
+                iks = [
+                    float(self._jsd(self._layer_logp(before[c][r]), self._layer_logp(after[c][r])))
+                    for c in d.candidates
+                ]
+                layer = d.candidates[min(range(len(iks)), key=iks.__getitem__)]
+            self.last_fuse_layer = layer
+            early = self._layer_logp(after[layer])
+            for r in rows:
+                out[r] = (1.0 - d.weight) * final[r] + d.weight * early[r]
+            return out
+        if d.mode == "lfd":
+            return self._lfd(d, final, out, after, before, rows)
+        early = {c: self._layer_logp(after[c]) for c in d.candidates}
+        self.last_contrast_layers = []
+        for r in rows:
+            scores = [float(self._jsd(final[r], early[c][r])) for c in d.candidates]
+            m = d.candidates[max(range(len(scores)), key=scores.__getitem__)]
+            self.last_contrast_layers.append(m)
+            out[r] = self._plausible(final[r], d.alpha, final[r] - early[m][r])
+        return out
 
     def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], spec=None):
         """Teacher-forced log-prob of each completion token given the prompt."""

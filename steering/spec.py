@@ -351,22 +351,129 @@ class HeadMask(BaseModel):
         return _check_heads(heads, _context(info))
 
 
+def dola_buckets(num_layers: int) -> dict[str, list[int]]:
+    """HF's DoLa candidate buckets, as layer indices of this project's convention."""
+    n = num_layers
+    if n <= 40:
+        return {"low": list(range(0, n // 2, 2)), "high": list(range(n // 2, n, 2))}
+    return {"low": list(range(0, 20, 2)), "high": list(range(n - 20, n, 2))}
+
+
+def lfd_layers(num_layers: int) -> list[int]:
+    """LFD's default candidates: its code uses decoder layers 16, 18, ..., 30 (1-based) of
+    32-layer models, i.e. every other layer output from N/2 to N-2; here 0-based."""
+    return list(range(num_layers // 2 - 1, num_layers - 2, 2)) or [num_layers - 2]
+
+
+class DecodingSpec(BaseModel):
+    """Decoding that reads intermediate layers (README "Layer-fused and contrastive decoding").
+
+    fuse:     logits <- (1-w) log_softmax(z_F) + w log_softmax(z_L); L fixed or "auto" (the
+              latter-half layer with the lowest IKS at the last prompt row, once per request).
+    contrast: DoLa; per row M = argmax_j JSD(q_F, q_j), logits <- log q_F - log q_M on
+              {x: q_F(x) >= alpha max q_F}, -inf elsewhere.
+    lfd:      LFD as its official code does it: per row, the candidate with the lowest IKS
+              (the code's JS variant), logits <- log q_F + log_softmax(lm_head(h_L)) (no final
+              norm on h_L) on the same plausible set, -inf elsewhere.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    mode: Literal["fuse", "contrast", "lfd"]
+    layer: int | Literal["auto"] | None = None
+    weight: float | None = None
+    layers: list[int] | Literal["low", "high", "latter_half"] | None = None
+    alpha: float | None = None
+
+    # Resolved: the fixed fuse layer or the candidate layers, ascending.
+    _candidates: list[int] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> DecodingSpec:
+        ctx = _context(info)
+        n = ctx.shape.num_layers if ctx is not None else None
+        if self.mode == "fuse":
+            if self.layer is None:
+                raise _fail("fuse_layer", "mode 'fuse' needs 'layer' (an index or \"auto\")")
+            if self.weight is None or not 0.0 <= self.weight <= 1.0:
+                raise _fail("fuse_weight", "mode 'fuse' needs 'weight' between 0 and 1")
+            if self.layers is not None or self.alpha is not None:
+                raise _fail("fuse_fields", "mode 'fuse' takes 'layer' and 'weight' only")
+            if n is not None:
+                if self.layer == "auto":
+                    self._candidates = list(range((n + 1) // 2, n - 1))
+                    if not self._candidates:
+                        raise _fail("auto_layers", "layer 'auto' needs a model of 3+ layers")
+                else:
+                    if not 0 <= self.layer <= n - 2:
+                        raise _fail(
+                            "layer_range",
+                            "fuse layer {layer} is out of range (0..{last}; layer {final} is "
+                            "the final layer itself)",
+                            layer=self.layer,
+                            last=n - 2,
+                            final=n - 1,
+                        )
+                    self._candidates = [int(self.layer)]
+        else:
+            if self.mode == "lfd" and self.layers is None:
+                self.layers = "latter_half"
+            if self.layers is None:
+                raise _fail("contrast_layers", "mode 'contrast' needs 'layers' (a list, low, high)")
+            if self.alpha is None:
+                self.alpha = 0.1
+            if not 0.0 <= self.alpha <= 1.0:
+                raise _fail("contrast_alpha", "'alpha' must be between 0 and 1")
+            if self.layer is not None or self.weight is not None:
+                raise _fail(
+                    "contrast_fields",
+                    "mode '{mode}' takes 'layers' and 'alpha' only",
+                    mode=self.mode,
+                )
+            if n is not None:
+                if isinstance(self.layers, str):
+                    if (self.layers == "latter_half") != (self.mode == "lfd"):
+                        raise _fail(
+                            "contrast_layers",
+                            "'layers' of mode {mode} is a list or {named}",
+                            mode=self.mode,
+                            named="'latter_half'" if self.mode == "lfd" else "'low'/'high'",
+                        )
+                    layers = lfd_layers(n) if self.mode == "lfd" else dola_buckets(n)[self.layers]
+                else:
+                    layers = self.layers
+                    if not layers or len(set(layers)) != len(layers):
+                        raise _fail("contrast_layers", "'layers' must list distinct layers")
+                    for layer in layers:
+                        if not 0 <= layer <= n - 2:
+                            raise _fail(
+                                "layer_range",
+                                "contrast layer {layer} is out of range (0..{last})",
+                                layer=layer,
+                                last=n - 2,
+                            )
+                self._candidates = sorted(layers)
+                if not self._candidates:
+                    raise _fail("contrast_layers", "no candidate layers for this model")
+        return self
+
+    @property
+    def candidates(self) -> list[int]:
+        return self._candidates
+
+    def key(self) -> tuple:
+        return (self.mode, self.layer, self.weight, tuple(self._candidates), self.alpha)
+
+
 class SteeringSpec(BaseModel):
-    """A request's intervention spec. `decoding` is reserved for a later issue."""
+    """A request's intervention spec."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     preset: str | None = None
     vectors: list[VectorEntry] = []
     heads: list[HeadMask] = []
-    decoding: Any = None
-
-    @field_validator("decoding")
-    @classmethod
-    def _reserved(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None:
-            raise _fail("not_supported", "'{field}' is not supported yet", field=info.field_name)
-        return value
+    decoding: DecodingSpec | None = None
 
     @field_validator("vectors", "heads")
     @classmethod
@@ -393,7 +500,8 @@ class SteeringSpec(BaseModel):
 
         Two specs with equal fingerprints steer identically, so they may share KV-cache
         blocks and an engine slot. Vector *content* is hashed, so replacing a registered
-        vector under the same name yields a new fingerprint.
+        vector under the same name yields a new fingerprint. `decoding` is not part of it:
+        it changes how the final logits are read, not the KV cache.
         """
         h = hashlib.sha256(b"steerserve-spec-v2")
         for e in self.vectors:
@@ -457,7 +565,7 @@ def _expand_preset(spec: SteeringSpec, ctx: SpecContext | None, root: str) -> St
         preset=spec.preset,
         vectors=[*base.vectors, *spec.vectors],
         heads=[*base.heads, *spec.heads],
-        decoding=None,
+        decoding=spec.decoding if spec.decoding is not None else base.decoding,
     )
     for name, have, limit in (
         ("vectors", len(merged.vectors), ctx.max_vectors),

@@ -52,7 +52,10 @@ def prompt_ids(seed: int, length: int) -> list[int]:
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {a: build_tiny_model(root / a, tiny_spec(a)) for a in ARCHITECTURES}
+    dirs = {a: build_tiny_model(root / a, tiny_spec(a)) for a in ARCHITECTURES}
+    # Deeper model for layer-reading decoding: "auto" and the DoLa buckets get a real choice.
+    dirs["llama8"] = build_tiny_model(root / "llama8", TinySpec(arch="llama", num_layers=8))
+    return dirs
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +122,10 @@ class Engines:
     VARIANTS = {
         "eager": dict(enforce_eager=True),
         "disabled": dict(enforce_eager=True, additional_config={"steerserve": {"enabled": False}}),
-        "noheads": dict(enforce_eager=True, additional_config={"steerserve": {"heads": False}}),
+        "noheads": dict(
+            enforce_eager=True,
+            additional_config={"steerserve": {"heads": False, "decoding": False}},
+        ),
         "compiled": dict(enforce_eager=False),
         # vLLM keeps only the newest engine's metrics in the Prometheus registry, so a test
         # that reads counters gets an engine of its own, started right before it reads.
@@ -139,7 +145,10 @@ class Engines:
 
             kw = dict(ENGINE_KW, **self.VARIANTS[variant])
             extra = kw.pop("additional_config", {"steerserve": {}})
-            extra["steerserve"] = {**extra["steerserve"], "vectors_dir": str(self.vectors_dir)}
+            # Layer-reading decoding on (it is opt-in), so that every bit-identity and
+            # invariance test also covers the capture buffers.
+            mine = {"decoding": True, **extra["steerserve"], "vectors_dir": str(self.vectors_dir)}
+            extra["steerserve"] = mine
             self._engines[key] = LLM(str(self.model_dirs[arch]), additional_config=extra, **kw)
         return self._engines[key]
 

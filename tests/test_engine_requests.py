@@ -141,6 +141,8 @@ def test_engine_without_head_ops_refuses_head_specs(engines):
         generate_one(llm, PROMPT, sampling(raw))
     assert info.value.parameter == "steering.heads"
     assert "steering.vectors[0].site: head interventions are off" in str(info.value)
+    with pytest.raises(VLLMValidationError, match="needs an engine started with layer-reading"):
+        generate_one(llm, PROMPT, sampling({"decoding": {"mode": "contrast", "layers": "low"}}))
     # Residual steering is unaffected, and matches the engine that has head tables.
     a, b = generate_one(llm, PROMPT, sampling(GOOD)), generate_one(full, PROMPT, sampling(GOOD))
     assert a.logprobs == b.logprobs

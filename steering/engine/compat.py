@@ -54,6 +54,7 @@ def check_static() -> None:
         ("load_model", ["self", "load_dummy_weights"]),
         ("_prepare_inputs", ["self", "scheduler_output", "num_scheduled_tokens"]),
         ("_on_request_state_removed", ["self", "req_id", "req_state"]),
+        ("_sample", ["self", "logits", "spec_decode_metadata"]),
     ):
         fn = GPUModelRunner.__dict__.get(name)
         _require(fn is not None, f"GPUModelRunner.{name}")
@@ -83,6 +84,30 @@ def check_static() -> None:
             f"{layer.__name__}.forward(self, positions, hidden_states, residual)",
         )
     _check_head_site()
+    _check_decoding()
+
+
+def _check_decoding() -> None:
+    """Layer-reading decoding: sampled rows, the pre-MLP stream, the logits path."""
+    from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+    from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+    from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    src = inspect.getsource(GPUModelRunner._prepare_inputs)
+    _require(
+        "logits_indices = query_start_loc[1:] - 1" in src,
+        "_prepare_inputs samples the last scheduled token of each row",
+    )
+    src = inspect.getsource(GPUModelRunner.sample_tokens)
+    _require("self._sample(logits" in src, "sample_tokens passes the logits to _sample")
+    for layer in (LlamaDecoderLayer, Qwen2DecoderLayer, Qwen3DecoderLayer):
+        _require(
+            "self.post_attention_layernorm(hidden_states, residual)"
+            in inspect.getsource(layer.forward),
+            f"{layer.__name__}: post_attention_layernorm(hidden, residual) before the MLP",
+        )
+    _require(hasattr(LlamaForCausalLM, "compute_logits"), "CausalLM.compute_logits")
 
 
 def _check_head_site() -> None:

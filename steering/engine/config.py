@@ -40,12 +40,17 @@ class SteeringConfig:
     # layers x slots x 3 x (H, H, H*D). Off: none of it exists and specs that use heads are
     # refused.
     heads: bool = True
+    # Layer-reading decoding (fuse / contrast / lfd): each layer copies its sampled rows
+    # into [layers, max_num_seqs, hidden] buffers every step, a few percent of throughput
+    # for every request, so it is opt-in (as vLLM's --enable-lora is). Off: no copy, and
+    # specs with `decoding` are refused with the switch to turn on.
+    decoding: bool = False
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> SteeringConfig:
         extra = getattr(vllm_config, "additional_config", None) or {}
         mine = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
-        known = ("enabled", "vectors_dir", "max_projections", "heads")
+        known = ("enabled", "vectors_dir", "max_projections", "heads", "decoding")
         unknown = set(mine) - set(known)
         if unknown:
             raise ValueError(
@@ -65,4 +70,5 @@ class SteeringConfig:
             ),
             max_projections=max_proj,
             heads=bool(mine.get("heads", True)),
+            decoding=bool(mine.get("decoding", False)),
         )

@@ -37,6 +37,7 @@ class SteeringFrontend:
     def __init__(self, vllm_config: Any, config: SteeringConfig):
         self.config = config
         self.shape = ModelShape.from_hf_config(vllm_config.model_config.hf_config)
+        self.speculative = getattr(vllm_config, "speculative_config", None) is not None
         self.registry = VectorRegistry(config.vectors_dir)
         self.context = SpecContext(self.shape, vectors=self.registry)
 
@@ -63,6 +64,8 @@ class SteeringFrontend:
             raise SteeringValidationError(e.errors) from None
         if not self.config.heads:
             self._refuse_heads(spec)
+        if spec.decoding is not None:
+            self._check_decoding(params)
         compiled = compile_spec(spec, self.shape)
         limit = self.config.max_projections
         if len(compiled.projections) > limit:
@@ -72,6 +75,23 @@ class SteeringFrontend:
                 f"{limit} (additional_config.steerserve.max_projections; 'add' is unlimited)",
             )])  # fmt: skip
         return None if compiled.is_identity else compiled
+
+    def _check_decoding(self, params: SamplingParams) -> None:
+        field = f"{SPEC_KEY}.decoding"
+        if not self.config.decoding:
+            why = (
+                "needs an engine started with layer-reading decoding on "
+                '(additional_config={"steerserve": {"decoding": true}})'
+            )
+            raise SteeringValidationError([(field, why)])
+        if params.prompt_logprobs is not None:
+            # Intermediate states are kept for the sampled rows only: prompt log-probs would
+            # silently be the plain model's.
+            raise SteeringValidationError(
+                [(field, "cannot be combined with prompt_logprobs (only sampled rows are fused)")]
+            )
+        if self.speculative:
+            raise SteeringValidationError([(field, "is not available with speculative decoding")])
 
     @staticmethod
     def _refuse_heads(spec: SteeringSpec) -> None:
@@ -108,6 +128,8 @@ class SteeringFrontend:
         KV computed under one intervention must never serve a request with another.
         Unsteered requests keep their salt (or none) and share the cache as usual.
         """
+        if not compiled.affects_kv:
+            return  # decoding alone reads the same KV as plain requests
         salt = f"steerserve:{compiled.fingerprint}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
 

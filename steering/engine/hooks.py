@@ -7,7 +7,8 @@ plain vLLM code. `compat.py` checks every internal touched here.
 
     InputProcessor.process_inputs      validate + compile the spec, salt the prefix cache
     <Runner>.load_model                allocate tables, swap decoder layers
-    GPUModelRunner._prepare_inputs     per-step slot/coefficient buffers
+    GPUModelRunner._prepare_inputs     per-step slot/coefficient buffers, sampled rows
+    GPUModelRunner._sample             layer-fused / contrastive logits of planned rows
     GPUModelRunner._on_request_state_removed   free the request's slot reference
 """
 
@@ -92,6 +93,8 @@ def _after_load_model(runner: Any) -> None:
     if config.heads:
         rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         heads = local_heads(shape.num_heads, rank, size)
+    # The stream before the MLP: IKS ("auto" fuse, lfd) may ask for any layer but the last.
+    mid_layers = range(shape.num_layers - 1) if config.decoding else range(0)
     tables = SteeringTables(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -102,8 +105,9 @@ def _after_load_model(runner: Any) -> None:
         device=torch.device(runner.device),
         heads=heads,
         head_dim=shape.head_dim,
+        capture=config.decoding,
     )
-    n = install(runner.get_model(), tables, shape.architecture)
+    n = install(runner.get_model(), tables, shape.architecture, mid_layers)
     _mark_compile_cache(runner.vllm_config, config)
     setattr(runner, _RUNTIME_ATTR, SteeringRuntime(tables, runner.max_num_reqs))
     log.info(
@@ -146,6 +150,18 @@ def _hook_prepare_inputs(original):
         return result
 
     return _prepare_inputs
+
+
+def _hook_sample(original):
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        runtime = getattr(self, _RUNTIME_ATTR, None)
+        if runtime is not None and runtime.plan and logits is not None:
+            from steering.engine import decoding
+
+            logits = decoding.apply(self.get_model(), runtime.tables, logits, runtime.plan)
+        return original(self, logits, spec_decode_metadata, *args, **kwargs)
+
+    return _sample
 
 
 def _hook_request_removed(original):
@@ -191,6 +207,7 @@ def install_hooks() -> None:
     _wrap(GPUModelRunner, "load_model", _hook_load_model)
     _wrap(GPUModelRunner, "_prepare_inputs", _hook_prepare_inputs)
     _wrap(GPUModelRunner, "_on_request_state_removed", _hook_request_removed)
+    _wrap(GPUModelRunner, "_sample", _hook_sample)
     for runner_cls in compat.runner_subclasses_with_own_load_model():
         _wrap(runner_cls, "load_model", _hook_load_model)
     _installed = True

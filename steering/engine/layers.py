@@ -33,7 +33,7 @@ VERIFIED_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 )
 
-_STEERED: dict[type, type] = {}
+_STEERED: dict[tuple[type, object], type] = {}
 
 
 class UnsupportedModelError(RuntimeError):
@@ -89,10 +89,31 @@ def apply_query_ops(tables: SteeringTables, layer: int, q: torch.Tensor) -> torc
     return per_head.view(q.shape)
 
 
+def capture_rows(buffer: torch.Tensor, sample_idx: torch.Tensor, stream: torch.Tensor) -> None:
+    """Copy the sampled rows of `stream` into a persistent [max_rows, hidden] buffer.
+
+    A fixed-size gather (padding rows point at token 0): one shape for every step, so the
+    copy stays in the single compiled graph; only the sampler step reads what it needs.
+    """
+    buffer.copy_(stream.index_select(0, sample_idx))
+
+
 def _steered_layer_forward(self, *args, **kwargs):
     hidden, residual = self._steerserve_base.forward(self, *args, **kwargs)
     tables, layer = self._steerserve_tables, self._steerserve_layer
-    return hidden, apply_residual_ops(tables, layer, hidden, residual)
+    residual = apply_residual_ops(tables, layer, hidden, residual)
+    if tables.capture is not None:
+        capture_rows(tables.capture[layer], tables.sample_idx, hidden + residual)
+    return hidden, residual
+
+
+def _steered_post_attention_norm_forward(self, x, residual=None):
+    # Llama/Qwen: post_attention_layernorm(hidden, residual) adds the attention output into
+    # the stream and returns (normed, stream): the stream before the MLP.
+    out = self._steerserve_base.forward(self, x, residual)
+    tables = self._steerserve_tables
+    capture_rows(tables.capture_mid[self._steerserve_layer], tables.sample_idx, out[1])
+    return out
 
 
 def _steered_o_proj_forward(self, input_, *args, **kwargs):
@@ -106,14 +127,14 @@ def _steered_attn_forward(self, query, key, value, *args, **kwargs):
 
 
 def steered_class(base: type[nn.Module], forward=_steered_layer_forward) -> type[nn.Module]:
-    cls = _STEERED.get(base)
+    cls = _STEERED.get((base, forward))
     if cls is None:
         cls = type(
             f"Steered{base.__name__}",
             (base,),
             {"forward": forward, "_steerserve_base": base, "__module__": __name__},
         )
-        _STEERED[base] = cls
+        _STEERED[(base, forward)] = cls
     return cls
 
 
@@ -175,7 +196,9 @@ def check_layer_protocol(layer: nn.Module) -> None:
         )
 
 
-def install(model: nn.Module, tables: SteeringTables, architecture: str) -> int:
+def install(
+    model: nn.Module, tables: SteeringTables, architecture: str, mid_layers: range = range(0)
+) -> int:
     """Swap every local decoder layer (and its o_proj, with head tables) to its steered
     subclass; returns how many layers."""
     layers = decoder_layers(model)
@@ -199,4 +222,9 @@ def install(model: nn.Module, tables: SteeringTables, architecture: str) -> int:
     for (i, _), (kernel, o_proj) in zip(real, heads, strict=False):
         _swap(kernel, _steered_attn_forward, i, tables)
         _swap(o_proj, _steered_o_proj_forward, i, tables)
+    if tables.capture is not None:
+        for i, layer in real:
+            if i in mid_layers:
+                _swap(layer.post_attention_layernorm, _steered_post_attention_norm_forward, i,
+                      tables)  # fmt: skip
     return len(real)

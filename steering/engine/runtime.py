@@ -8,16 +8,20 @@ only Python loop is over the batch rows (dictionary lookups), as in vLLM's own i
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
-from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec, token_class
+from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec, Decoding, token_class
+from steering.engine.decoding import DecodingState, PlannedRow
 from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
 
 log = logging.getLogger(__name__)
 
 _UNSEEN = object()
+# Decoding reports (chosen layers) kept for finished requests, for the API to fetch.
+MAX_REPORTS = 4096
 
 
 class SteeringRuntime:
@@ -30,6 +34,9 @@ class SteeringRuntime:
         self.row_slot = np.zeros(max_rows, dtype=np.int64)
         self.step = 0
         self._dirty = 0  # tokens [0, _dirty) may hold non-identity slots from an earlier step
+        self.req_decoding: dict[str, DecodingState] = {}
+        self.finished_reports: OrderedDict[str, dict] = OrderedDict()
+        self.plan: list[PlannedRow] = []  # this step's rows with layer-reading decoding
 
     # --- request lifecycle -------------------------------------------------------------
 
@@ -37,6 +44,8 @@ class SteeringRuntime:
         extra = getattr(sampling_params, "extra_args", None) or {}
         payload = extra.get(PAYLOAD_KEY)
         spec = None
+        if payload is not None and payload.get("decoding") and self.tables.capture is not None:
+            self.req_decoding[req_id] = DecodingState(Decoding.from_payload(payload["decoding"]))
         if payload is not None:
             fp = payload["fp"]
             spec = self.specs.get(fp)
@@ -53,7 +62,7 @@ class SteeringRuntime:
                         spec = None
                     else:
                         self.specs[fp] = spec
-            if spec is not None and spec.is_identity:
+            if spec is not None and not spec.affects_kv:
                 spec = None
         elif extra.get("steering"):
             log.warning(
@@ -84,7 +93,17 @@ class SteeringRuntime:
                 )
         return None
 
+    def report(self, req_id: str) -> dict | None:
+        """What layer-reading decoding chose for a request (live or recently finished)."""
+        state = self.req_decoding.get(req_id)
+        return state.report() if state is not None else self.finished_reports.get(req_id)
+
     def release(self, req_id: str) -> None:
+        state = self.req_decoding.pop(req_id, None)
+        if state is not None:
+            self.finished_reports[req_id] = state.report()
+            while len(self.finished_reports) > MAX_REPORTS:
+                self.finished_reports.popitem(last=False)
         spec = self.req_spec.pop(req_id, None)
         if spec is None:
             return
@@ -145,6 +164,28 @@ class SteeringRuntime:
         if max(written, self._dirty):
             t.publish(max(written, self._dirty))
         self._dirty = written
+        if t.capture is not None:
+            self._plan_sampled_rows(req_ids, req_indices, positions, prompt_lens)
+
+    def _plan_sampled_rows(self, req_ids, req_indices, positions, prompt_lens) -> None:
+        """Point the capture at each row's sampled (last scheduled) token; plan decoding.
+
+        Filled every step, whether or not any request uses decoding: the layers gather
+        these indices unconditionally, so stale ones must never outlive their step.
+        """
+        n = len(req_ids)
+        last = np.cumsum(np.bincount(req_indices, minlength=n)) - 1
+        t = self.tables
+        t.np_sample[:] = 0
+        t.np_sample[:n] = last
+        t.publish_samples()
+        self.plan = []
+        if self.req_decoding:
+            rel = positions[last] - prompt_lens[:n]
+            for i, rid in enumerate(req_ids):
+                state = self.req_decoding.get(rid)
+                if state is not None:
+                    self.plan.append(PlannedRow(i, state, int(rel[i])))
 
     @property
     def live_slots(self) -> int:

@@ -44,8 +44,13 @@ class SteeringTables:
     head_const [layers, slots * NUM_CLASSES, H_local * D]    per-head constant (o_proj input)
     query_scale [layers, slots * NUM_CLASSES, H_local]       per-head query factor (1 = identity)
 
+    sample_idx [max_rows]                    token index of each batch row's sampled row (int64)
+    capture    [layers, max_rows, hidden]    residual stream after each layer, sampled rows
+    capture_mid[layers, max_rows, hidden]    stream after attention (before the MLP), ditto
+
     The head tables hold only this rank's heads (`heads`, a range of query heads) and are
-    absent (None) when the engine runs without head interventions.
+    absent (None) when the engine runs without head interventions; the capture buffers are
+    absent without layer-reading decoding.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class SteeringTables:
         device: torch.device,
         heads: range | None = None,
         head_dim: int = 0,
+        capture: bool = False,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -88,6 +94,17 @@ class SteeringTables:
                 num_layers, rows, len(heads) * head_dim, dtype=dtype, device=device
             )
             self.query_scale = torch.ones_like(self.head_scale)
+        self.sample_idx: torch.Tensor | None = None
+        self.capture: torch.Tensor | None = None
+        self.capture_mid: torch.Tensor | None = None
+        if capture:
+            rows = num_slots - 1
+            self.sample_idx = torch.zeros(rows, dtype=torch.int64, device=device)
+            shape = (num_layers, rows, hidden_size)
+            self.capture = torch.zeros(shape, dtype=dtype, device=device)
+            self.capture_mid = torch.zeros(shape, dtype=dtype, device=device)
+            self._sample_host = self._staging(self.sample_idx)
+            self.np_sample = self._sample_host.numpy()
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
         self._per_token = (self.tok_slot, self.tok_const, self.tok_gain)
         self._staged = tuple(self._staging(t) for t in self._per_token)
@@ -103,7 +120,8 @@ class SteeringTables:
     @property
     def nbytes(self) -> int:
         heads = (self.head_scale, self.head_const, self.query_scale)
-        tensors = (self.units, self.const, *heads, *self._per_token)
+        capture = (self.sample_idx, self.capture, self.capture_mid)
+        tensors = (self.units, self.const, *heads, *capture, *self._per_token)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def publish(self, num_tokens: int) -> None:
@@ -111,6 +129,11 @@ class SteeringTables:
         for dev, host in zip(self._per_token, self._staged, strict=True):
             if dev is not host:
                 dev[:num_tokens].copy_(host[:num_tokens], non_blocking=True)
+
+    def publish_samples(self) -> None:
+        assert self.sample_idx is not None
+        if self._sample_host is not self.sample_idx:
+            self.sample_idx.copy_(self._sample_host, non_blocking=True)
 
     def reset_tokens(self, start: int, stop: int) -> None:
         """Point tokens [start, stop) back at the identity slot (host side; then publish)."""

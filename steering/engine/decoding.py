@@ -1,0 +1,170 @@
+"""Layer-fused and layer-contrastive decoding, applied to the logits of the sampled rows.
+
+Runs at vLLM's sampler step, outside the compiled forward: the decoder layers have copied
+each batch row's sampled row of the residual stream into `tables.capture` (and, for the
+"auto" layer range, the stream before the MLP into `tables.capture_mid`). Here the rows that
+asked for it get their intermediate logits, lm_head(final_norm(h_L)), computed in one batch,
+and their final logits replaced by the fused or contrasted scores. Rows without `decoding`
+are not touched; the sampler (temperature, top-p, penalties, logprobs) then runs unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from steering.compile import Decoding
+
+
+@dataclass
+class DecodingState:
+    """One request's decoding settings and what was chosen for it so far."""
+
+    spec: Decoding
+    fuse_layer: int | None = None  # fixed, or chosen by IKS at the last prompt row ("auto")
+    iks: dict[int, float] | None = None  # auto: IKS of every candidate layer
+    contrast_layers: list[int] = field(default_factory=list)  # M per generated token
+
+    def __post_init__(self) -> None:
+        if self.spec.mode == "fuse" and not self.spec.auto:
+            self.fuse_layer = self.spec.candidates[0]
+
+    def report(self) -> dict:
+        if self.spec.mode == "fuse":
+            return {"mode": "fuse", "layer": self.fuse_layer, "iks": self.iks}
+        # contrast: the premature layer M of each token; lfd: the fused layer of each token
+        return {"mode": self.spec.mode, "layers": list(self.contrast_layers)}
+
+
+@dataclass
+class PlannedRow:
+    row: int  # batch row = index into the step's sampled logits
+    state: DecodingState
+    rel: int  # position of the sampled row - prompt length (-1: the last prompt row)
+
+
+def lfd_js(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """LFD's code's "JS": 0.5 (KL(M||P) + KL(M||Q)), M = (P+Q)/2, averaged over the vocabulary
+    (torch.nn.functional.kl_div(log P, M) is KL(M||P)); not the textbook JSD."""
+    m = 0.5 * (logp.exp() + logq.exp())
+    logm = torch.log(m)
+
+    def kl_m(logx: torch.Tensor) -> torch.Tensor:
+        return torch.where(m > 0, m * (logm - logx), torch.zeros_like(m)).mean(-1)
+
+    return 0.5 * (kl_m(logp) + kl_m(logq))
+
+
+def jsd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (natural log) along the last dim, from log-probabilities."""
+    p, q = logp.exp(), logq.exp()
+    logm = torch.log(0.5 * (p + q))
+
+    def kl(x: torch.Tensor, logx: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, x * (logx - logm), torch.zeros_like(x)).sum(-1)
+
+    return 0.5 * (kl(p, logp) + kl(q, logq))
+
+
+class LayerLogits:
+    """lm_head(final_norm(.)) of captured rows, computed once per (buffer, layer, row)."""
+
+    def __init__(self, model, tables):
+        self.model, self.tables = model, tables
+        self.norm = model.model.norm
+
+    def __call__(
+        self, pairs: list[tuple[int, int]], mid: bool = False, norm: bool = True
+    ) -> torch.Tensor:
+        buffer = self.tables.capture_mid if mid else self.tables.capture
+        device = buffer.device
+        layers = torch.tensor([p[0] for p in pairs], device=device)
+        rows = torch.tensor([p[1] for p in pairs], device=device)
+        states = buffer[layers, rows]
+        return self.model.compute_logits(self.norm(states) if norm else states).float()
+
+
+def apply(model, tables, logits: torch.Tensor, plan: list[PlannedRow]) -> torch.Tensor:
+    """`logits` with the planned rows replaced by fused / contrasted scores (in place)."""
+    todo = [p for p in plan if p.rel >= -1]  # rows of unfinished prompt chunks are discarded
+    if not todo:
+        return logits
+    layer_logits = LayerLogits(model, tables)
+    for p in todo:
+        s = p.state
+        if s.spec.mode == "fuse" and s.fuse_layer is None:
+            _choose_by_iks(layer_logits, p)
+    todo = [p for p in todo if p.state.spec.mode != "fuse" or p.state.fuse_layer is not None]
+    if not todo:
+        return logits
+    pairs = sorted({(layer, p.row) for p in todo for layer in _layers(p)})
+    z = layer_logits(pairs)
+    index = {pair: i for i, pair in enumerate(pairs)}
+    # The step's logits are not read again after sampling: rewrite the planned rows in place.
+    fuse = [p for p in todo if p.state.spec.mode == "fuse"]
+    if fuse:
+        device = logits.device
+        rows = torch.tensor([p.row for p in fuse], device=device)
+        early = z[torch.tensor([index[(p.state.fuse_layer, p.row)] for p in fuse], device=device)]
+        w = torch.tensor([p.state.spec.weight for p in fuse], device=device).unsqueeze(1)
+        final = torch.log_softmax(logits[rows].float(), dim=-1)
+        fused = (1.0 - w) * final + w * torch.log_softmax(early, dim=-1)
+        logits[rows] = fused.to(logits.dtype)
+    for p in todo:
+        if p.state.spec.mode == "fuse":
+            continue
+        final = torch.log_softmax(logits[p.row].float(), dim=-1)
+        if p.state.spec.mode == "lfd":
+            scores = _lfd(layer_logits, p, final, z, index)
+        else:
+            scores = _contrast(p, final, z, index)
+        logits[p.row] = scores.to(logits.dtype)
+    return logits
+
+
+def _layers(p: PlannedRow) -> list[int]:
+    if p.state.spec.mode == "fuse":
+        return [p.state.fuse_layer]
+    return list(p.state.spec.candidates)  # contrast, lfd
+
+
+def _choose_by_iks(layer_logits: LayerLogits, p: PlannedRow) -> None:
+    """IKS_L = JSD(softmax(lm_head(norm(m_L))), softmax(z_L)); the lowest wins (ties: lowest L).
+
+    Chosen once, at the request's last prompt row; a row before that keeps plain logits.
+    """
+    if p.rel != -1:
+        return
+    cands = list(p.state.spec.candidates)
+    after = layer_logits([(c, p.row) for c in cands])
+    before = layer_logits([(c, p.row) for c in cands], mid=True)
+    scores = jsd(torch.log_softmax(before, -1), torch.log_softmax(after, -1))
+    p.state.iks = {c: float(v) for c, v in zip(cands, scores.tolist(), strict=True)}
+    p.state.fuse_layer = cands[int(torch.argmin(scores))]
+
+
+def _plausible(final: torch.Tensor, alpha: float, scores: torch.Tensor) -> torch.Tensor:
+    """`scores` where q_F(x) >= alpha * max q_F (DoLa's adaptive plausibility), -inf elsewhere."""
+    threshold = final.max() + (math.log(alpha) if alpha > 0 else -math.inf)
+    return torch.where(final >= threshold, scores, torch.full_like(final, -torch.inf))
+
+
+def _contrast(p: PlannedRow, final: torch.Tensor, z: torch.Tensor, index: dict) -> torch.Tensor:
+    cands = list(p.state.spec.candidates)
+    early = torch.log_softmax(z[[index[(c, p.row)] for c in cands]], dim=-1)
+    m = cands[int(torch.argmax(jsd(final.expand_as(early), early)))]
+    p.state.contrast_layers.append(m)
+    return _plausible(final, p.state.spec.alpha, final - early[cands.index(m)])
+
+
+def _lfd(layer_logits: LayerLogits, p: PlannedRow, final, z, index) -> torch.Tensor:
+    """LFD's code: per token, the lowest-IKS candidate's un-normed logits, added to q_F's."""
+    cands = list(p.state.spec.candidates)
+    after = torch.log_softmax(z[[index[(c, p.row)] for c in cands]], dim=-1)
+    before = torch.log_softmax(layer_logits([(c, p.row) for c in cands], mid=True), dim=-1)
+    layer = cands[int(torch.argmin(lfd_js(after, before)))]
+    p.state.contrast_layers.append(layer)
+    raw = torch.log_softmax(layer_logits([(layer, p.row)], norm=False)[0], dim=-1)
+    return _plausible(final, p.state.spec.alpha, final + raw)
