@@ -405,15 +405,7 @@ class DecodingSpec(BaseModel):
                     if not self._candidates:
                         raise _fail("auto_layers", "layer 'auto' needs a model of 3+ layers")
                 else:
-                    if not 0 <= self.layer <= n - 2:
-                        raise _fail(
-                            "layer_range",
-                            "fuse layer {layer} is out of range (0..{last}; layer {final} is "
-                            "the final layer itself)",
-                            layer=self.layer,
-                            last=n - 2,
-                            final=n - 1,
-                        )
+                    self._check_early_layer(self.layer, n)
                     self._candidates = [int(self.layer)]
         else:
             if self.mode == "lfd" and self.layers is None:
@@ -445,24 +437,27 @@ class DecodingSpec(BaseModel):
                     if not layers or len(set(layers)) != len(layers):
                         raise _fail("contrast_layers", "'layers' must list distinct layers")
                     for layer in layers:
-                        if not 0 <= layer <= n - 2:
-                            raise _fail(
-                                "layer_range",
-                                "contrast layer {layer} is out of range (0..{last})",
-                                layer=layer,
-                                last=n - 2,
-                            )
+                        self._check_early_layer(layer, n)
                 self._candidates = sorted(layers)
                 if not self._candidates:
                     raise _fail("contrast_layers", "no candidate layers for this model")
         return self
 
+    def _check_early_layer(self, layer: int, n: int) -> None:
+        if not 0 <= layer <= n - 2:
+            raise _fail(
+                "layer_range",
+                "{mode} layer {layer} is out of range (0..{last}; layer {final} is the final "
+                "layer itself)",
+                mode=self.mode,
+                layer=layer,
+                last=n - 2,
+                final=n - 1,
+            )
+
     @property
     def candidates(self) -> list[int]:
         return self._candidates
-
-    def key(self) -> tuple:
-        return (self.mode, self.layer, self.weight, tuple(self._candidates), self.alpha)
 
 
 class SteeringSpec(BaseModel):

@@ -1,8 +1,9 @@
 """Layer-fused and layer-contrastive decoding, applied to the logits of the sampled rows.
 
 Runs at vLLM's sampler step, outside the compiled forward: the decoder layers have copied
-each batch row's sampled row of the residual stream into `tables.capture` (and, for the
-"auto" layer range, the stream before the MLP into `tables.capture_mid`). Here the rows that
+each batch row's sampled row of the residual stream into `tables.capture` (and, for every
+layer but the last, the stream before the MLP into `tables.capture_mid`, which the IKS of
+"auto" fuse and lfd read). Here the rows that
 asked for it get their intermediate logits, lm_head(final_norm(h_L)), computed in one batch,
 and their final logits replaced by the fused or contrasted scores. Rows without `decoding`
 are not touched; the sampler (temperature, top-p, penalties, logprobs) then runs unchanged.
@@ -69,7 +70,8 @@ def jsd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 class LayerLogits:
-    """lm_head(final_norm(.)) of captured rows, computed once per (buffer, layer, row)."""
+    """lm_head(final_norm(.)) (or lm_head alone, norm=False) of captured (layer, row) pairs,
+    one batched call per use."""
 
     def __init__(self, model, tables):
         self.model, self.tables = model, tables

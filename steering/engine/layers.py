@@ -126,7 +126,7 @@ def _steered_attn_forward(self, query, key, value, *args, **kwargs):
     return self._steerserve_base.forward(self, query, key, value, *args, **kwargs)
 
 
-def steered_class(base: type[nn.Module], forward=_steered_layer_forward) -> type[nn.Module]:
+def steered_class(base: type[nn.Module], forward) -> type[nn.Module]:
     cls = _STEERED.get((base, forward))
     if cls is None:
         cls = type(

@@ -56,7 +56,7 @@ class SteeringRuntime:
                     log.exception("steerserve: request %s: bad compiled payload, unsteered", req_id)
                     spec = None
                 else:
-                    problem = self._misfit(spec)
+                    problem = self.tables.misfit(spec)
                     if problem:
                         log.error("steerserve: request %s: %s; it runs unsteered", req_id, problem)
                         spec = None
@@ -74,24 +74,6 @@ class SteeringRuntime:
             self.refcount[spec.fingerprint] = self.refcount.get(spec.fingerprint, 0) + 1
         self.req_spec[req_id] = spec
         return spec
-
-    def _misfit(self, spec: CompiledSpec) -> str | None:
-        """Why a compiled spec cannot go into these tables (the front end compiled it for
-        the same model, so this is a guard against a mismatched deployment, not validation)."""
-        t = self.tables
-        if spec.hidden_size != t.hidden_size:
-            return f"compiled for hidden size {spec.hidden_size}, the model has {t.hidden_size}"
-        if len(spec.projections) > t.max_proj:
-            return f"{len(spec.projections)} projections, the tables hold {t.max_proj}"
-        if spec.uses_heads:
-            if t.heads is None:
-                return "uses head interventions, which are off in this engine"
-            if spec.heads.head_dim != t.head_dim or t.heads.stop > spec.heads.num_heads:
-                return (
-                    f"compiled for {spec.heads.num_heads} heads x {spec.heads.head_dim}, "
-                    f"this rank holds heads {t.heads.start}..{t.heads.stop - 1} x {t.head_dim}"
-                )
-        return None
 
     def report(self, req_id: str) -> dict | None:
         """What layer-reading decoding chose for a request (live or recently finished)."""

@@ -141,6 +141,9 @@ class SteeringTables:
         self.np_const[start:stop] = IDENTITY_SLOT
 
     def write_slot(self, slot: int, spec: CompiledSpec) -> None:
+        problem = self.misfit(spec)
+        if problem:
+            raise ValueError(f"compiled spec does not fit the steering tables: {problem}")
         self.units[:, slot].zero_()
         rows = slice(slot * NUM_CLASSES, (slot + 1) * NUM_CLASSES)
         self.const[:, rows].zero_()
@@ -155,6 +158,24 @@ class SteeringTables:
         if self.heads is not None:
             self._write_heads(rows, spec)
 
+    def misfit(self, spec: CompiledSpec) -> str | None:
+        """Why a compiled spec cannot go into these tables (the front end compiled it for
+        the same model, so this guards against a mismatched deployment, not user input)."""
+        if spec.hidden_size != self.hidden_size:
+            return f"compiled for hidden size {spec.hidden_size}, the model has {self.hidden_size}"
+        if len(spec.projections) > self.max_proj:
+            return f"{len(spec.projections)} projections, the tables hold {self.max_proj}"
+        if spec.uses_heads:
+            ops = spec.heads
+            if self.heads is None:
+                return "uses head interventions, which are off in this engine"
+            if ops.head_dim != self.head_dim or self.heads.stop > ops.num_heads:
+                return (
+                    f"compiled for {ops.num_heads} heads x {ops.head_dim}, this rank holds "
+                    f"heads {self.heads.start}..{self.heads.stop - 1} x {self.head_dim}"
+                )
+        return None
+
     def _write_heads(self, rows: slice, spec: CompiledSpec) -> None:
         assert self.head_scale is not None and self.head_const is not None
         assert self.query_scale is not None
@@ -164,11 +185,6 @@ class SteeringTables:
         ops = spec.heads
         if not ops.layers.size:
             return
-        if ops.head_dim != self.head_dim or self.heads.stop > ops.num_heads:
-            raise ValueError(
-                f"compiled head ops for {ops.num_heads} x {ops.head_dim} do not fit this "
-                f"rank's heads {self.heads} x {self.head_dim}"
-            )
         lo, hi = self.heads.start, self.heads.stop
         m = len(ops.layers)
         scale = ops.scale[:, :, lo:hi]
