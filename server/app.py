@@ -1,0 +1,77 @@
+"""steerserve's HTTP layer on top of the app `vllm serve` builds.
+
+vLLM's app keeps its routes (`/v1/models`, `/health`, `/metrics`, tokenize, ...), its
+exception handlers and its request handling; this module adds:
+
+- our `POST /v1/chat/completions` and `POST /v1/completions` in front of vLLM's (same
+  handlers underneath, plus the `steering` field: `generation.py`),
+- `GET /v1/vectors`, `GET /v1/presets`, `POST /v1/admin/reload`,
+- OpenAI-shaped 401/413 from our own middleware, steerserve metrics on `/metrics`.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.middleware import Middleware
+
+from steering.engine import openai_server as vllm_api
+
+from . import generation, registry_routes
+from .applied import SteeringResolver
+from .errors import APIError, api_error_handler
+from .metrics import SteeringMetrics
+from .middleware import Authenticate, BodyLimit, RefreshGauges
+from .settings import ServerSettings
+from .state import ServerState
+
+
+def _put_first(app: FastAPI, router_routes: list) -> None:
+    """Add our routes ahead of vLLM's, replacing any of its with the same path and method."""
+    ours = {(r.path, m) for r in router_routes if isinstance(r, APIRoute) for m in r.methods}
+    kept = [
+        r
+        for r in app.router.routes
+        if not (isinstance(r, APIRoute) and any((r.path, m) in ours for m in r.methods))
+    ]
+    app.router.routes[:] = [*router_routes, *kept]
+
+
+def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSettings) -> FastAPI:
+    frontend = vllm_api.frontend(engine)
+    if frontend is not None:
+        if settings.max_inline_floats is not None:
+            frontend.context.max_inline_floats = settings.max_inline_floats
+        registry_routes.check_presets(frontend, settings.presets)
+        frontend.context.presets = settings.presets
+    elif settings.presets or settings.default_spec:
+        raise ValueError("--presets/--default-steering need steering enabled in the engine")
+    model_name = engine.model_config.served_model_name
+    if isinstance(model_name, list):
+        model_name = model_name[0]
+    state = ServerState(
+        engine=engine,
+        frontend=frontend,
+        resolver=SteeringResolver(frontend, settings.default_spec),
+        metrics=SteeringMetrics(str(model_name or engine.model_config.model)),
+        settings=settings,
+    )
+    app.state.steerserve = state
+    generation.observe_engine(engine)
+
+    _put_first(app, [*generation.router.routes, *registry_routes.router.routes])
+    app.add_exception_handler(APIError, api_error_handler)
+
+    async def refresh_gauges() -> None:
+        state.metrics.set_slots(await vllm_api.worker_call(engine, "stats"))
+
+    # Outermost first: the body limit and keys apply before anything reads the request.
+    # vLLM's app has built its middleware stack already (add_middleware refuses): insert
+    # ours ahead of its own and let Starlette rebuild the stack on the first request.
+    app.user_middleware[0:0] = [
+        Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        Middleware(Authenticate, api_keys=settings.api_keys, admin_key=settings.admin_key),
+        Middleware(RefreshGauges, refresh=refresh_gauges),
+    ]
+    app.middleware_stack = None
+    return app

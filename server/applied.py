@@ -1,0 +1,128 @@
+"""From a request's `steering` field to what the engine runs, and what the response echoes.
+
+Order of composition, documented in the README: the server's default spec (its preset
+expanded first), then the request's preset, then the request's own entries; entries apply
+in that order inside each layer, and the last `decoding` given wins. A request opts out of
+the default with `"steering": {"default": false}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from steering.compile import CompiledSpec
+from steering.engine.frontend import SPEC_KEY, SteeringFrontend, SteeringValidationError
+from steering.spec import SteeringSpec, compose
+
+from .errors import APIError
+
+KIND_NONE = "none"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The steering of one request, after composition and compilation."""
+
+    spec: SteeringSpec
+    compiled: CompiledSpec | None
+    preset: str | None
+    default: bool  # whether the server's default spec took part
+
+    @property
+    def kind(self) -> str:
+        """Metric label: which intervention families the request uses ("vectors+heads")."""
+        parts = [
+            name
+            for name, used in (
+                ("vectors", bool(self.spec.vectors)),
+                ("heads", bool(self.spec.heads)),
+                ("decoding", self.spec.decoding is not None),
+            )
+            if used
+        ]
+        return "+".join(parts) or KIND_NONE
+
+    @property
+    def steered(self) -> bool:
+        return self.compiled is not None
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.compiled.fingerprint if self.compiled is not None else None
+
+    def echo(self) -> dict[str, Any]:
+        """The response's `steering` object."""
+        out: dict[str, Any] = {
+            "fingerprint": self.fingerprint,
+            "preset": self.preset,
+            "default": self.default,
+            "kind": self.kind,
+            "vectors": [e.name if e.name is not None else "<inline>" for e in self.spec.vectors],
+            "heads": len(self.spec.heads),
+        }
+        if self.spec.decoding is not None:
+            out["decoding"] = {"mode": self.spec.decoding.mode}
+        return out
+
+
+UNSTEERED = Applied(SteeringSpec(), None, None, False)
+
+
+class SteeringResolver:
+    """Validates `steering` fields against the served model and the server's registries."""
+
+    def __init__(self, frontend: SteeringFrontend | None, default_raw: Mapping | None):
+        self.frontend = frontend
+        self.default: SteeringSpec | None = None
+        if default_raw is not None:
+            if frontend is None:
+                raise ValueError("--default-steering needs steering enabled in the engine")
+            self.default = frontend.parse(dict(default_raw))
+            frontend.compile(self.default)  # refuse at start what every request would fail
+
+    def resolve(self, raw: Any, *, prompt_logprobs: bool = False) -> Applied:
+        use_default = True
+        if isinstance(raw, Mapping) and "default" in raw:
+            flag = raw["default"]
+            if not isinstance(flag, bool):
+                raise APIError(400, "must be true or false", f"{SPEC_KEY}.default")
+            use_default = flag
+            raw = {k: v for k, v in raw.items() if k != "default"}
+        default = self.default if use_default else None
+        if raw is None or (isinstance(raw, Mapping) and not raw):
+            if default is None:
+                return UNSTEERED
+            raw = None
+        if self.frontend is None:
+            raise APIError(400, "steering is disabled on this server", SPEC_KEY)
+        try:
+            spec = self.frontend.parse(raw) if raw is not None else SteeringSpec()
+            if default is not None:
+                spec = compose(default, spec, self.frontend.context, what="default plus request")
+            compiled = self.frontend.compile(spec, prompt_logprobs=prompt_logprobs)
+        except SteeringValidationError as e:
+            raise _as_api_error(e) from None
+        except ValueError as e:  # SpecError from compose
+            errors = getattr(e, "errors", [(SPEC_KEY, str(e))])
+            raise APIError(400, _message(errors), errors[0][0]) from None
+        return Applied(
+            spec=spec,
+            compiled=None if compiled.is_identity else compiled,
+            preset=spec.preset,
+            default=default is not None,
+        )
+
+
+def _message(errors: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{loc}: {msg}" for loc, msg in errors)
+
+
+def _as_api_error(e: SteeringValidationError) -> APIError:
+    status = 400
+    if "too_large" in e.kinds:
+        status = 413
+    elif "unknown_preset" in e.kinds:
+        status = 404
+    return APIError(status, _message(e.errors), e.errors[0][0])

@@ -1,0 +1,72 @@
+"""steerserve's Prometheus metrics, next to vLLM's `vllm:*` ones on the same `/metrics`.
+
+Named and labelled the way vLLM's are (`model_name`), plus `preset` and `kind` (which
+intervention families a request uses: "none", "vectors", "heads+decoding", ...). Label
+values come from bounded sets: presets registered on the server, the seven kinds, HTTP
+statuses.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LABELS = ["model_name", "preset", "kind"]
+# vLLM's buckets for the same quantities (vllm/v1/metrics/loggers.py).
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]  # fmt: skip
+_E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
+
+
+class SteeringMetrics:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.requests = Counter(
+            "steerserve:requests",
+            "HTTP generation requests by status, preset and intervention kind.",
+            [*_LABELS, "status"],
+        )
+        self.prompt_tokens = Counter(
+            "steerserve:prompt_tokens", "Prompt tokens of finished requests.", _LABELS
+        )
+        self.generation_tokens = Counter(
+            "steerserve:generation_tokens", "Generated tokens of finished requests.", _LABELS
+        )
+        self.ttft = Histogram(
+            "steerserve:time_to_first_token_seconds",
+            "From request arrival to the first generated token.",
+            _LABELS,
+            buckets=_TTFT_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "steerserve:e2e_request_latency_seconds",
+            "From request arrival to its last byte.",
+            _LABELS,
+            buckets=_E2E_BUCKETS,
+        )
+        self.running = Gauge(
+            "steerserve:requests_running",
+            "Generation requests being served.",
+            _LABELS,
+            multiprocess_mode="livesum",
+        )
+        self.slots_active = Gauge(
+            "steerserve:intervention_slots_active",
+            "Engine intervention slots held by running requests (distinct KV-affecting specs).",
+            ["model_name"],
+            multiprocess_mode="livemax",
+        )
+        self.slots_total = Gauge(
+            "steerserve:intervention_slots_total",
+            "Engine intervention slots available.",
+            ["model_name"],
+            multiprocess_mode="livemax",
+        )
+
+    def labels(self, preset: str | None, kind: str) -> dict[str, str]:
+        return {"model_name": self.model_name, "preset": preset or "none", "kind": kind}
+
+    def set_slots(self, stats: dict | None) -> None:
+        if stats:
+            self.slots_active.labels(self.model_name).set(stats["live_slots"])
+            self.slots_total.labels(self.model_name).set(stats["slots"])

@@ -1,0 +1,141 @@
+"""The pieces of vLLM's OpenAI-compatible server that steerserve's HTTP layer builds on.
+
+Everything `server/` needs from vLLM's entrypoints is named here, so that the internals it
+relies on sit next to the engine hooks, pinned to the same release and checked by
+`compat.check_openai_server`:
+
+- the `vllm serve` argument parser (engine and frontend flags, not retyped),
+- the app vLLM builds (its routes, handlers and exception handlers), our additions are
+  attached before its state is initialised,
+- its request models and the serving handlers the routes call,
+- how the engine names the requests of one HTTP call (for per-request reports),
+- its admission check (`--max-num-queued-reqs`), so a full queue is refused before a
+  streamed response has started.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from vllm.engine.protocol import EngineClient
+from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+from vllm.entrypoints.launchers.app import build_app
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+)
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.exceptions import GracefulHTTPError
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from steering.engine.frontend import SteeringFrontend, frontend_of
+from steering.engine.hooks import WORKER_METHOD
+from steering.engine.request_ids import choice_index
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "choice_index",
+    "CompletionRequest",
+    "CompletionResponse",
+    "EngineClient",
+    "EngineDeadError",
+    "ErrorResponse",
+    "GracefulHTTPError",
+    "with_cancellation",
+]
+
+
+def arg_parser(prog: str) -> FlexibleArgumentParser:
+    """vLLM's own `serve` parser: every engine and frontend flag, with vLLM's help."""
+    return make_arg_parser(FlexibleArgumentParser(prog=prog))
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    if getattr(args, "model_tag", None):
+        args.model = args.model_tag  # `vllm serve MODEL` and `--model MODEL` both work
+    validate_parsed_serve_args(args)
+
+
+async def run_server(
+    args: argparse.Namespace,
+    extend: Callable[[FastAPI, EngineClient], Awaitable[FastAPI]],
+) -> None:
+    """`vllm serve` with `extend(app, engine)` run on vLLM's app before it serves.
+
+    The same sequence as vLLM's single-process API server (bind first, build the engine,
+    build the app, initialise its state, serve), with one step added.
+    """
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine:
+        uvicorn_kwargs: dict[str, Any] = {}
+        log_config = get_uvicorn_log_config(args)
+        if log_config is not None:
+            uvicorn_kwargs["log_config"] = log_config
+        supported_tasks = await engine.get_supported_tasks()
+        app = build_app(args, supported_tasks, engine.model_config)
+        app = await extend(app, engine)
+        await init_app_state(engine, app.state, args, supported_tasks)
+        shutdown = await serve_http(
+            app,
+            sock=sock,
+            enable_ssl_refresh=args.enable_ssl_refresh,
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers,
+            h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            h11_max_header_count=args.h11_max_header_count,
+            **uvicorn_kwargs,
+        )
+    try:
+        await shutdown
+    finally:
+        sock.close()
+
+
+def serving_chat(app: FastAPI) -> Any:
+    return getattr(app.state, "openai_serving_chat", None)
+
+
+def serving_completion(app: FastAPI) -> Any:
+    return getattr(app.state, "openai_serving_completion", None)
+
+
+def frontend(engine: EngineClient) -> SteeringFrontend | None:
+    """The engine's spec front end (None when steering is disabled for it)."""
+    return frontend_of(engine.input_processor)
+
+
+def admit(engine: EngineClient, n: int) -> None:
+    """Raise vLLM's own 503 error now if `n` more sequences would overflow its queue."""
+    engine.check_admission(n)
+
+
+def engine_errored(engine: EngineClient) -> bool:
+    return bool(engine.errored)
+
+
+def served_model_names(app: FastAPI) -> list[str]:
+    return [m.name for m in app.state.openai_serving_models.base_model_paths]
+
+
+async def worker_call(engine: EngineClient, op: str, *args: Any) -> Any:
+    """Run `op` on the first worker's steering runtime (see hooks.worker_call)."""
+    results = await engine.collective_rpc(WORKER_METHOD, args=(op, *args))
+    return results[0] if results else None

@@ -1,0 +1,343 @@
+"""The OpenAI-compatible server, live on loopback, through the official `openai` client.
+
+One server for the module, on the same tiny model and engine settings as the offline
+engines of conftest, so that its answers can be compared with them token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from conftest import BLOCK_SIZE, ENGINE_KW, MAX_BATCHED_TOKENS, generate_one, random_vector
+from conftest import sampling as offline_sampling
+from live_server import live_server, metric_value
+
+from steering.engine.hooks import runtime_of
+
+MODEL = "tiny"
+ENGINE_FLAGS = [
+    "--dtype", "float32", "--enforce-eager", "--seed", "0",
+    "--max-model-len", str(ENGINE_KW["max_model_len"]),
+    "--max-num-seqs", str(ENGINE_KW["max_num_seqs"]),
+    "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
+    "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
+    "--kv-cache-memory-bytes", str(ENGINE_KW["kv_cache_memory_bytes"]),
+    "--served-model-name", MODEL, "--enable-steering-decoding",
+]  # fmt: skip
+PROMPT = [5, 17, 250, 33, 91, 12, 400, 8]
+MESSAGES = [{"role": "user", "content": "the cat sees the dog near the river"}]
+
+
+def server_args(model_dir, vectors_dir) -> list[str]:
+    return ["--model", str(model_dir), "--vectors-dir", str(vectors_dir), *ENGINE_FLAGS]
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, vectors_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    with live_server(server_args(model_dirs["llama"], vectors_dir), log) as (base, _):
+        yield base
+
+
+def client(base: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=kw.pop("api_key", "none"),
+                         max_retries=0, **kw)  # fmt: skip
+
+
+def complete(c: openai.OpenAI, steering=None, prompt=PROMPT, max_tokens=8, **kw):
+    """Greedy completion of token ids; returns (response, token ids, logprobs)."""
+    extra = {"ignore_eos": True, "return_tokens_as_token_ids": True, **kw.pop("extra", {})}
+    if steering is not None:
+        extra["steering"] = steering
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                             logprobs=1, extra_body=extra, **kw)  # fmt: skip
+    lp = r.choices[0].logprobs
+    return r, [int(t.split(":")[1]) for t in lp.tokens], lp.token_logprobs
+
+
+def offline(engines, spec, prompt=PROMPT, max_tokens=8):
+    return generate_one(engines.get("llama"), prompt, offline_sampling(spec, max_tokens))
+
+
+def _inline(seed: int, layer: int = 1, norm: float = 8.0) -> dict:
+    return {"data": {str(layer): random_vector(seed, norm).tolist()}}
+
+
+# --- plain OpenAI behaviour ----------------------------------------------------------------
+
+
+def test_chat_stream_concatenates_to_non_streamed_and_usage_counts(server, model_dirs):
+    from transformers import AutoTokenizer
+
+    c = client(server)
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    full = c.chat.completions.create(**kw)
+    chunks = list(c.chat.completions.create(**kw, stream=True,
+                                            stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    tok = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    rendered = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    n_prompt = len(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (n_prompt, 12)
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+    # Unsteered: the echo says so, the header too.
+    assert full.model_extra["steering"]["fingerprint"] is None
+    assert chunks[0].model_extra["steering"]["kind"] == "none"
+
+
+def test_completion_stream_and_sampling_fields(server):
+    c = client(server)
+    kw = dict(model=MODEL, prompt="the cat sees", max_tokens=10, temperature=0,
+              extra_body={"ignore_eos": True, "steering": {"vectors": [_inline(3)]}})  # fmt: skip
+    full = c.completions.create(**kw)
+    text = "".join(ch.choices[0].text for ch in c.completions.create(**kw, stream=True))
+    assert text == full.choices[0].text and full.usage.completion_tokens == 10
+    # The fields users rely on are accepted (n, seed, penalties, top_p, stop, user, logprobs).
+    r = c.completions.create(model=MODEL, prompt="the cat", max_tokens=6, n=2, seed=7,
+                             temperature=0.9, top_p=0.9, presence_penalty=0.5,
+                             frequency_penalty=0.5, stop=["zzz"], user="u1", logprobs=2,
+                             extra_body={"steering": {"vectors": [_inline(4)]}})  # fmt: skip
+    assert len(r.choices) == 2 and all(len(ch.logprobs.top_logprobs[0]) >= 2 for ch in r.choices)
+    models = c.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+# --- steering --------------------------------------------------------------------------------
+
+
+SPECS = {
+    "named": {"vectors": [{"name": "happy", "scale": 1.5}]},
+    "inline+gguf": {"vectors": [_inline(11, layer=2), {"name": "happy_gguf", "scale": -1}]},
+    "ablate": {"vectors": [{"name": "happy", "op": "ablate", "layers": [1]}]},
+    "heads": {"heads": [{"layer": 1, "heads": [0, 2]}, {"layer": 2, "heads": [1], "scale": 3}]},
+    "generated-only": {"vectors": [{**_inline(12, layer=0), "positions": "generated"}]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_steered_request_equals_offline_engine(server, engines, name):
+    spec = SPECS[name]
+    r, tokens, logprobs = complete(client(server), spec)
+    want = offline(engines, spec)
+    assert tokens == want.tokens
+    np.testing.assert_allclose(logprobs, want.logprobs, atol=1e-4)
+    assert tokens != offline(engines, None).tokens  # the spec does something
+    echo = r.model_extra["steering"]
+    assert echo["fingerprint"] and echo["kind"] in ("vectors", "heads")
+
+
+def test_fingerprint_header_and_body_agree(server):
+    spec = SPECS["named"]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "steering": spec}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-steering-fingerprint"] == r.json()["steering"]["fingerprint"]
+    del body["steering"]
+    assert (
+        httpx.post(f"{server}/v1/completions", json=body, timeout=60).headers[
+            "x-steering-fingerprint"
+        ]
+        == "none"
+    )
+
+
+def _offline_reports(llm) -> dict:
+    def read(worker):
+        return dict(runtime_of(worker.model_runner).finished_reports)
+
+    return llm.collective_rpc(read)[0]
+
+
+def test_decoding_report_in_response(server, engines):
+    spec = {"decoding": {"mode": "contrast", "layers": [0, 1]}}
+    llm = engines.get("llama")
+    before = _offline_reports(llm)
+    want = offline(engines, spec, max_tokens=6)
+    offline(engines, None, max_tokens=1)  # finished requests reach the worker a step later
+    (report,) = [v for k, v in _offline_reports(llm).items() if k not in before]
+
+    r, tokens, _ = complete(client(server), spec, max_tokens=6)
+    assert tokens == want.tokens
+    (choice,) = r.model_extra["steering"]["decoding"]["choices"]
+    assert choice == {"index": 0, **report} and len(choice["layers"]) == 6
+
+    chunks = list(client(server).completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0.8, seed=3, n=2, stream=True,
+        extra_body={"ignore_eos": True, "steering": spec}))  # fmt: skip
+    tail = chunks[-1].model_extra["steering"]["decoding"]["choices"]
+    assert [c["index"] for c in tail] == [0, 1]
+    assert all(c["mode"] == "contrast" and len(c["layers"]) == 6 for c in tail)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _error(fn) -> tuple[int, dict]:
+    with pytest.raises(openai.APIStatusError) as info:
+        fn()
+    body = info.value.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return info.value.status_code, body["error"]
+
+
+@pytest.mark.parametrize(
+    "steering, param, words",
+    [
+        ({"vectors": [{"data": {"1": [float("nan")] * 128}}]}, "steering.vectors[0].data[1]",
+         "finite"),
+        ({"vectors": [{"name": "nope"}]}, "steering.vectors[0].name", "unknown vector"),
+        ({"vectors": [{"name": "happy", "layers": [9]}]}, "steering.vectors[0].layers", "layer"),
+        ({"vectors": [{"data": {"1": [0.5] * 100}}]}, "steering.vectors[0].data", "hidden size"),
+        ({"vectors": [{"data": {"1": [1e39] * 128}}]}, "steering.vectors[0]", "nan or inf"),
+        ({"heads": [{"layer": 0, "heads": [7]}]}, "steering.heads[0].heads", "out of range"),
+        ({"vectors": [], "bogus": 1}, "steering.bogus", "extra"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_spec_is_400_naming_the_field(server, steering, param, words, stream):
+    # Raw JSON: the openai client refuses to send NaN (JSON has no NaN; Python's json does).
+    body = {"model": MODEL, "prompt": "the cat", "max_tokens": 4, "stream": stream,
+            "steering": steering}  # fmt: skip
+    r = httpx.post(f"{server}/v1/completions", content=json.dumps(body),
+                   headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == 400, r.text
+    assert err["param"].startswith(param) and words in err["message"].lower(), err
+
+
+def test_other_request_errors(server):
+    c = client(server)
+    status, err = _error(lambda: c.completions.create(model="nope", prompt="x", max_tokens=2))
+    assert status == 404 and "nope" in err["message"]
+    status, err = _error(
+        lambda: c.completions.create(
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"steering": {"preset": "calm"}}
+        )
+    )
+    assert status == 404 and err["param"] == "steering.preset"
+    status, err = _error(lambda: c.completions.create(
+        model=MODEL, prompt="x", max_tokens=2,
+        extra_body={"vllm_xargs": {"steering": "{}"}}))  # fmt: skip
+    assert status == 400 and err["param"] == "vllm_xargs.steering"
+    status, err = _error(lambda: c.completions.create(model=MODEL, prompt="x", max_tokens=-3))
+    assert status == 400
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+    # Steering a decoding spec with prompt log-probs is refused up front.
+    status, err = _error(lambda: c.completions.create(
+        model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1,
+        extra_body={"steering": {"decoding": {"mode": "fuse", "layer": 1}}}))  # fmt: skip
+    assert status == 400 and err["param"] == "steering.decoding"
+    # None of that hurt the server.
+    assert complete(c)[1]
+
+
+# --- disconnect, concurrency, metrics -------------------------------------------------------
+
+
+def _metrics(base: str) -> str:
+    return httpx.get(f"{base}/metrics", timeout=30).text
+
+
+def _wait_idle(base: str, timeout: float = 60) -> str:
+    deadline = time.time() + timeout
+    while True:
+        text = _metrics(base)
+        running = metric_value(text, "vllm:num_requests_running")
+        slots = metric_value(text, "steerserve:intervention_slots_active")
+        if running == 0 and slots == 0:
+            return text
+        if time.time() > deadline:
+            pytest.fail(f"engine not idle: running={running} slots={slots}")
+        time.sleep(0.5)
+
+
+def test_disconnect_mid_stream_aborts_and_frees_the_slot(server):
+    before = metric_value(_wait_idle(server), "steerserve:generation_tokens_total",
+                          kind="vectors") or 0  # fmt: skip
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "stream": True,
+            "ignore_eos": True, "steering": {"vectors": [_inline(21)]}}  # fmt: skip
+    with httpx.Client(timeout=60) as probe, httpx.Client(timeout=60) as http:
+        probe.get(f"{server}/health")  # connected before the stream starts
+        with http.stream("POST", f"{server}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            # While it streams, its spec holds a slot (so the check below is not vacuous).
+            during = probe.get(f"{server}/metrics").text
+            assert metric_value(during, "steerserve:intervention_slots_active") == 1
+            assert metric_value(during, "vllm:num_requests_running") == 1
+    # The connection is closed: the engine request is aborted and its slot freed.
+    text = _wait_idle(server, timeout=30)
+    generated = metric_value(text, "steerserve:generation_tokens_total", kind="vectors")
+    assert 0 < generated - before < 1000
+
+
+def test_32_concurrent_distinct_specs_equal_solo(server):
+    specs: list[dict | None] = []
+    for i in range(32):
+        kind = i % 4
+        if kind == 0:
+            specs.append(None)
+        elif kind == 1:
+            specs.append({"vectors": [_inline(100 + i, layer=i % 4, norm=6 + i % 3)]})
+        elif kind == 2:
+            specs.append({"heads": [{"layer": i % 4, "heads": [i % 4], "scale": (i % 3) * 0.5}],
+                          "vectors": [{"name": "happy", "scale": 0.1 * i}]})  # fmt: skip
+        else:
+            specs.append({"decoding": {"mode": "fuse", "layer": i % 3, "weight": 0.5}})
+    prompts = [[(7 * i + j) % 480 + 10 for j in range(5 + i % 7)] for i in range(32)]
+    c = client(server, timeout=300)
+
+    def run(i: int):
+        _, tokens, logprobs = complete(c, specs[i], prompt=prompts[i], max_tokens=6)
+        return tokens, logprobs
+
+    solo = [run(i) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(run, range(32)))
+    for i, (a, b) in enumerate(zip(solo, together, strict=True)):
+        assert a[0] == b[0], f"request {i} ({specs[i]}) differs beside the others"
+        np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+    assert len({tuple(t) for t, _ in solo}) > 16  # the specs really differ
+
+
+def test_metrics_expose_vllm_and_steerserve_series(server):
+    c = client(server)
+    complete(c, {"vectors": [{"name": "happy"}], "heads": [{"layer": 0, "heads": [1]}]})
+    with pytest.raises(openai.BadRequestError):
+        complete(c, {"vectors": [{"name": "nope"}]})
+    text = _wait_idle(server)
+    assert "vllm:num_requests_running" in text and "vllm:prompt_tokens_total" in text
+    base = {"model_name": MODEL, "preset": "none"}
+    assert metric_value(text, "steerserve:requests_total", **base, kind="vectors+heads",
+                        status="200") >= 1  # fmt: skip
+    assert metric_value(text, "steerserve:requests_total", status="400") >= 1
+    assert metric_value(text, "steerserve:prompt_tokens_total", **base, kind="none") > 0
+    assert metric_value(text, "steerserve:generation_tokens_total", **base,
+                        kind="vectors+heads") >= 8  # fmt: skip
+    assert metric_value(text, "steerserve:time_to_first_token_seconds_count", **base,
+                        kind="vectors+heads") >= 1  # fmt: skip
+    assert metric_value(text, "steerserve:e2e_request_latency_seconds_count", **base,
+                        kind="decoding") >= 1  # fmt: skip
+    assert metric_value(text, "steerserve:intervention_slots_total", model_name=MODEL) >= 1
+    assert metric_value(text, "steerserve:requests_running", **base, kind="vectors") == 0
+
+
+def test_vectors_and_presets_routes(server):
+    r = httpx.get(f"{server}/v1/vectors", timeout=30).json()
+    by_name = {v["id"]: v for v in r["data"]}
+    assert by_name["happy"]["layers"] == [1, 2] and by_name["happy"]["usable"]
+    assert by_name["iti_heads"]["site"] == "heads" and by_name["iti_heads"]["usable"]
+    assert "broken.safetensors" in r["skipped_files"]
+    p = httpx.get(f"{server}/v1/presets", timeout=30).json()
+    assert p == {"object": "list", "data": [], "default": None}
+    assert json.loads(httpx.get(f"{server}/health", timeout=30).text or "{}") == {}
