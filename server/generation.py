@@ -12,6 +12,7 @@ spec rides in the sampling params' `extra_args`. The response gains a `steering`
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import time
@@ -32,6 +33,8 @@ from .state import ServerState, state_of
 router = APIRouter()
 
 FINGERPRINT_HEADER = "x-steering-fingerprint"
+# Status recorded for a request whose client went away (nginx's convention).
+CLIENT_CLOSED = 499
 
 
 @dataclass
@@ -156,6 +159,9 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
     except vllm_api.EngineDeadError:
         status = 503
         raise APIError(503, "the engine is not running; the server must be restarted") from None
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
     finally:
         if not streaming:
             _finish(state, applied, track, status)
@@ -235,6 +241,9 @@ async def _stream(
             elif chunk.startswith('data: {"error"'):
                 status = json.loads(chunk[len("data: ") :])["error"].get("code", 500)
             yield chunk
+    except (asyncio.CancelledError, GeneratorExit):
+        status = CLIENT_CLOSED
+        raise
     finally:
         _finish(state, applied, track, status)
 
@@ -245,10 +254,11 @@ def _finish(state: ServerState, applied: Applied | None, track: Track, status: i
     if track.labels is not None:
         m.running.labels(**labels).dec()
     m.requests.labels(**labels, status=str(status)).inc()
-    if status != 200:
-        return
+    # Tokens the engine produced count even if the client left; latencies only when served.
     m.prompt_tokens.labels(**labels).inc(track.prompt_tokens)
     m.generation_tokens.labels(**labels).inc(track.generation_tokens)
+    if status != 200:
+        return
     if track.first_token is not None:
         m.ttft.labels(**labels).observe(track.first_token - track.started)
     m.e2e.labels(**labels).observe(time.monotonic() - track.started)

@@ -279,6 +279,7 @@ def test_disconnect_mid_stream_aborts_and_frees_the_slot(server):
     text = _wait_idle(server, timeout=30)
     generated = metric_value(text, "steerserve:generation_tokens_total", kind="vectors")
     assert 0 < generated - before < 1000
+    assert metric_value(text, "steerserve:requests_total", kind="vectors", status="499") == 1
 
 
 def test_32_concurrent_distinct_specs_equal_solo(server):

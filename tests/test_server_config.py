@@ -127,6 +127,11 @@ def test_queue_over_limit_is_503(configured):
         responses = [s.__enter__() for s in streams]
         try:
             assert [r.status_code for r in responses] == [200, 200]
+            # Headers go out before vLLM adds the engine request: wait for each one's tokens.
+            # (Keep the line iterators: a dropped one closes its stream, and the server
+            # rightly aborts the request.)
+            lines = [r.iter_lines() for r in responses]
+            assert all(next(it).startswith("data: {") for it in lines)
             r = http.post(f"{base}/v1/completions", json={**body, "stream": False})
             assert r.status_code == 503 and r.json()["error"]["code"] == 503
             r = http.post(f"{base}/v1/completions", json=body)  # streamed: refused up front
