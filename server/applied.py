@@ -14,7 +14,7 @@ from typing import Any
 
 from steering.compile import CompiledSpec
 from steering.engine.frontend import SPEC_KEY, SteeringFrontend, SteeringValidationError
-from steering.spec import SteeringSpec, compose
+from steering.spec import SpecError, SteeringSpec, compose
 
 from .errors import APIError
 
@@ -45,8 +45,9 @@ class Applied:
         return "+".join(parts) or KIND_NONE
 
     @property
-    def steered(self) -> bool:
-        return self.compiled is not None
+    def reports_decoding(self) -> bool:
+        """Whether the engine runs layer-reading decoding for it (and has reports)."""
+        return self.compiled is not None and self.spec.decoding is not None
 
     @property
     def fingerprint(self) -> str | None:
@@ -102,11 +103,8 @@ class SteeringResolver:
             if default is not None:
                 spec = compose(default, spec, self.frontend.context, what="default plus request")
             compiled = self.frontend.compile(spec, prompt_logprobs=prompt_logprobs)
-        except SteeringValidationError as e:
+        except (SteeringValidationError, SpecError) as e:  # the latter from compose
             raise _as_api_error(e) from None
-        except ValueError as e:  # SpecError from compose
-            errors = getattr(e, "errors", [(SPEC_KEY, str(e))])
-            raise APIError(400, _message(errors), errors[0][0]) from None
         return Applied(
             spec=spec,
             compiled=None if compiled.is_identity else compiled,
@@ -119,7 +117,7 @@ def _message(errors: list[tuple[str, str]]) -> str:
     return "; ".join(f"{loc}: {msg}" for loc, msg in errors)
 
 
-def _as_api_error(e: SteeringValidationError) -> APIError:
+def _as_api_error(e: SteeringValidationError | SpecError) -> APIError:
     status = 400
     if "too_large" in e.kinds:
         status = 413

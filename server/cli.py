@@ -12,7 +12,6 @@ it serves the built-in demo model, built locally on first run (nothing is downlo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -71,10 +70,7 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
 
 def _steering_config(args: argparse.Namespace) -> None:
     """Put steerserve's engine settings into vLLM's additional_config (merged, not replaced)."""
-    extra = args.additional_config
-    if isinstance(extra, str):  # vLLM parses it to a dict; be tolerant of older releases
-        extra = json.loads(extra)
-    extra = dict(extra or {})
+    extra = dict(args.additional_config or {})
     mine = dict(extra.get("steerserve", {}))
     mine.setdefault("vectors_dir", args.vectors_dir)
     if args.enable_steering_decoding:

@@ -47,6 +47,7 @@ class Track:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     labels: dict[str, str] | None = None  # metric labels, once the steering is known
+    n: int = 1  # choices per prompt: choice index = prompt index * n + child index
 
     def watch(self, outputs: AsyncGenerator, engine_id: str) -> AsyncGenerator:
         self.engine_ids.append(engine_id)
@@ -120,6 +121,7 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
     streaming = False
     try:
         request, applied = _parse(state, body, chat=chat)
+        track.n = request.n or 1
         track.labels = state.metrics.labels(applied.preset, applied.kind)
         state.metrics.running.labels(**track.labels).inc()
         handler = vllm_api.serving_chat(raw_request.app) if chat else (
@@ -204,7 +206,7 @@ def _admit(state: ServerState, request: Any, *, chat: bool) -> None:
 
 async def _echo(state: ServerState, applied: Applied, track: Track) -> dict[str, Any]:
     echo = applied.echo()
-    if applied.spec.decoding is not None and applied.compiled is not None:
+    if applied.reports_decoding:
         echo["decoding"]["choices"] = await _decoding_reports(state, track)
     return echo
 
@@ -214,9 +216,8 @@ async def _decoding_reports(state: ServerState, track: Track) -> list[dict]:
     choices: list[dict] = []
     for prompt_index, engine_id in enumerate(track.engine_ids):
         reports = await vllm_api.worker_call(state.engine, "reports", engine_id) or {}
-        base = len(choices) if prompt_index else 0
         for child, report in sorted(reports.items()):
-            choices.append({"index": base + child, **report})
+            choices.append({"index": prompt_index * track.n + child, **report})
     return choices
 
 
@@ -234,7 +235,7 @@ async def _stream(
                 echo = json.dumps(applied.echo())
                 chunk = f'data: {{"steering": {echo}, {chunk[len("data: {") :]}'
             elif chunk.startswith("data: [DONE]"):
-                if applied.spec.decoding is not None and applied.compiled is not None:
+                if applied.reports_decoding:
                     tail = {**(head or {}), "choices": [],
                             "steering": await _echo(state, applied, track)}  # fmt: skip
                     yield f"data: {json.dumps(tail)}\n\n"

@@ -79,7 +79,6 @@ async def reload(request: Request) -> dict[str, Any]:
     except (SettingsError, SteeringValidationError) as e:
         raise APIError(400, f"vectors reloaded, presets not: {e}") from None
     frontend.context.presets = presets
-    state.settings.presets = presets
     return {
         "vectors": sorted(frontend.registry.vectors),
         "skipped_files": dict(frontend.registry.errors),

@@ -180,7 +180,7 @@ def test_decoding_report_in_response(server, engines):
 # --- errors ------------------------------------------------------------------------------------
 
 
-def _error(fn) -> tuple[int, dict]:
+def api_error(fn) -> tuple[int, dict]:
     with pytest.raises(openai.APIStatusError) as info:
         fn()
     body = info.value.response.json()
@@ -215,24 +215,24 @@ def test_bad_spec_is_400_naming_the_field(server, steering, param, words, stream
 
 def test_other_request_errors(server):
     c = client(server)
-    status, err = _error(lambda: c.completions.create(model="nope", prompt="x", max_tokens=2))
+    status, err = api_error(lambda: c.completions.create(model="nope", prompt="x", max_tokens=2))
     assert status == 404 and "nope" in err["message"]
-    status, err = _error(
+    status, err = api_error(
         lambda: c.completions.create(
             model=MODEL, prompt="x", max_tokens=2, extra_body={"steering": {"preset": "calm"}}
         )
     )
     assert status == 404 and err["param"] == "steering.preset"
-    status, err = _error(lambda: c.completions.create(
+    status, err = api_error(lambda: c.completions.create(
         model=MODEL, prompt="x", max_tokens=2,
         extra_body={"vllm_xargs": {"steering": "{}"}}))  # fmt: skip
     assert status == 400 and err["param"] == "vllm_xargs.steering"
-    status, err = _error(lambda: c.completions.create(model=MODEL, prompt="x", max_tokens=-3))
+    status, err = api_error(lambda: c.completions.create(model=MODEL, prompt="x", max_tokens=-3))
     assert status == 400
     r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
     # Steering a decoding spec with prompt log-probs is refused up front.
-    status, err = _error(lambda: c.completions.create(
+    status, err = api_error(lambda: c.completions.create(
         model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1,
         extra_body={"steering": {"decoding": {"mode": "fuse", "layer": 1}}}))  # fmt: skip
     assert status == 400 and err["param"] == "steering.decoding"

@@ -9,11 +9,10 @@ import time
 
 import httpx
 import numpy as np
-import openai
 import psutil
 import pytest
 from live_server import live_server
-from test_server import MODEL, PROMPT, client, complete, offline, server_args
+from test_server import MODEL, PROMPT, api_error, client, complete, offline, server_args
 
 API_KEY, ADMIN_KEY = "k-user", "k-admin"
 DEFAULT = {"vectors": [{"name": "happy", "scale": 0.5}]}
@@ -42,19 +41,11 @@ def configured(model_dirs, vectors_dir, tmp_path_factory):
         yield base, proc
 
 
-def _status(fn) -> tuple[int, dict]:
-    try:
-        fn()
-    except openai.APIStatusError as e:
-        return e.status_code, e.response.json()["error"]
-    return 200, {}
-
-
 def test_keys(configured):
     base, _ = configured
-    status, err = _status(lambda: complete(client(base)))
+    status, err = api_error(lambda: complete(client(base)))
     assert status == 401 and err["type"] == "AuthenticationError"
-    assert _status(lambda: complete(client(base, api_key="wrong")))[0] == 401
+    assert api_error(lambda: complete(client(base, api_key="wrong")))[0] == 401
     assert complete(client(base, api_key=API_KEY))[1]
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200  # not guarded
     reload = f"{base}/v1/admin/reload"
@@ -97,21 +88,21 @@ def test_presets_route_and_unknown_preset(configured):
     auth = {"Authorization": f"Bearer {API_KEY}"}
     p = httpx.get(f"{base}/v1/presets", headers=auth, timeout=30).json()
     assert {x["id"]: x["spec"] for x in p["data"]} == PRESETS and p["default"] == DEFAULT
-    status, err = _status(lambda: complete(client(base, api_key=API_KEY), {"preset": "nope"}))
+    status, err = api_error(lambda: complete(client(base, api_key=API_KEY), {"preset": "nope"}))
     assert status == 404 and err["param"] == "steering.preset" and "calm" in err["message"]
 
 
 def test_oversized_body_and_inline_vector_are_413(configured):
     base, _ = configured
     c = client(base, api_key=API_KEY)
-    status, err = _status(
+    status, err = api_error(
         lambda: c.chat.completions.create(
             model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "the cat " * 20000}]
         )
     )
     assert status == 413 and "100000" in err["message"]
     three_layers = {"data": {str(i): [0.1] * 128 for i in range(3)}}  # 384 > 300 floats
-    status, err = _status(lambda: complete(c, {"vectors": [three_layers]}))
+    status, err = api_error(lambda: complete(c, {"vectors": [three_layers]}))
     assert status == 413 and err["param"] == "steering.vectors[0].data", err
     assert complete(c, {"vectors": [{"data": {"1": [0.1] * 128}}]})[1]  # 128 floats: fine
 
@@ -150,5 +141,5 @@ def test_dead_engine_is_503_and_health_says_so(configured):
     while httpx.get(f"{base}/health", timeout=30).status_code != 503:
         assert time.time() < deadline, "/health still reports a live engine"
         time.sleep(0.5)
-    status, err = _status(lambda: complete(client(base, api_key=API_KEY)))
+    status, err = api_error(lambda: complete(client(base, api_key=API_KEY)))
     assert status == 503 and "engine" in err["message"]

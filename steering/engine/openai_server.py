@@ -40,12 +40,10 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from steering.engine.frontend import SteeringFrontend, frontend_of
 from steering.engine.hooks import WORKER_METHOD
-from steering.engine.request_ids import choice_index
 
 __all__ = [
     "ChatCompletionRequest",
     "ChatCompletionResponse",
-    "choice_index",
     "CompletionRequest",
     "CompletionResponse",
     "EngineClient",
@@ -129,10 +127,6 @@ def admit(engine: EngineClient, n: int) -> None:
 
 def engine_errored(engine: EngineClient) -> bool:
     return bool(engine.errored)
-
-
-def served_model_names(app: FastAPI) -> list[str]:
-    return [m.name for m in app.state.openai_serving_models.base_model_paths]
 
 
 async def worker_call(engine: EngineClient, op: str, *args: Any) -> Any:

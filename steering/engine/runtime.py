@@ -96,8 +96,6 @@ class SteeringRuntime:
         return {
             "live_slots": self.live_slots,
             "slots": self.tables.num_slots - 1,  # slot 0 is the identity
-            "steered_requests": sum(s is not None for s in self.req_spec.values()),
-            "decoding_requests": len(self.req_decoding),
         }
 
     def release(self, req_id: str) -> None:
