@@ -6,6 +6,7 @@ exception handlers and its request handling; this module adds:
 - our `POST /v1/chat/completions` and `POST /v1/completions` in front of vLLM's (same
   handlers underneath, plus the `steering` field: `generation.py`),
 - `GET /v1/vectors`, `GET /v1/presets`, `POST /v1/admin/reload`,
+- A/B experiments: admin routes, `POST /v1/feedback`, reports (`experiments/routes.py`),
 - OpenAI-shaped 401/413 from our own middleware, steerserve metrics on `/metrics`.
 """
 
@@ -17,10 +18,12 @@ from starlette.middleware import Middleware
 
 from steering.engine import openai_server as vllm_api
 
-from . import generation, registry_routes
+from . import calls, generation, registry_routes
 from .applied import SteeringResolver
 from .errors import APIError, api_error_handler
-from .metrics import SteeringMetrics
+from .experiments import routes as experiment_routes
+from .experiments.service import Experiments
+from .metrics import ExperimentMetrics, SteeringMetrics
 from .middleware import Authenticate, BodyLimit, RefreshGauges
 from .settings import ServerSettings
 from .state import ServerState
@@ -49,17 +52,37 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
     model_name = engine.model_config.served_model_name
     if isinstance(model_name, list):
         model_name = model_name[0]
+    model_name = str(model_name or engine.model_config.model)
+    resolver = SteeringResolver(frontend, settings.default_spec)
+    try:
+        experiments = Experiments(
+            settings.database_url,
+            resolver.parse_arm,
+            ExperimentMetrics(model_name),
+            settings.experiments,
+        )
+    except APIError as e:  # an arm that does not fit the served model
+        raise ValueError(f"--experiments: {e.message}") from None
     state = ServerState(
         engine=engine,
         frontend=frontend,
-        resolver=SteeringResolver(frontend, settings.default_spec),
-        metrics=SteeringMetrics(str(model_name or engine.model_config.model)),
+        resolver=resolver,
+        metrics=SteeringMetrics(model_name),
         settings=settings,
+        experiments=experiments,
     )
     app.state.steerserve = state
-    generation.observe_engine(engine)
+    calls.observe_engine(engine)
+    experiments.start()
 
-    _put_first(app, [*generation.router.routes, *registry_routes.router.routes])
+    _put_first(
+        app,
+        [
+            *generation.router.routes,
+            *registry_routes.router.routes,
+            *experiment_routes.router.routes,
+        ],
+    )
     app.add_exception_handler(APIError, api_error_handler)
 
     async def refresh_gauges() -> None:

@@ -83,7 +83,10 @@ class SteeringResolver:
             self.default = frontend.parse(dict(default_raw))
             frontend.compile(self.default)  # refuse at start what every request would fail
 
-    def resolve(self, raw: Any, *, prompt_logprobs: bool = False) -> Applied:
+    def resolve(
+        self, raw: Any, *, prompt_logprobs: bool = False, base: SteeringSpec | None = None
+    ) -> Applied:
+        """Compose default, then `base` (an experiment arm), then the request's `raw`."""
         use_default = True
         if isinstance(raw, Mapping) and "default" in raw:
             flag = raw["default"]
@@ -92,14 +95,18 @@ class SteeringResolver:
             use_default = flag
             raw = {k: v for k, v in raw.items() if k != "default"}
         default = self.default if use_default else None
+        if base is not None and not (base.vectors or base.heads or base.decoding):
+            base = None
         if raw is None or (isinstance(raw, Mapping) and not raw):
-            if default is None:
+            if default is None and base is None:
                 return UNSTEERED
             raw = None
         if self.frontend is None:
             raise APIError(400, "steering is disabled on this server", SPEC_KEY)
         try:
             spec = self.frontend.parse(raw) if raw is not None else SteeringSpec()
+            if base is not None:
+                spec = compose(base, spec, self.frontend.context, what="arm plus request")
             if default is not None:
                 spec = compose(default, spec, self.frontend.context, what="default plus request")
             compiled = self.frontend.compile(spec, prompt_logprobs=prompt_logprobs)
@@ -111,6 +118,24 @@ class SteeringResolver:
             preset=spec.preset,
             default=default is not None,
         )
+
+    def parse_arm(self, raw: Mapping | None, root: str) -> SteeringSpec | None:
+        """An experiment arm's spec, checked as a request would be (None: unsteered)."""
+        if raw is None:
+            return None
+        if self.frontend is None:
+            raise APIError(400, "steering is disabled on this server", root)
+        try:
+            spec = self.frontend.parse(dict(raw), root=root)
+            spec_with_default = (
+                compose(self.default, spec, self.frontend.context, root=root)
+                if self.default is not None
+                else spec
+            )
+            self.frontend.compile(spec_with_default)
+        except (SteeringValidationError, SpecError) as e:
+            raise _as_api_error(e) from None
+        return spec
 
 
 def _message(errors: list[tuple[str, str]]) -> str:

@@ -4,7 +4,13 @@
 
 Every flag of `vllm serve` works unchanged (vLLM's own parser; `--help` lists them all).
 steerserve adds --admin-key, --vectors-dir, --presets, --default-steering,
---max-request-body-bytes, --max-inline-floats and --enable-steering-decoding. With no model
+--max-request-body-bytes, --max-inline-floats, --experiments, --database-url and
+--enable-steering-decoding.
+
+    steerserve experiments report NAME [--version N] [--plot out.png] [--json]
+    steerserve experiments list
+
+read the experiment store directly (`--database-url`, as the server's). With no model
 it serves the built-in demo model, built locally on first run (nothing is downloaded) under
 `$STEERSERVE_CACHE` (default `~/.cache/steerserve`), with the demo vectors of `vectors/`.
 """
@@ -17,7 +23,8 @@ import sys
 
 from .demo import DEMO_MODEL, SHIPPED_VECTORS_DIR, demo_model
 
-USAGE = "usage: steerserve serve [--model PATH] [vLLM flags] [steerserve flags] (see --help)"
+USAGE = """usage: steerserve serve [--model PATH] [vLLM flags] [steerserve flags] (see --help)
+       steerserve experiments {report,list} ... (see steerserve experiments --help)"""
 
 
 def _has_flag(argv: list[str], *flags: str) -> bool:
@@ -25,6 +32,7 @@ def _has_flag(argv: list[str], *flags: str) -> bool:
 
 
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
+    from .experiments.store import DEFAULT_DATABASE_URL
     from .settings import DEFAULT_MAX_BODY_BYTES
 
     group = parser.add_argument_group("steerserve")
@@ -61,6 +69,18 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         "default 4194304).",
     )
     group.add_argument(
+        "--experiments",
+        default=None,
+        help="JSON/YAML file of A/B experiments, stored (new versions where changed) at "
+        "start; admin routes manage them at run time.",
+    )
+    group.add_argument(
+        "--database-url",
+        default=os.environ.get("STEERSERVE_DATABASE_URL") or DEFAULT_DATABASE_URL,
+        help="Where experiments, assignments and feedback are kept: sqlite:///PATH (default "
+        f"{DEFAULT_DATABASE_URL}) or postgresql+psycopg://... to share it between replicas.",
+    )
+    group.add_argument(
         "--enable-steering-decoding",
         action="store_true",
         help="Allow layer-fused / contrastive decoding (costs a few percent for every "
@@ -82,7 +102,13 @@ def _steering_config(args: argparse.Namespace) -> None:
 def serve(argv: list[str]) -> None:
     from steering.engine import openai_server as vllm_api
 
-    from .settings import ServerSettings, SettingsError, load_default_spec, load_presets
+    from .settings import (
+        ServerSettings,
+        SettingsError,
+        load_default_spec,
+        load_experiments,
+        load_presets,
+    )
 
     # The steering hooks live in the V1 model runner (DESIGN.md).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -112,6 +138,8 @@ def serve(argv: list[str]) -> None:
             default_spec=load_default_spec(args.default_steering),
             max_body_bytes=args.max_request_body_bytes,
             max_inline_floats=args.max_inline_floats,
+            experiments=load_experiments(args.experiments),
+            database_url=args.database_url,
         )
     except SettingsError as e:
         sys.exit(f"steerserve serve: {e}")
@@ -139,8 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         serve(rest)
+    elif command == "experiments":
+        from .experiments.cli import main as experiments_main
+
+        experiments_main(rest)
     else:
-        sys.exit(f"steerserve: unknown command {command!r} (known: serve)")
+        sys.exit(f"steerserve: unknown command {command!r} (known: serve, experiments)")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from http import HTTPStatus
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     403: "PermissionDeniedError",
     404: "NotFoundError",
+    409: "ConflictError",
     413: "RequestTooLargeError",
     429: "RateLimitError",
     500: "InternalServerError",
@@ -38,6 +40,15 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.headers = headers
+
+
+def invalid(e: ValidationError, root: str | None = None) -> APIError:
+    """A pydantic error as a 400 naming the first offending field."""
+    err = e.errors(include_url=False)[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    param = ".".join(x for x in (root, loc) if x) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{param}: {msg}" if param else msg, param)
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:

@@ -8,83 +8,70 @@ prompt, runs the engine and builds the response exactly as `vllm serve` does; th
 spec rides in the sampling params' `extra_args`. The response gains a `steering` object
 (what was applied, and for layer-reading decoding what it chose per choice) and an
 `x-steering-fingerprint` header.
+
+A request in an A/B experiment (named by `"experiment"` / `X-Experiment`, or taken by an
+experiment's traffic share) gets its arm's steering composed before its own; the response
+names experiment, arm and version, and is not completed before the assignment is durable
+(so feedback on its id can never find it missing). `"variants"` goes to `variants.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
 from steering.engine import openai_server as vllm_api
 
 from .applied import Applied
+from .calls import (
+    CLIENT_CLOSED,
+    Track,
+    admit,
+    decoding_reports,
+    finish,
+    prompt_count,
+    run_handler,
+    validated_request,
+    wants_prompt_logprobs,
+)
 from .errors import APIError
+from .experiments.registry import Enrollment, UnknownExperiment
 from .state import ServerState, state_of
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 FINGERPRINT_HEADER = "x-steering-fingerprint"
-# Status recorded for a request whose client went away (nginx's convention).
-CLIENT_CLOSED = 499
+EXPERIMENT_HEADER = "x-experiment"
+UNIT_HEADER = "x-unit-id"
 
 
 @dataclass
-class Track:
-    """What the engine did for one HTTP request, observed on its output stream."""
+class Recorded:
+    """An experiment response being recorded: its assignment is queued as `durable`."""
 
-    started: float = field(default_factory=time.monotonic)
-    engine_ids: list[str] = field(default_factory=list)
-    first_token: float | None = None
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    labels: dict[str, str] | None = None  # metric labels, once the steering is known
-    n: int = 1  # choices per prompt: choice index = prompt index * n + child index
+    enrollment: Enrollment
+    response_id: str
+    durable: Future
 
-    def watch(self, outputs: AsyncGenerator, engine_id: str) -> AsyncGenerator:
-        self.engine_ids.append(engine_id)
-        return self._watch(outputs)
-
-    async def _watch(self, outputs: AsyncGenerator) -> AsyncIterator[Any]:
-        counted_prompts: set[str] = set()
+    async def wait(self) -> bool:
+        """Whether the assignment is committed (False: the store failed; logged)."""
         try:
-            async for out in outputs:
-                if out.request_id not in counted_prompts and out.prompt_token_ids is not None:
-                    counted_prompts.add(out.request_id)
-                    self.prompt_tokens += len(out.prompt_token_ids)
-                # The server streams deltas and returns finals: each token is seen once.
-                new = sum(len(o.token_ids) for o in out.outputs)
-                if new and self.first_token is None:
-                    self.first_token = time.monotonic()
-                self.generation_tokens += new
-                yield out
-        finally:
-            await outputs.aclose()  # aborts the engine request if we stopped early
-
-
-# The request being served in this task; read by the engine's `generate` when vLLM's
-# handler calls it (synchronously, in the handler's task).
-_CURRENT: contextvars.ContextVar[Track | None] = contextvars.ContextVar("steerserve_track")
-
-
-def observe_engine(engine: Any) -> None:
-    """Route the engine's `generate` through the current request's Track."""
-    original = engine.generate
-
-    def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kw: Any):
-        outputs = original(prompt, sampling_params, request_id, *args, **kw)
-        track = _CURRENT.get(None)
-        return outputs if track is None else track.watch(outputs, request_id)
-
-    engine.generate = generate
+            await asyncio.wrap_future(self.durable)
+            return True
+        except Exception as e:
+            log.error("experiment %s: assignment of %s not recorded: %s",
+                      self.enrollment.experiment, self.response_id, e)  # fmt: skip
+            return False
 
 
 async def json_body(request: Request) -> dict:
@@ -114,44 +101,45 @@ async def create_completion(raw_request: Request, body: JSONBody):
 
 
 async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
+    if "variants" in body:
+        from .variants import serve_variants
+
+        return await serve_variants(raw_request, body, chat=chat)
     state = state_of(raw_request)
     track = Track()
-    applied: Applied | None = None
     status = 500
     streaming = False
+    recorded: Recorded | None = None
     try:
-        request, applied = _parse(state, body, chat=chat)
+        request, applied, enrollment = _parse(state, raw_request, body, chat=chat)
         track.n = request.n or 1
         track.labels = state.metrics.labels(applied.preset, applied.kind)
         state.metrics.running.labels(**track.labels).inc()
-        handler = vllm_api.serving_chat(raw_request.app) if chat else (
-            vllm_api.serving_completion(raw_request.app)
-        )  # fmt: skip
-        if handler is None:
-            raise APIError(404, f"the model does not serve the {'chat ' if chat else ''}"
-                           "completions API")  # fmt: skip
-        _admit(state, request, chat=chat)
-        token = _CURRENT.set(track)
-        try:
-            if chat:
-                result = await handler.create_chat_completion(request, raw_request)
-            else:
-                result = await handler.create_completion(request, raw_request)
-        finally:
-            _CURRENT.reset(token)
+        admit(state, track.n * prompt_count(request, chat=chat))
+        if enrollment is not None and enrollment.arm is not None:
+            rid = vllm_api.response_id(raw_request, request, chat=chat)
+            durable = state.experiments.record(enrollment, rid, request.model)
+            recorded = Recorded(enrollment, rid, durable)
+        result = await run_handler(raw_request, request, track, chat=chat)
         if isinstance(result, vllm_api.ErrorResponse):
             status = result.error.code
             return JSONResponse(result.model_dump(), status_code=status)
         headers = {FINGERPRINT_HEADER: applied.fingerprint or "none"}
+        if enrollment is not None:
+            headers.update(enrollment.headers())
         if isinstance(result, (vllm_api.ChatCompletionResponse, vllm_api.CompletionResponse)):
             content = result.model_dump()
-            content["steering"] = await _echo(state, applied, track)
+            content["steering"] = await _echo(state, applied, enrollment, track)
+            if recorded is not None:
+                _check_id(recorded, content.get("id"))
+                if not await recorded.wait():
+                    headers["x-experiment-recorded"] = "false"
             status = 200
             return JSONResponse(content, headers=headers)
         streaming = True
         status = 200
         return StreamingResponse(
-            _stream(state, result, applied, track),
+            _stream(state, result, applied, enrollment, track, recorded),
             media_type="text/event-stream",
             headers=headers,
         )
@@ -166,63 +154,84 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
         raise
     finally:
         if not streaming:
-            _finish(state, applied, track, status)
+            _end(state, track, status, recorded)
 
 
-def _parse(state: ServerState, body: dict, *, chat: bool) -> tuple[Any, Applied]:
+def _parse(
+    state: ServerState, raw_request: Request, body: dict, *, chat: bool
+) -> tuple[Any, Applied, Enrollment | None]:
     raw_steering = body.pop("steering", None)
-    xargs = body.get("vllm_xargs")
-    if isinstance(xargs, dict) and "steering" in xargs:
-        raise APIError(400, "pass steering as the top-level 'steering' field",
-                       "vllm_xargs.steering")  # fmt: skip
-    model = vllm_api.ChatCompletionRequest if chat else vllm_api.CompletionRequest
+    experiment = _experiment_name(raw_request, body.pop("experiment", None))
+    request = validated_request(body, chat=chat)
+    enrollment = None
     try:
-        request = model.model_validate(body)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
-    prompt_logprobs = request.prompt_logprobs is not None or bool(
-        getattr(request, "echo", False) and request.logprobs
+        enrollment = state.experiments.enroll(
+            experiment,
+            model=request.model,
+            unit=raw_request.headers.get(UNIT_HEADER) or request.user,
+            request_key=request.request_id,
+            steered=raw_steering is not None,
+        )
+    except UnknownExperiment:
+        raise APIError(404, f"experiment: unknown experiment {experiment!r}",
+                       "experiment") from None  # fmt: skip
+    arm = enrollment.spec if enrollment is not None else None
+    applied = state.resolver.resolve(
+        raw_steering, prompt_logprobs=wants_prompt_logprobs(request), base=arm
     )
-    applied = state.resolver.resolve(raw_steering, prompt_logprobs=prompt_logprobs)
     if applied.compiled is not None:
         request.vllm_xargs = {**(request.vllm_xargs or {}), "steering": applied.compiled}
-    return request, applied
+    return request, applied, enrollment
 
 
-def _admit(state: ServerState, request: Any, *, chat: bool) -> None:
-    if vllm_api.engine_errored(state.engine):
-        raise APIError(503, "the engine is not running; the server must be restarted")
-    prompts = 1
-    # A list of prompts (not one prompt as a token list) fans out into one request each.
-    if not chat and isinstance(request.prompt, list) and request.prompt:
-        prompts = 1 if isinstance(request.prompt[0], int) else len(request.prompt)
-    try:
-        vllm_api.admit(state.engine, (request.n or 1) * prompts)
-    except vllm_api.GracefulHTTPError as e:
-        raise APIError(int(e.http_status), e.message, headers={"Retry-After": "1"}) from None
+def _experiment_name(raw_request: Request, field: Any) -> str | None:
+    header = raw_request.headers.get(EXPERIMENT_HEADER)
+    if field is not None and not isinstance(field, str):
+        raise APIError(400, "experiment: must be an experiment's name", "experiment")
+    if field is not None and header is not None and field != header:
+        raise APIError(400, f"experiment: {field!r} differs from the X-Experiment header "
+                       f"{header!r}", "experiment")  # fmt: skip
+    return field if field is not None else header
 
 
-async def _echo(state: ServerState, applied: Applied, track: Track) -> dict[str, Any]:
+def _check_id(recorded: Recorded, actual: str | None) -> None:
+    if actual != recorded.response_id:  # vLLM changed how it names responses
+        log.error("response id %s recorded as %s: feedback on it will not be found",
+                  actual, recorded.response_id)  # fmt: skip
+
+
+def _end(state: ServerState, track: Track, status: int, recorded: Recorded | None) -> None:
+    finish(state, track, status)
+    if recorded is not None:
+        state.experiments.finish(
+            recorded.enrollment, recorded.response_id, status, track.prompt_tokens,
+            track.generation_tokens, track.ttft, time.monotonic() - track.started,
+        )  # fmt: skip
+
+
+def _head_echo(applied: Applied, enrollment: Enrollment | None) -> dict[str, Any]:
     echo = applied.echo()
-    if applied.reports_decoding:
-        echo["decoding"]["choices"] = await _decoding_reports(state, track)
+    if enrollment is not None:
+        echo.update(enrollment.echo())
     return echo
 
 
-async def _decoding_reports(state: ServerState, track: Track) -> list[dict]:
-    """What layer-reading decoding chose for each choice, in choice order."""
-    choices: list[dict] = []
-    for prompt_index, engine_id in enumerate(track.engine_ids):
-        reports = await vllm_api.worker_call(state.engine, "reports", engine_id) or {}
-        for child, report in sorted(reports.items()):
-            choices.append({"index": prompt_index * track.n + child, **report})
-    return choices
+async def _echo(
+    state: ServerState, applied: Applied, enrollment: Enrollment | None, track: Track
+) -> dict[str, Any]:
+    echo = _head_echo(applied, enrollment)
+    if applied.reports_decoding:
+        echo["decoding"]["choices"] = await decoding_reports(state, track)
+    return echo
 
 
 async def _stream(
-    state: ServerState, chunks: AsyncGenerator[str, None], applied: Applied, track: Track
+    state: ServerState,
+    chunks: AsyncGenerator[str, None],
+    applied: Applied,
+    enrollment: Enrollment | None,
+    track: Track,
+    recorded: Recorded | None,
 ) -> AsyncIterator[str]:
     """vLLM's SSE chunks, the first one carrying `steering`; reports before `[DONE]`."""
     status = 200
@@ -232,13 +241,17 @@ async def _stream(
             if head is None and chunk.startswith("data: {"):
                 first = json.loads(chunk[len("data: ") :])
                 head = {k: first[k] for k in ("id", "object", "created", "model") if k in first}
-                echo = json.dumps(applied.echo())
+                if recorded is not None:
+                    _check_id(recorded, head.get("id"))
+                echo = json.dumps(_head_echo(applied, enrollment))
                 chunk = f'data: {{"steering": {echo}, {chunk[len("data: {") :]}'
             elif chunk.startswith("data: [DONE]"):
                 if applied.reports_decoding:
                     tail = {**(head or {}), "choices": [],
-                            "steering": await _echo(state, applied, track)}  # fmt: skip
+                            "steering": await _echo(state, applied, enrollment, track)}  # fmt: skip
                     yield f"data: {json.dumps(tail)}\n\n"
+                if recorded is not None:
+                    await recorded.wait()
             elif chunk.startswith('data: {"error"'):
                 status = json.loads(chunk[len("data: ") :])["error"].get("code", 500)
             yield chunk
@@ -246,20 +259,4 @@ async def _stream(
         status = CLIENT_CLOSED
         raise
     finally:
-        _finish(state, applied, track, status)
-
-
-def _finish(state: ServerState, applied: Applied | None, track: Track, status: int) -> None:
-    m = state.metrics
-    labels = track.labels or m.labels(None, "none")
-    if track.labels is not None:
-        m.running.labels(**labels).dec()
-    m.requests.labels(**labels, status=str(status)).inc()
-    # Tokens the engine produced count even if the client left; latencies only when served.
-    m.prompt_tokens.labels(**labels).inc(track.prompt_tokens)
-    m.generation_tokens.labels(**labels).inc(track.generation_tokens)
-    if status != 200:
-        return
-    if track.first_token is not None:
-        m.ttft.labels(**labels).observe(track.first_token - track.started)
-    m.e2e.labels(**labels).observe(time.monotonic() - track.started)
+        _end(state, track, status, recorded)

@@ -70,3 +70,61 @@ class SteeringMetrics:
         if stats:
             self.slots_active.labels(self.model_name).set(stats["live_slots"])
             self.slots_total.labels(self.model_name).set(stats["slots"])
+
+
+_ARM_LABELS = ["model_name", "experiment", "version", "arm"]
+
+
+class ExperimentMetrics:
+    """Per-arm series, so a dashboard can compare arms while an experiment runs.
+
+    Label values are bounded: experiments and arms are registered by an admin, versions
+    grow only when an admin changes an experiment.
+    """
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.requests = Counter(
+            "steerserve:experiment_requests",
+            "Experiment requests by arm and HTTP status.",
+            [*_ARM_LABELS, "status"],
+        )
+        self.errors = Counter(
+            "steerserve:experiment_request_errors",
+            "Experiment requests that did not end in 200 (client-closed ones included).",
+            _ARM_LABELS,
+        )
+        self.prompt_tokens = Counter(
+            "steerserve:experiment_prompt_tokens", "Prompt tokens by arm.", _ARM_LABELS
+        )
+        self.generation_tokens = Counter(
+            "steerserve:experiment_generation_tokens", "Generated tokens by arm.", _ARM_LABELS
+        )
+        self.ttft = Histogram(
+            "steerserve:experiment_time_to_first_token_seconds",
+            "From request arrival to the first generated token, by arm.",
+            _ARM_LABELS,
+            buckets=_TTFT_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "steerserve:experiment_e2e_request_latency_seconds",
+            "From request arrival to its last byte, by arm.",
+            _ARM_LABELS,
+            buckets=_E2E_BUCKETS,
+        )
+
+    def observe(
+        self, experiment: str, version: int, arm: str, status: int, prompt_tokens: int,
+        generation_tokens: int, ttft: float | None, latency: float | None,
+    ) -> None:  # fmt: skip
+        labels = {"model_name": self.model_name, "experiment": experiment,
+                  "version": str(version), "arm": arm}  # fmt: skip
+        self.requests.labels(**labels, status=str(status)).inc()
+        if status != 200:
+            self.errors.labels(**labels).inc()
+        self.prompt_tokens.labels(**labels).inc(prompt_tokens)
+        self.generation_tokens.labels(**labels).inc(generation_tokens)
+        if ttft is not None:
+            self.ttft.labels(**labels).observe(ttft)
+        if latency is not None:
+            self.e2e.labels(**labels).observe(latency)

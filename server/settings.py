@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
+from .errors import invalid
+from .experiments.definition import ExperimentDef, ExperimentFile
+from .experiments.store import DEFAULT_DATABASE_URL
 
 # A request's body: enough for a few full-model inline vectors (a 4096-wide model's 32
 # layers as JSON text are ~3 MB), far below what would strain the server.
@@ -71,6 +76,19 @@ def load_default_spec(value: str | None) -> dict | None:
     return dict(data)
 
 
+def load_experiments(path: str | Path | None) -> list[ExperimentDef]:
+    """`--experiments`: a JSON/YAML list of experiment definitions (or `{experiments: [...]}`)."""
+    if path is None:
+        return []
+    data = read_structured(path, "--experiments")
+    if data is None:
+        return []
+    try:
+        return ExperimentFile.model_validate(data).experiments
+    except ValidationError as e:
+        raise SettingsError(f"--experiments: {path}: {invalid(e).message}") from None
+
+
 @dataclass
 class ServerSettings:
     api_keys: list[str] = field(default_factory=list)
@@ -80,3 +98,5 @@ class ServerSettings:
     default_spec: dict | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_inline_floats: int | None = None  # None: SpecContext's default
+    experiments: list[ExperimentDef] = field(default_factory=list)
+    database_url: str = DEFAULT_DATABASE_URL

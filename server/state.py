@@ -10,6 +10,7 @@ from fastapi import Request
 from steering.engine.frontend import SteeringFrontend
 
 from .applied import SteeringResolver
+from .experiments.service import Experiments
 from .metrics import SteeringMetrics
 from .settings import ServerSettings
 
@@ -21,6 +22,7 @@ class ServerState:
     resolver: SteeringResolver
     metrics: SteeringMetrics
     settings: ServerSettings
+    experiments: Experiments
 
 
 def state_of(request: Request) -> ServerState:

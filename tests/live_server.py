@@ -30,6 +30,9 @@ def live_server(
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     # The test session runs engines in-process; a server runs vLLM's default layout.
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    # Each server keeps its experiment store next to its log, never in the work tree.
+    if "--database-url" not in args:
+        full_env["STEERSERVE_DATABASE_URL"] = f"sqlite:///{log.parent / 'steerserve.db'}"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",

@@ -207,3 +207,13 @@ def check_openai_server() -> None:
     src = inspect.getsource(ParentRequest.get_child_info)
     _require('f"{index}_{self.request_id}"' in src, "child request ids")
     _require("__getattr__" in WorkerWrapperBase.__dict__, "worker wrapper delegates methods")
+    # openai_server.response_id: the handlers' response ids, known before they run.
+    for handler, prefix in ((OpenAIServingChat._create_chat_completion, "chatcmpl"),
+                            (OpenAIServingCompletion._create_completion, "cmpl")):  # fmt: skip
+        src = inspect.getsource(handler)
+        call = "{self._base_request_id(raw_request, request.request_id)}"
+        _require(f'f"{prefix}-{call}"' in src, f"{prefix} response ids")
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    src = inspect.getsource(BaseServing._base_request_id)
+    _require('raw_request.headers.get("X-Request-Id")' in src, "X-Request-Id response ids")

@@ -71,9 +71,9 @@ class SteeringFrontend:
             compiled = self.compile(spec, prompt_logprobs=params.prompt_logprobs is not None)
         return None if compiled.is_identity else compiled
 
-    def parse(self, raw: Any) -> SteeringSpec:
+    def parse(self, raw: Any, *, root: str = SPEC_KEY) -> SteeringSpec:
         try:
-            return parse_spec(raw, self.context)
+            return parse_spec(raw, self.context, root=root)
         except SpecError as e:
             raise SteeringValidationError(e.errors, e.kinds) from None
 

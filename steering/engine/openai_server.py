@@ -133,3 +133,10 @@ async def worker_call(engine: EngineClient, op: str, *args: Any) -> Any:
     """Run `op` on the first worker's steering runtime (see hooks.worker_call)."""
     results = await engine.collective_rpc(WORKER_METHOD, args=(op, *args))
     return results[0] if results else None
+
+
+def response_id(raw_request: Any, request: Any, *, chat: bool) -> str:
+    """The id vLLM's handler gives the response: its prefix, then the `X-Request-Id`
+    header if sent, else the request model's `request_id` (a fresh uuid by default)."""
+    base = raw_request.headers.get("X-Request-Id") or request.request_id
+    return f"{'chatcmpl' if chat else 'cmpl'}-{base}"

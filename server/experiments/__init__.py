@@ -1,0 +1,1 @@
+"""A/B experiments over interventions: definitions, assignment, durable records, reports."""
