@@ -109,8 +109,10 @@ def test_units_get_their_hashed_arm_every_time_with_its_steering(exp_server, eng
     with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
             "model": MODEL, "prompt": PROMPT, "max_tokens": 3, "stream": True,
             "experiment": "tone", "user": "user-1"}) as s:  # fmt: skip
-        first = json.loads(next(line for line in s.iter_lines() if line)[len("data: ") :])
-        list(s.iter_lines())
+        lines = s.iter_lines()  # one iterator: a second iter_lines() finds it consumed
+        first = json.loads(next(line for line in lines if line)[len("data: ") :])
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
     assert first["steering"]["arm"] == _expected_arm(TONE, "user-1")
 
 
@@ -301,9 +303,10 @@ def test_per_arm_metrics(exp_server):
                         **labels) >= 1  # fmt: skip
     assert metric_value(text, "steerserve:experiment_time_to_first_token_seconds_count",
                         **labels) >= 1  # fmt: skip
-    # A client that leaves mid-stream is an error of its arm (499).
+    # A client that leaves mid-stream is an error of its arm (499). Long enough that the
+    # server is still generating when it notices (short streams fit in socket buffers).
     with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
+            "model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True,
             "stream": True, "experiment": "tone", "user": "metrics-1"}) as s:  # fmt: skip
         next(line for line in s.iter_lines() if line)
     deadline = time.time() + 30
@@ -315,6 +318,13 @@ def test_per_arm_metrics(exp_server):
     assert metric_value(text, "steerserve:experiment_request_errors_total", **labels) == 1
     assert metric_value(text, "steerserve:experiment_requests_total", **labels,
                         status="499") == 1  # fmt: skip
+    # ... and so in the stored outcome the report counts (written in the next batch).
+    while time.time() < deadline:
+        rep = httpx.get(f"{base}/v1/experiments/tone/report", timeout=30).json()
+        if next(a for a in rep["arms"] if a["name"] == arm)["errors"]:
+            break
+        time.sleep(0.5)
+    assert next(a for a in rep["arms"] if a["name"] == arm)["errors"] == 1
 
 
 VARIANTS = [None, HAPPY, SPECS["heads"]]

@@ -13,20 +13,13 @@ API key:
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    ValidationError,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import APIError, invalid
 from ..generation import JSONBody
@@ -77,8 +70,6 @@ def _definition(body: dict, name: str | None = None) -> ExperimentDef:
 @router.get("/v1/admin/experiments")
 async def list_experiments(request: Request) -> dict[str, Any]:
     exps = _experiments(request)
-    import asyncio
-
     records = await asyncio.to_thread(exps.store.all)
     return {"object": "list", "data": [_describe(r, exps.registry.get(r.name)) for r in records]}
 
@@ -100,8 +91,6 @@ async def put_experiment(request: Request, name: str, body: JSONBody) -> JSONRes
 
 @router.get("/v1/admin/experiments/{name}")
 async def get_experiment(request: Request, name: str) -> dict[str, Any]:
-    import asyncio
-
     exps = _experiments(request)
     record = await asyncio.to_thread(exps.store.get, name)
     if record is None:
@@ -124,8 +113,17 @@ class FeedbackBody(BaseModel):
 
     id: str = Field(min_length=1, max_length=255)
     metric: str = Field(pattern=METRIC_PATTERN.pattern)
-    # Strict: "1" or "true" as strings are refused rather than guessed at.
-    value: StrictBool | StrictInt | StrictFloat
+    value: Any
+
+    @field_validator("value")
+    @classmethod
+    def _number_or_boolean(cls, v: Any) -> bool | float:
+        # Strict: "1" or "true" as strings are refused rather than guessed at.
+        if isinstance(v, bool):
+            return v
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError("must be a finite number or a boolean")
+        return float(v)
 
 
 @router.post("/v1/feedback")
@@ -135,10 +133,8 @@ async def post_feedback(request: Request, body: JSONBody) -> dict[str, Any]:
     except ValidationError as e:
         raise invalid(e) from None
     is_bool = isinstance(fb.value, bool)
-    value = float(fb.value)
-    if not math.isfinite(value):
-        raise APIError(400, "value: must be a finite number or a boolean", "value")
-    result = await _experiments(request).feedback(Feedback(fb.id, fb.metric, value, is_bool))
+    item = Feedback(fb.id, fb.metric, float(fb.value), is_bool)
+    result = await _experiments(request).feedback(item)
     if result.outcome == "unknown_id":
         raise APIError(404, f"id: {result.message}", "id")
     if result.outcome == "bad_metric":
