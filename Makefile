@@ -33,11 +33,11 @@ lock:
 	rm -rf .venv-lock
 
 test: setup
-	$(VENV)/bin/ruff check steering server tests benchmarks
+	$(VENV)/bin/ruff check steering server tests benchmarks examples
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check steering server tests benchmarks
+	$(VENV)/bin/ruff check steering server tests benchmarks examples
 
 serve: setup
 	$(VENV)/bin/steerserve serve $(ARGS)

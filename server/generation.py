@@ -44,7 +44,7 @@ from .calls import (
     wants_prompt_logprobs,
 )
 from .errors import APIError
-from .experiments.registry import Enrollment, UnknownExperiment
+from .experiments.registry import Enrollment, UnavailableExperiment, UnknownExperiment
 from .state import ServerState, state_of
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,8 @@ def _parse(
     except UnknownExperiment:
         raise APIError(404, f"experiment: unknown experiment {experiment!r}",
                        "experiment") from None  # fmt: skip
+    except UnavailableExperiment as e:
+        raise APIError(503, f"experiment: {e}", "experiment") from None
     arm = enrollment.spec if enrollment is not None else None
     applied = state.resolver.resolve(
         raw_steering, prompt_logprobs=wants_prompt_logprobs(request), base=arm

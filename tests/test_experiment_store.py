@@ -14,6 +14,11 @@ from sqlalchemy import create_engine
 
 from server.experiments.assignment import arm_index, enrolled, unit_point
 from server.experiments.definition import ExperimentDef, ExperimentFile
+from server.experiments.registry import (
+    ExperimentRegistry,
+    UnavailableExperiment,
+    UnknownExperiment,
+)
 from server.experiments.service import report
 from server.experiments.store import (
     Assignment,
@@ -260,3 +265,57 @@ def test_report_matches_scipy_on_stored_rows(store):
         chi2 = stats.chi2_contingency(table, correction=False)
         assert t["test"] == "two_proportion_z"
         assert t["p_value"] == pytest.approx(chi2.pvalue, rel=1e-9)  # pooled z² = χ²
+
+
+# -- the request path's registry -----------------------------------------------------
+
+
+def test_registry_enrols_refreshes_and_names_what_cannot_run(tmp_path):
+    """Enrolment as the server does it, over a store that a second replica also changes."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    missing: set[str] = set()
+
+    def parse_arm(raw, root):  # stands in for the served model's validation
+        if raw and raw.get("preset") in missing:
+            raise ValueError(f"{root}: unknown preset {raw['preset']!r}")
+        return None
+
+    share = ExperimentDef.model_validate(
+        {"name": "share", "arms": [{"name": "a"}, {"name": "b"}],
+         "traffic": {"share": 0.5, "model": "m"}}
+    )  # fmt: skip
+    store, replica = ExperimentStore(url), ExperimentStore(url)
+    registry = ExperimentRegistry(store, parse_arm)
+    registry.load_file([TONE, share])
+    weights = [a.weight for a in TONE.arms]
+    got = registry.enroll("tone", model="m", unit="u1", request_key="r", steered=False)
+    assert got.arm == TONE.arms[arm_index("tone", "s1", "u1", weights)].name
+    assert got.version == 1 and got.unit == "u1"
+    per_request = registry.enroll("tone", model="m", unit=None, request_key="r9", steered=False)
+    assert per_request.arm == TONE.arms[arm_index("tone", "s1", "request:r9", weights)].name
+    with pytest.raises(UnknownExperiment):
+        registry.enroll("nope", model="m", unit="u1", request_key="r", steered=False)
+    # Traffic share: only unnamed, unsteered requests of its model, by the enrolment hash.
+    units = [f"v{i}" for i in range(40)]
+    taken = [
+        u for u in units if registry.enroll(None, model="m", unit=u, request_key="r", steered=False)
+    ]
+    assert taken == [u for u in units if enrolled("share", "share", u, 0.5)] and taken
+    assert registry.enroll(None, model="m", unit=taken[0], request_key="r", steered=True) is None
+    assert registry.enroll(None, model="x", unit=taken[0], request_key="r", steered=False) is None
+    # Another replica pauses it: seen at the next refresh, not before.
+    replica.set_status("tone", "paused")
+    assert registry.enroll("tone", model="m", unit="u1", request_key="r", steered=False).arm
+    registry.refresh_if_changed()
+    paused = registry.enroll("tone", model="m", unit="u1", request_key="r", steered=False)
+    assert paused.arm is None and paused.status == "paused"
+    assert paused.echo()["experiment_status"] == "paused"
+    # An arm that no longer fits the server: requests naming it are told why.
+    missing.add("calm")
+    registry.reload()
+    with pytest.raises(UnavailableExperiment, match=r"arms\[2\]\.preset"):
+        registry.enroll("tone", model="m", unit="u1", request_key="r", steered=False)
+    assert "unknown preset" in registry.unavailable("tone")
+    assert registry.get("share") is not None  # the others keep running
+    store.close()
+    replica.close()

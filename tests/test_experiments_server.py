@@ -10,10 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 from live_server import live_server, metric_value
 from scipy import stats
 from test_server import MODEL, PROMPT, SPECS, client, complete, offline, server_args
@@ -378,6 +380,26 @@ def test_variants_side_by_side_equal_solo_runs(exp_server):
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     r = _post(base, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "variants": {}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "variants"
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ab"
+
+
+def test_readme_example_runs(exp_server, tmp_path):
+    """The README's worked example: its experiment file, its traffic script, its report."""
+    base, _ = exp_server
+    (tone,) = yaml.safe_load((EXAMPLE / "tone.yaml").read_text())
+    example = {**tone, "name": "example-tone"}
+    assert _post(base, "/v1/admin/experiments", example, ADMIN_H).status_code == 201
+    out = subprocess.run([sys.executable, str(EXAMPLE / "traffic.py"), "--base-url", base,
+                          "--experiment", "example-tone", "--users", "6", "--max-tokens", "4"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rep = httpx.get(f"{base}/v1/experiments/example-tone/report", timeout=60).json()
+    assert [a["name"] for a in rep["arms"]] == ["plain", "happy-4", "happy-12"]
+    assert sum(a["requests"] for a in rep["arms"]) == 6
+    assert sum(a["feedback"] for a in rep["arms"]) == 12
+    assert rep["metrics"] == {"thumbs": "boolean", "rating": "numeric"}
 
 
 DURABLE = {"name": "durable", "arms": [{"name": "a"}, {"name": "b", "steering": HAPPY}]}

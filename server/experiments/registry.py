@@ -72,6 +72,10 @@ class UnknownExperiment(LookupError):
     pass
 
 
+class UnavailableExperiment(RuntimeError):
+    """Stored, but its arms do not fit this server now (e.g. a vector was removed)."""
+
+
 def check_definition(defn: ExperimentDef, parse_arm: ArmParser) -> tuple[SteeringSpec | None, ...]:
     """Each arm's spec, validated against the served model (raises naming the arm)."""
     return tuple(
@@ -85,6 +89,7 @@ class ExperimentRegistry:
         self.store = store
         self.parse_arm = parse_arm
         self._live: dict[str, LiveExperiment] = {}
+        self._unavailable: dict[str, str] = {}  # name -> why its arms cannot run here
         self._revision: tuple[Any, ...] | None = None
         self._task: asyncio.Task | None = None
 
@@ -101,6 +106,8 @@ class ExperimentRegistry:
         if name is not None:
             live = self._live.get(name)
             if live is None:
+                if name in self._unavailable:
+                    raise UnavailableExperiment(self._unavailable[name])
                 raise UnknownExperiment(name)
             return self._assign(live, key, unit)
         if steered:
@@ -127,8 +134,8 @@ class ExperimentRegistry:
     def get(self, name: str) -> LiveExperiment | None:
         return self._live.get(name)
 
-    def names(self) -> list[str]:
-        return list(self._live)
+    def unavailable(self, name: str) -> str | None:
+        return self._unavailable.get(name)
 
     # -- changes (run in a worker thread: they touch the database) --------------------
 
@@ -145,15 +152,20 @@ class ExperimentRegistry:
     def reload(self) -> None:
         revision = self.store.revision()
         live: dict[str, LiveExperiment] = {}
+        unavailable: dict[str, str] = {}
         for record in self.store.all():
             try:
                 specs = check_definition(record.definition, self.parse_arm)
             except Exception as e:  # e.g. a vector deleted since: keep serving the others
-                log.error("experiment %s v%d cannot run on this server: %s",
-                          record.name, record.version, e)  # fmt: skip
+                why = f"experiment {record.name!r} v{record.version} cannot run on this " \
+                      f"server: {getattr(e, 'message', e)}"  # fmt: skip
+                if self._unavailable.get(record.name) != why:
+                    log.error("%s", why)
+                unavailable[record.name] = why
                 continue
             live[record.name] = LiveExperiment(record, specs)
         self._live = live
+        self._unavailable = unavailable
         self._revision = revision
 
     def refresh_if_changed(self) -> None:

@@ -25,7 +25,7 @@ from ..errors import APIError, invalid
 from ..generation import JSONBody
 from ..state import state_of
 from .definition import METRIC_PATTERN, ExperimentDef
-from .registry import LiveExperiment
+from .registry import ExperimentRegistry
 from .service import Experiments
 from .store import ExperimentRecord, Feedback, StoreError
 
@@ -42,9 +42,13 @@ def _experiments(request: Request) -> Experiments:
     return state_of(request).experiments
 
 
-def _describe(record: ExperimentRecord, live: LiveExperiment | None) -> dict[str, Any]:
+def _describe(record: ExperimentRecord, registry: ExperimentRegistry) -> dict[str, Any]:
+    """The stored record, and whether this server serves its current version."""
+    live = registry.get(record.name)
     out = {"object": "experiment", **record.summary()}
     out["serving"] = live is not None and live.record.version == record.version
+    if live is None and registry.unavailable(record.name):
+        out["unavailable"] = registry.unavailable(record.name)
     return out
 
 
@@ -71,21 +75,21 @@ def _definition(body: dict, name: str | None = None) -> ExperimentDef:
 async def list_experiments(request: Request) -> dict[str, Any]:
     exps = _experiments(request)
     records = await asyncio.to_thread(exps.store.all)
-    return {"object": "list", "data": [_describe(r, exps.registry.get(r.name)) for r in records]}
+    return {"object": "list", "data": [_describe(r, exps.registry) for r in records]}
 
 
 @router.post("/v1/admin/experiments")
 async def create_experiment(request: Request, body: JSONBody) -> JSONResponse:
     exps = _experiments(request)
     record, _ = await _store_call(exps.put(_definition(body), create_only=True))
-    return JSONResponse(_describe(record, exps.registry.get(record.name)), status_code=201)
+    return JSONResponse(_describe(record, exps.registry), status_code=201)
 
 
 @router.put("/v1/admin/experiments/{name}")
 async def put_experiment(request: Request, name: str, body: JSONBody) -> JSONResponse:
     exps = _experiments(request)
     record, changed = await _store_call(exps.put(_definition(body, name), create_only=False))
-    out = {**_describe(record, exps.registry.get(name)), "changed": changed}
+    out = {**_describe(record, exps.registry), "changed": changed}
     return JSONResponse(out, status_code=201 if changed and record.version == 1 else 200)
 
 
@@ -96,7 +100,7 @@ async def get_experiment(request: Request, name: str) -> dict[str, Any]:
     if record is None:
         raise APIError(404, f"unknown experiment {name!r}", "name")
     versions = await asyncio.to_thread(exps.store.versions, name)
-    return {**_describe(record, exps.registry.get(name)), "versions": versions}
+    return {**_describe(record, exps.registry), "versions": versions}
 
 
 @router.post("/v1/admin/experiments/{name}/{action}")
@@ -105,7 +109,7 @@ async def change_status(request: Request, name: str, action: str) -> dict[str, A
         raise APIError(404, f"unknown action {action!r} (known: {', '.join(_ACTIONS)})")
     exps = _experiments(request)
     record = await _store_call(exps.set_status(name, _ACTIONS[action]))
-    return _describe(record, exps.registry.get(name))
+    return _describe(record, exps.registry)
 
 
 class FeedbackBody(BaseModel):
