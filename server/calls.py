@@ -40,9 +40,9 @@ class Track:
 
     def watch(self, outputs: AsyncGenerator, engine_id: str) -> AsyncGenerator:
         self.engine_ids.append(engine_id)
-        return self._watch(outputs)
+        return self._watch(outputs, time.monotonic())
 
-    async def _watch(self, outputs: AsyncGenerator) -> AsyncIterator[Any]:
+    async def _watch(self, outputs: AsyncGenerator, submitted: float) -> AsyncIterator[Any]:
         counted_prompts: set[str] = set()
         try:
             async for out in outputs:
@@ -51,8 +51,12 @@ class Track:
                     self.prompt_tokens += len(out.prompt_token_ids)
                 # The server streams deltas and returns finals: each token is seen once.
                 new = sum(len(o.token_ids) for o in out.outputs)
-                if new and self.first_token is None:
-                    self.first_token = time.monotonic()
+                if new:
+                    # The engine's own first-token time where it keeps one (a non-streamed
+                    # request's stream shows only its final output); else when we saw it.
+                    latency = vllm_api.first_token_latency(out)
+                    seen = time.monotonic() if latency is None else submitted + latency
+                    self.first_token = min(seen, self.first_token or seen)
                 self.generation_tokens += new
                 yield out
         finally:

@@ -329,6 +329,17 @@ def test_per_arm_metrics(exp_server):
     assert next(a for a in rep["arms"] if a["name"] == arm)["errors"] == 1
 
 
+def test_ttft_of_non_streamed_requests_is_the_first_token_not_the_last(exp_server):
+    """A non-streamed request's output stream shows only its final output; TTFT must still
+    be its first token's time (vLLM's per-request stats), far below the whole latency."""
+    base, _ = exp_server
+    one_arm = {"name": "ttft", "arms": [{"name": "only", "steering": HAPPY}]}
+    assert _post(base, "/v1/admin/experiments", one_arm, ADMIN_H).status_code == 201
+    _complete(base, {"experiment": "ttft", "max_tokens": 400})
+    arm = httpx.get(f"{base}/v1/experiments/ttft/report", timeout=30).json()["arms"][0]
+    assert 0 < arm["ttft_seconds"]["p50"] < 0.25 * arm["latency_seconds"]["p50"], arm
+
+
 VARIANTS = [None, HAPPY, SPECS["heads"]]
 
 

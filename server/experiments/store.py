@@ -9,6 +9,7 @@ transaction per batch, and reads (reports, admin) run in a worker thread.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,15 @@ from sqlalchemy.exc import IntegrityError
 from .definition import ExperimentDef
 from .report import ArmData
 
-DEFAULT_DATABASE_URL = "sqlite:///data/steerserve.db"
+
+def _data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "steerserve"
+
+
+# Absolute, so that a server and `steerserve experiments report` started from different
+# directories find the same records.
+DEFAULT_DATABASE_URL = f"sqlite:///{_data_dir() / 'experiments.db'}"
 Status = Literal["running", "paused", "stopped"]
 STATUSES: tuple[Status, ...] = ("running", "paused", "stopped")
 

@@ -213,6 +213,13 @@ def check_openai_server() -> None:
         src = inspect.getsource(handler)
         call = "{self._base_request_id(raw_request, request.request_id)}"
         _require(f'f"{prefix}-{call}"' in src, f"{prefix} response ids")
+    # openai_server.first_token_latency: per-request stats on each RequestOutput.
+    from vllm.v1.engine.output_processor import RequestState
+    from vllm.v1.metrics.stats import RequestStateStats
+
+    _require("first_token_latency" in RequestStateStats.__dataclass_fields__, "request TTFT")
+    src = inspect.getsource(RequestState._new_request_output)
+    _require("metrics=self.stats" in src, "request stats on outputs")
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
     src = inspect.getsource(BaseServing._base_request_id)

@@ -140,3 +140,14 @@ def response_id(raw_request: Any, request: Any, *, chat: bool) -> str:
     header if sent, else the request model's `request_id` (a fresh uuid by default)."""
     base = raw_request.headers.get("X-Request-Id") or request.request_id
     return f"{'chatcmpl' if chat else 'cmpl'}-{base}"
+
+
+def first_token_latency(output: Any) -> float | None:
+    """Seconds from the engine request's arrival to its first token, as vLLM's own TTFT
+    metric measures it (None if the engine keeps no per-request stats, or no token yet).
+
+    Needed because a non-streamed request's output stream yields only its final output,
+    so watching the stream would put the first token at the last one."""
+    stats = getattr(output, "metrics", None)
+    latency = getattr(stats, "first_token_latency", 0.0)
+    return latency if isinstance(latency, float) and latency > 0 else None
