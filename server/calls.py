@@ -8,9 +8,11 @@ Track of the calling task, which vLLM's handler runs in.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,30 @@ from .state import ServerState
 
 # Status recorded for a request whose client went away (nginx's convention).
 CLIENT_CLOSED = 499
+
+
+@dataclass
+class Outcome:
+    """The HTTP status a call ends with, for its metrics and records. `streaming`: the
+    response's stream records it when it ends, not the route."""
+
+    status: int = 500
+    streaming: bool = False
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Note the status of an error leaving the route (and make a dead engine a 503)."""
+        try:
+            yield
+        except APIError as e:
+            self.status = e.status
+            raise
+        except vllm_api.EngineDeadError:
+            self.status = 503
+            raise APIError(503, "the engine is not running; the server must be restarted") from None
+        except asyncio.CancelledError:
+            self.status = CLIENT_CLOSED
+            raise
 
 
 @dataclass
@@ -145,6 +171,11 @@ async def run_handler(raw_request: Request, request: Any, track: Track, *, chat:
         return await handler.create_completion(request, raw_request)
     finally:
         CURRENT.reset(token)
+
+
+def is_whole_response(result: Any) -> bool:
+    """A non-streamed response body (else vLLM's handler returned an SSE generator)."""
+    return isinstance(result, (vllm_api.ChatCompletionResponse, vllm_api.CompletionResponse))
 
 
 async def decoding_reports(state: ServerState, track: Track) -> list[dict]:

@@ -34,10 +34,12 @@ from steering.engine import openai_server as vllm_api
 from .applied import Applied
 from .calls import (
     CLIENT_CLOSED,
+    Outcome,
     Track,
     admit,
     decoding_reports,
     finish,
+    is_whole_response,
     prompt_count,
     run_handler,
     validated_request,
@@ -107,54 +109,44 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
         return await serve_variants(raw_request, body, chat=chat)
     state = state_of(raw_request)
     track = Track()
-    status = 500
-    streaming = False
+    outcome = Outcome()
     recorded: Recorded | None = None
     try:
-        request, applied, enrollment = _parse(state, raw_request, body, chat=chat)
-        track.n = request.n or 1
-        track.labels = state.metrics.labels(applied.preset, applied.kind)
-        state.metrics.running.labels(**track.labels).inc()
-        admit(state, track.n * prompt_count(request, chat=chat))
-        if enrollment is not None and enrollment.arm is not None:
-            rid = vllm_api.response_id(raw_request, request, chat=chat)
-            durable = state.experiments.record(enrollment, rid, request.model)
-            recorded = Recorded(enrollment, rid, durable)
-        result = await run_handler(raw_request, request, track, chat=chat)
-        if isinstance(result, vllm_api.ErrorResponse):
-            status = result.error.code
-            return JSONResponse(result.model_dump(), status_code=status)
-        headers = {FINGERPRINT_HEADER: applied.fingerprint or "none"}
-        if enrollment is not None:
-            headers.update(enrollment.headers())
-        if isinstance(result, (vllm_api.ChatCompletionResponse, vllm_api.CompletionResponse)):
-            content = result.model_dump()
-            content["steering"] = await _echo(state, applied, enrollment, track)
-            if recorded is not None:
-                _check_id(recorded, content.get("id"))
-                if not await recorded.wait():
-                    headers["x-experiment-recorded"] = "false"
-            status = 200
-            return JSONResponse(content, headers=headers)
-        streaming = True
-        status = 200
-        return StreamingResponse(
-            _stream(state, result, applied, enrollment, track, recorded),
-            media_type="text/event-stream",
-            headers=headers,
-        )
-    except APIError as e:
-        status = e.status
-        raise
-    except vllm_api.EngineDeadError:
-        status = 503
-        raise APIError(503, "the engine is not running; the server must be restarted") from None
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
+        with outcome.recording():
+            request, applied, enrollment = _parse(state, raw_request, body, chat=chat)
+            track.n = request.n or 1
+            track.labels = state.metrics.labels(applied.preset, applied.kind)
+            state.metrics.running.labels(**track.labels).inc()
+            admit(state, track.n * prompt_count(request, chat=chat))
+            if enrollment is not None and enrollment.arm is not None:
+                rid = vllm_api.response_id(raw_request, request, chat=chat)
+                durable = state.experiments.record(enrollment, rid, request.model)
+                recorded = Recorded(enrollment, rid, durable)
+            result = await run_handler(raw_request, request, track, chat=chat)
+            if isinstance(result, vllm_api.ErrorResponse):
+                outcome.status = result.error.code
+                return JSONResponse(result.model_dump(), status_code=outcome.status)
+            headers = {FINGERPRINT_HEADER: applied.fingerprint or "none"}
+            if enrollment is not None:
+                headers.update(enrollment.headers())
+            outcome.status = 200
+            if is_whole_response(result):
+                content = result.model_dump()
+                content["steering"] = await _echo(state, applied, enrollment, track)
+                if recorded is not None:
+                    _check_id(recorded, content.get("id"))
+                    if not await recorded.wait():
+                        headers["x-experiment-recorded"] = "false"
+                return JSONResponse(content, headers=headers)
+            outcome.streaming = True
+            return StreamingResponse(
+                _stream(state, result, applied, enrollment, track, recorded),
+                media_type="text/event-stream",
+                headers=headers,
+            )
     finally:
-        if not streaming:
-            _end(state, track, status, recorded)
+        if not outcome.streaming:
+            _end(state, track, outcome.status, recorded)
 
 
 def _parse(

@@ -23,10 +23,12 @@ from steering.engine import openai_server as vllm_api
 from .applied import Applied
 from .calls import (
     CLIENT_CLOSED,
+    Outcome,
     Track,
     admit,
     decoding_reports,
     finish,
+    is_whole_response,
     prompt_count,
     run_handler,
     validated_request,
@@ -44,75 +46,79 @@ async def serve_variants(raw_request: Request, body: dict, *, chat: bool) -> Res
     labels = state.metrics.labels(None, KIND)
     tracks: list[Track] = []
     state.metrics.running.labels(**labels).inc()
-    status = 500
-    streaming = False
+    outcome = Outcome()
     try:
-        variants = body.pop("variants")
-        for field in ("steering", "experiment"):
-            if field in body:
-                raise APIError(400, f"{field}: cannot be combined with variants (give each "
-                               "variant its full spec)", field)  # fmt: skip
-        if raw_request.headers.get("x-experiment") is not None:
-            raise APIError(400, "X-Experiment cannot be combined with variants", "experiment")
-        if not isinstance(variants, list) or not 1 <= len(variants) <= MAX_VARIANTS:
-            raise APIError(400, f"variants: must be a list of 1 to {MAX_VARIANTS} steering specs "
-                           "(null for unsteered)", "variants")  # fmt: skip
-        request = validated_request(body, chat=chat)
-        if (request.n or 1) != 1:
-            raise APIError(400, "n: must be 1 with variants (each variant is one choice)", "n")
-        if prompt_count(request, chat=chat) != 1:
-            raise APIError(400, "prompt: variants take a single prompt", "prompt")
-        applied = [_resolve(state, v, i, request) for i, v in enumerate(variants)]
-        seed = request.seed if request.seed is not None else secrets.randbits(31)
-        calls = []
-        for i, a in enumerate(applied):
-            sub = request.model_copy(deep=True)
-            sub.seed = seed
-            sub.request_id = f"{request.request_id}-v{i}"
-            if a.compiled is not None:
-                sub.vllm_xargs = {**(sub.vllm_xargs or {}), "steering": a.compiled}
-            calls.append(sub)
-
-        tracks[:] = [Track(labels=labels) for _ in calls]
-        admit(state, len(calls))
-        tasks = [
-            asyncio.ensure_future(run_handler(raw_request, sub, t, chat=chat))
-            for sub, t in zip(calls, tracks, strict=True)
-        ]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
-        for r in results:
-            if isinstance(r, vllm_api.ErrorResponse):
-                status = r.error.code
-                return JSONResponse(r.model_dump(), status_code=status)
-        merged_id = vllm_api.response_id(raw_request, request, chat=chat)
-        if isinstance(results[0], (vllm_api.ChatCompletionResponse, vllm_api.CompletionResponse)):
-            content = _merge(results, merged_id)
-            content["steering"] = await _echo(state, applied, tracks, seed)
-            status = 200
-            return JSONResponse(content)
-        streaming = True
-        status = 200
-        return StreamingResponse(
-            _stream(state, results, applied, tracks, seed, merged_id, labels),
-            media_type="text/event-stream",
-        )
-    except APIError as e:
-        status = e.status
-        raise
-    except vllm_api.EngineDeadError:
-        status = 503
-        raise APIError(503, "the engine is not running; the server must be restarted") from None
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
+        with outcome.recording():
+            request, applied, seed, calls = _prepare(state, raw_request, body, chat=chat)
+            tracks[:] = [Track(labels=labels) for _ in calls]
+            admit(state, len(calls))
+            results = await _run_together(raw_request, calls, tracks, chat=chat)
+            for r in results:
+                if isinstance(r, vllm_api.ErrorResponse):
+                    outcome.status = r.error.code
+                    return JSONResponse(r.model_dump(), status_code=outcome.status)
+            merged_id = vllm_api.response_id(raw_request, request, chat=chat)
+            outcome.status = 200
+            if is_whole_response(results[0]):
+                content = _merge(results, merged_id)
+                content["steering"] = await _echo(state, applied, tracks, seed)
+                return JSONResponse(content)
+            outcome.streaming = True
+            return StreamingResponse(
+                _stream(state, results, applied, tracks, seed, merged_id, labels),
+                media_type="text/event-stream",
+            )
     finally:
-        if not streaming:
-            finish(state, Track.total(tracks or [Track()], labels), status)
+        if not outcome.streaming:
+            finish(state, Track.total(tracks or [Track()], labels), outcome.status)
+
+
+def _prepare(
+    state: ServerState, raw_request: Request, body: dict, *, chat: bool
+) -> tuple[Any, list[Applied], int, list[Any]]:
+    """The request, each variant's steering, the shared seed, and one request per variant."""
+    variants = body.pop("variants")
+    for field in ("steering", "experiment"):
+        if field in body:
+            raise APIError(400, f"{field}: cannot be combined with variants (give each "
+                           "variant its full spec)", field)  # fmt: skip
+    if raw_request.headers.get("x-experiment") is not None:
+        raise APIError(400, "X-Experiment cannot be combined with variants", "experiment")
+    if not isinstance(variants, list) or not 1 <= len(variants) <= MAX_VARIANTS:
+        raise APIError(400, f"variants: must be a list of 1 to {MAX_VARIANTS} steering specs "
+                       "(null for unsteered)", "variants")  # fmt: skip
+    request = validated_request(body, chat=chat)
+    if (request.n or 1) != 1:
+        raise APIError(400, "n: must be 1 with variants (each variant is one choice)", "n")
+    if prompt_count(request, chat=chat) != 1:
+        raise APIError(400, "prompt: variants take a single prompt", "prompt")
+    applied = [_resolve(state, v, i, request) for i, v in enumerate(variants)]
+    seed = request.seed if request.seed is not None else secrets.randbits(31)
+    calls = []
+    for i, a in enumerate(applied):
+        sub = request.model_copy(deep=True)
+        sub.seed = seed
+        sub.request_id = f"{request.request_id}-v{i}"
+        if a.compiled is not None:
+            sub.vllm_xargs = {**(sub.vllm_xargs or {}), "steering": a.compiled}
+        calls.append(sub)
+    return request, applied, seed, calls
+
+
+async def _run_together(
+    raw_request: Request, calls: list[Any], tracks: list[Track], *, chat: bool
+) -> list[Any]:
+    """vLLM's handler for every variant at once, so they enter the same engine steps."""
+    tasks = [
+        asyncio.ensure_future(run_handler(raw_request, sub, t, chat=chat))
+        for sub, t in zip(calls, tracks, strict=True)
+    ]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
 
 
 def _resolve(state: ServerState, raw: Any, i: int, request: Any) -> Applied:

@@ -27,6 +27,10 @@ MetricKind = Literal["boolean", "numeric"]
 METRIC_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 
 
+def _repeated(names: list[str]) -> str:
+    return ", ".join(sorted({n for n in names if names.count(n) > 1}))
+
+
 class Arm(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -68,9 +72,8 @@ class ExperimentDef(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentDef:
         names = [a.name for a in self.arms]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"arm names must be unique (repeated: {', '.join(dup)})")
+        if dup := _repeated(names):
+            raise ValueError(f"arm names must be unique (repeated: {dup})")
         if self.control is not None and self.control not in names:
             raise ValueError(f"control {self.control!r} is not an arm ({', '.join(names)})")
         bad = [m for m in self.metrics if not METRIC_PATTERN.match(m)]
@@ -105,8 +108,6 @@ class ExperimentFile(BaseModel):
 
     @model_validator(mode="after")
     def _unique(self) -> ExperimentFile:
-        names = [e.name for e in self.experiments]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"experiment names must be unique (repeated: {', '.join(dup)})")
+        if dup := _repeated([e.name for e in self.experiments]):
+            raise ValueError(f"experiment names must be unique (repeated: {dup})")
         return self
