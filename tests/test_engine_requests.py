@@ -238,3 +238,35 @@ def test_compile_cache_key_differs_from_plain_vllm(engines):
         _compile_hash_with_and_without_marker
     )
     assert marked != plain
+
+
+def test_seeded_sampling_survives_chunked_prefill_and_is_exact(engines):
+    """vLLM 0.32 on CPU dies on a seeded request whose prompt spans several steps (it
+    rewinds a CPU generator by an offset it does not have); `seeded.py` undoes the
+    discarded draws instead. Exactness: the chunked run (3 discarded draws) samples the
+    same tokens as a prefix-cache hit of the same prompt, which has no discarded draw."""
+    from vllm import SamplingParams
+
+    llm = engines.get("llama")
+    prompt = prompt_ids(77, 6 * 32 + 8)  # 200 tokens: 4 steps of a 64-token budget
+
+    def params(seed: int, steering=None) -> SamplingParams:
+        extra = {"steering": steering} if steering else None
+        return SamplingParams(temperature=1.0, seed=seed, max_tokens=8, ignore_eos=True,
+                              logprobs=1, extra_args=extra)  # fmt: skip
+
+    chunked = generate_one(llm, prompt, params(7))
+    assert chunked.num_cached_tokens == 0
+    cached = generate_one(llm, prompt, params(7))
+    assert cached.num_cached_tokens >= 6 * 32
+    assert cached.tokens == chunked.tokens
+    # Beside other seeded long prompts, steered ones and unseeded ones: still the same.
+    spec = {"vectors": [{"data": {"1": random_vector(3).tolist()}, "scale": 0.5}]}
+    batch = generate(
+        llm,
+        [prompt_ids(78, 150), prompt, prompt_ids(79, 140), prompt_ids(80, 20)],
+        [params(9), params(7), params(11, spec), sampling(None)],
+    )
+    assert batch[1].tokens == chunked.tokens
+    assert all(len(run.tokens) == 8 for run in batch)
+    assert generate_one(llm, prompt, params(8)).tokens != chunked.tokens  # the seed matters

@@ -64,6 +64,15 @@ def check_static() -> None:
             _params(cls.__dict__["load_model"])[:2] == ["self", "load_dummy_weights"],
             f"{cls.__name__}.load_model(self, load_dummy_weights)",
         )
+    # seeded.py: the discarded rows' generators are rewound in _bookkeeping_sync, which
+    # runs after _sample in the same step.
+    src = inspect.getsource(GPUModelRunner._bookkeeping_sync)
+    _require(
+        "self.discard_request_mask.np[:num_reqs]" in src
+        and "self.input_batch.generators.get(int(i))" in src
+        and "gen.set_offset(gen.get_offset() - 4)" in src,
+        "GPUModelRunner._bookkeeping_sync rewinds discarded rows' generators",
+    )
     # _on_request_state_removed must be called for every removed request; it is only a
     # hook if _update_states calls it.
     src = inspect.getsource(GPUModelRunner._update_states)

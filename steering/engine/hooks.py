@@ -8,7 +8,9 @@ plain vLLM code. `compat.py` checks every internal touched here.
     InputProcessor.process_inputs      validate + compile the spec, salt the prefix cache
     <Runner>.load_model                allocate tables, swap decoder layers
     GPUModelRunner._prepare_inputs     per-step slot/coefficient buffers, sampled rows
-    GPUModelRunner._sample             layer-fused / contrastive logits of planned rows
+    GPUModelRunner._sample             layer-fused / contrastive logits of planned rows;
+                                       seeded CPU rows of unfinished chunks: draw undone
+    GPUModelRunner._bookkeeping_sync   ... and kept from vLLM's offset rewind (seeded.py)
     GPUModelRunner._on_request_state_removed   free the request's slot reference
     WorkerBase.steerserve_call         (added) runtime stats and decoding reports over RPC
 """
@@ -19,7 +21,7 @@ import functools
 import logging
 from typing import Any
 
-from steering.engine import compat
+from steering.engine import compat, seeded
 from steering.engine.config import SteeringConfig
 
 log = logging.getLogger(__name__)
@@ -158,13 +160,26 @@ def _hook_prepare_inputs(original):
 def _hook_sample(original):
     def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
         runtime = getattr(self, _RUNTIME_ATTR, None)
-        if runtime is not None and runtime.plan and logits is not None:
+        if runtime is None:
+            return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        if runtime.plan and logits is not None:
             from steering.engine import decoding
 
             logits = decoding.apply(self.get_model(), runtime.tables, logits, runtime.plan)
-        return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        with seeded.restore_discarded(self):
+            return original(self, logits, spec_decode_metadata, *args, **kwargs)
 
     return _sample
+
+
+def _hook_bookkeeping(original):
+    def _bookkeeping_sync(self, *args, **kwargs):
+        if getattr(self, _RUNTIME_ATTR, None) is None:
+            return original(self, *args, **kwargs)
+        with seeded.without_offset_rewind(self):
+            return original(self, *args, **kwargs)
+
+    return _bookkeeping_sync
 
 
 def _hook_request_removed(original):
@@ -227,6 +242,7 @@ def install_hooks() -> None:
     _wrap(GPUModelRunner, "_prepare_inputs", _hook_prepare_inputs)
     _wrap(GPUModelRunner, "_on_request_state_removed", _hook_request_removed)
     _wrap(GPUModelRunner, "_sample", _hook_sample)
+    _wrap(GPUModelRunner, "_bookkeeping_sync", _hook_bookkeeping)
     for runner_cls in compat.runner_subclasses_with_own_load_model():
         _wrap(runner_cls, "load_model", _hook_load_model)
     from vllm.v1.worker.worker_base import WorkerBase
