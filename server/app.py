@@ -61,8 +61,8 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
             ExperimentMetrics(model_name),
             settings.experiments,
         )
-    except APIError as e:  # an arm that does not fit the served model
-        raise ValueError(f"--experiments: {e.message}") from None
+    except ValueError as e:  # an arm that does not fit the served model
+        raise ValueError(f"--experiments: {e}") from None
     state = ServerState(
         engine=engine,
         frontend=frontend,

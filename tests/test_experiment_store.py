@@ -317,5 +317,8 @@ def test_registry_enrols_refreshes_and_names_what_cannot_run(tmp_path):
         registry.enroll("tone", model="m", unit="u1", request_key="r", steered=False)
     assert "unknown preset" in registry.unavailable("tone")
     assert registry.get("share") is not None  # the others keep running
+    # At start (the experiments file), the same problem stops the server, naming both.
+    with pytest.raises(ValueError, match=r"experiment 'tone': arms\[2\]\.preset: unknown"):
+        ExperimentRegistry(store, parse_arm).load_file([TONE])
     store.close()
     replica.close()

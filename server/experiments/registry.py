@@ -142,7 +142,10 @@ class ExperimentRegistry:
     def load_file(self, defs: list[ExperimentDef]) -> None:
         """Start-up: store the file's definitions (new versions where they changed)."""
         for defn in defs:
-            check_definition(defn, self.parse_arm)
+            try:
+                check_definition(defn, self.parse_arm)
+            except Exception as e:
+                raise ValueError(f"experiment {defn.name!r}: {getattr(e, 'message', e)}") from None
             record, changed = self.store.put(defn)
             if changed:
                 log.info("experiment %s: version %d from the experiments file",
