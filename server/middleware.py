@@ -2,7 +2,7 @@
 
 - `BodyLimit`: 413 for a body over the limit, before any route reads it.
 - `Authenticate`: API keys on `/v1/*` (as `vllm serve --api-key`), the admin key on
-  `/v1/admin/*`; 401 in OpenAI's error shape.
+  `/v1/admin/*` and on changes to `/v1/vectors/*`; 401 in OpenAI's error shape.
 - `RefreshGauges`: reads the engine's slot counts right before `/metrics` is rendered.
 """
 
@@ -25,8 +25,19 @@ GUARDED_PREFIX = "/v1"
 ADMIN_PREFIX = "/v1/admin"
 
 
+# Routes outside ADMIN_PREFIX whose writes are the admin's (reads take the API key).
+ADMIN_WRITES_PREFIX = "/v1/vectors/"
+_WRITES = {"PUT", "POST", "DELETE", "PATCH"}
+
+
 def _path(scope: Scope) -> str:
     return scope["path"].removeprefix(scope.get("root_path", ""))
+
+
+def _admin_only(path: str, method: str) -> bool:
+    return path.startswith(ADMIN_PREFIX) or (
+        path.startswith(ADMIN_WRITES_PREFIX) and method in _WRITES
+    )
 
 
 class BodyLimit:
@@ -96,7 +107,7 @@ class Authenticate:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         path = _path(scope)
-        if path.startswith(ADMIN_PREFIX):
+        if _admin_only(path, scope["method"]):
             if self.admin_key is None:
                 response = error_response(403, "admin routes are off: start with --admin-key")
                 return await response(scope, receive, send)

@@ -268,6 +268,20 @@ def read_any(path: str | Path) -> SteeringVector:
     raise VectorFileError(f"{path.name}: unknown extension (want .safetensors or .gguf)")
 
 
+def valid_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+def parse_upload(name: str, data: bytes) -> tuple[SteeringVector, str]:
+    """A vector file sent as bytes (GGUF by its magic, else our safetensors format):
+    the vector and the suffix it is stored under. Raises VectorFileError naming the reason."""
+    suffix = ".gguf" if data[:4] == b"GGUF" else ".safetensors"
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"{name}{suffix}"
+        path.write_bytes(data)
+        return read_any(path), suffix
+
+
 class VectorRegistry:
     """Named vectors from a directory (`<name>.safetensors` or `<name>.gguf`).
 
@@ -308,6 +322,45 @@ class VectorRegistry:
         if not _NAME.match(name):
             raise ValueError(f"{name!r} is not a valid vector name")
         self.vectors[name] = vector
+
+    def _files(self, name: str) -> list[Path]:
+        assert self.directory is not None
+        return [self.directory / f"{name}{s}" for s in (".safetensors", ".gguf")]
+
+    def store(
+        self, name: str, data: bytes, shape: ModelShape
+    ) -> tuple[SteeringVector, bool]:
+        """Validate an uploaded file against the model, write it atomically as the file of
+        `name` (replacing one of the other format) and serve it from now on. Returns the
+        vector and whether it replaced one. Raises ValueError naming the reason."""
+        if self.directory is None:
+            raise ValueError("the server has no vectors directory to store vectors in")
+        if not _NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid vector name ({_NAME.pattern})")
+        vector, suffix = parse_upload(name, data)
+        problem = vector.fits(shape, vector.site)
+        if problem is not None:
+            raise ValueError(f"vector {name!r} {problem}")
+        path = self.directory / f"{name}{suffix}"
+        _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        for other in self._files(name):
+            if other != path:
+                other.unlink(missing_ok=True)
+        replaced = name in self.vectors
+        self.vectors[name] = vector
+        for file in [f.name for f in self._files(name)]:
+            self.errors.pop(file, None)
+        return vector, replaced
+
+    def delete(self, name: str) -> None:
+        """Remove `name`'s file and stop serving it (KeyError if there is neither)."""
+        files = [f for f in self._files(name) if f.exists()] if self.directory else []
+        if name not in self.vectors and not files:
+            raise KeyError(name)
+        for f in files:
+            f.unlink()
+            self.errors.pop(f.name, None)
+        self.vectors.pop(name, None)
 
     def names(self) -> list[str]:
         return sorted(self.vectors)
