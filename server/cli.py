@@ -24,7 +24,8 @@ import sys
 from .demo import DEMO_MODEL, SHIPPED_VECTORS_DIR, demo_model
 
 USAGE = """usage: steerserve serve [--model PATH] [vLLM flags] [steerserve flags] (see --help)
-       steerserve experiments {report,list} ... (see steerserve experiments --help)"""
+       steerserve experiments {report,list} ... (see steerserve experiments --help)
+       steerserve vectors {info,convert} ... (see steerserve vectors --help)"""
 
 
 def _has_flag(argv: list[str], *flags: str) -> bool:
@@ -171,8 +172,12 @@ def main(argv: list[str] | None = None) -> None:
         from .experiments.cli import main as experiments_main
 
         experiments_main(rest)
+    elif command == "vectors":
+        from .vector_commands import main as vectors_main
+
+        vectors_main(rest)
     else:
-        sys.exit(f"steerserve: unknown command {command!r} (known: serve, experiments)")
+        sys.exit(f"steerserve: unknown command {command!r} (known: serve, experiments, vectors)")
 
 
 if __name__ == "__main__":
