@@ -29,7 +29,7 @@ CLIENT_CLOSED = 499
 
 
 @dataclass
-class Outcome:
+class CallStatus:
     """The HTTP status a call ends with, for its metrics and records. `streaming`: the
     response's stream records it when it ends, not the route."""
 
@@ -188,18 +188,13 @@ async def decoding_reports(state: ServerState, track: Track) -> list[dict]:
     return choices
 
 
-def finish(state: ServerState, track: Track, status: int) -> None:
-    """The request's steerserve metrics (and its experiment outcome, if it has one)."""
+def finish(state: ServerState, track: Track, status: int) -> float:
+    """Record the request's steerserve metrics; returns the latency it recorded."""
+    latency = time.monotonic() - track.started
     m = state.metrics
     labels = track.labels or m.labels(None, "none")
     if track.labels is not None:
         m.running.labels(**labels).dec()
-    m.requests.labels(**labels, status=str(status)).inc()
-    # Tokens the engine produced count even if the client left; latencies only when served.
-    m.prompt_tokens.labels(**labels).inc(track.prompt_tokens)
-    m.generation_tokens.labels(**labels).inc(track.generation_tokens)
-    if status != 200:
-        return
-    if track.first_token is not None:
-        m.ttft.labels(**labels).observe(track.first_token - track.started)
-    m.e2e.labels(**labels).observe(time.monotonic() - track.started)
+    m.finished.observe(labels, status, track.prompt_tokens, track.generation_tokens,
+                       track.ttft, latency)  # fmt: skip
+    return latency

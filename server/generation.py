@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from steering.engine import openai_server as vllm_api
 from .applied import Applied
 from .calls import (
     CLIENT_CLOSED,
-    Outcome,
+    CallStatus,
     Track,
     admit,
     decoding_reports,
@@ -109,10 +108,10 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
         return await serve_variants(raw_request, body, chat=chat)
     state = state_of(raw_request)
     track = Track()
-    outcome = Outcome()
+    call = CallStatus()
     recorded: Recorded | None = None
     try:
-        with outcome.recording():
+        with call.recording():
             request, applied, enrollment = _parse(state, raw_request, body, chat=chat)
             track.n = request.n or 1
             track.labels = state.metrics.labels(applied.preset, applied.kind)
@@ -124,12 +123,12 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
                 recorded = Recorded(enrollment, rid, durable)
             result = await run_handler(raw_request, request, track, chat=chat)
             if isinstance(result, vllm_api.ErrorResponse):
-                outcome.status = result.error.code
-                return JSONResponse(result.model_dump(), status_code=outcome.status)
+                call.status = result.error.code
+                return JSONResponse(result.model_dump(), status_code=call.status)
             headers = {FINGERPRINT_HEADER: applied.fingerprint or "none"}
             if enrollment is not None:
                 headers.update(enrollment.headers())
-            outcome.status = 200
+            call.status = 200
             if is_whole_response(result):
                 content = result.model_dump()
                 content["steering"] = await _echo(state, applied, enrollment, track)
@@ -138,15 +137,15 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
                     if not await recorded.wait():
                         headers["x-experiment-recorded"] = "false"
                 return JSONResponse(content, headers=headers)
-            outcome.streaming = True
+            call.streaming = True
             return StreamingResponse(
                 _stream(state, result, applied, enrollment, track, recorded),
                 media_type="text/event-stream",
                 headers=headers,
             )
     finally:
-        if not outcome.streaming:
-            _end(state, track, outcome.status, recorded)
+        if not call.streaming:
+            _end(state, track, call.status, recorded)
 
 
 def _parse(
@@ -195,11 +194,11 @@ def _check_id(recorded: Recorded, actual: str | None) -> None:
 
 
 def _end(state: ServerState, track: Track, status: int, recorded: Recorded | None) -> None:
-    finish(state, track, status)
+    latency = finish(state, track, status)
     if recorded is not None:
         state.experiments.finish(
             recorded.enrollment, recorded.response_id, status, track.prompt_tokens,
-            track.generation_tokens, track.ttft, time.monotonic() - track.started,
+            track.generation_tokens, track.ttft, latency,
         )  # fmt: skip
 
 

@@ -18,32 +18,53 @@ _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
 
 
-class SteeringMetrics:
-    def __init__(self, model_name: str):
-        self.model_name = model_name
+class RequestSeries:
+    """What one finished HTTP request adds: its status, its tokens (also when the client
+    left) and, when served (200), its time to first token and latency. Named
+    `<prefix>requests_total`, `<prefix>prompt_tokens_total`, ...; the steerserve series and
+    the per-arm experiment series are two of these under different prefixes and labels."""
+
+    def __init__(self, prefix: str, labels: list[str], by: str):
         self.requests = Counter(
-            "steerserve:requests",
-            "HTTP generation requests by status, preset and intervention kind.",
-            [*_LABELS, "status"],
+            f"{prefix}requests", f"HTTP generation requests by status, {by}.", [*labels, "status"]
         )
         self.prompt_tokens = Counter(
-            "steerserve:prompt_tokens", "Prompt tokens of finished requests.", _LABELS
+            f"{prefix}prompt_tokens", f"Prompt tokens of finished requests, by {by}.", labels
         )
         self.generation_tokens = Counter(
-            "steerserve:generation_tokens", "Generated tokens of finished requests.", _LABELS
+            f"{prefix}generation_tokens", f"Generated tokens of finished requests, by {by}.", labels
         )
         self.ttft = Histogram(
-            "steerserve:time_to_first_token_seconds",
-            "From request arrival to the first generated token.",
-            _LABELS,
+            f"{prefix}time_to_first_token_seconds",
+            f"From request arrival to the first generated token, by {by}.",
+            labels,
             buckets=_TTFT_BUCKETS,
         )
         self.e2e = Histogram(
-            "steerserve:e2e_request_latency_seconds",
-            "From request arrival to its last byte.",
-            _LABELS,
+            f"{prefix}e2e_request_latency_seconds",
+            f"From request arrival to its last byte, by {by}.",
+            labels,
             buckets=_E2E_BUCKETS,
         )
+
+    def observe(
+        self, labels: dict[str, str], status: int, prompt_tokens: int, generation_tokens: int,
+        ttft: float | None, latency: float,
+    ) -> None:  # fmt: skip
+        self.requests.labels(**labels, status=str(status)).inc()
+        self.prompt_tokens.labels(**labels).inc(prompt_tokens)
+        self.generation_tokens.labels(**labels).inc(generation_tokens)
+        if status != 200:
+            return
+        if ttft is not None:
+            self.ttft.labels(**labels).observe(ttft)
+        self.e2e.labels(**labels).observe(latency)
+
+
+class SteeringMetrics:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.finished = RequestSeries("steerserve:", _LABELS, "preset and intervention kind")
         self.running = Gauge(
             "steerserve:requests_running",
             "Generation requests being served.",
@@ -84,47 +105,19 @@ class ExperimentMetrics:
 
     def __init__(self, model_name: str):
         self.model_name = model_name
-        self.requests = Counter(
-            "steerserve:experiment_requests",
-            "Experiment requests by arm and HTTP status.",
-            [*_ARM_LABELS, "status"],
-        )
+        self.finished = RequestSeries("steerserve:experiment_", _ARM_LABELS, "experiment arm")
         self.errors = Counter(
             "steerserve:experiment_request_errors",
             "Experiment requests that did not end in 200 (client-closed ones included).",
             _ARM_LABELS,
         )
-        self.prompt_tokens = Counter(
-            "steerserve:experiment_prompt_tokens", "Prompt tokens by arm.", _ARM_LABELS
-        )
-        self.generation_tokens = Counter(
-            "steerserve:experiment_generation_tokens", "Generated tokens by arm.", _ARM_LABELS
-        )
-        self.ttft = Histogram(
-            "steerserve:experiment_time_to_first_token_seconds",
-            "From request arrival to the first generated token, by arm.",
-            _ARM_LABELS,
-            buckets=_TTFT_BUCKETS,
-        )
-        self.e2e = Histogram(
-            "steerserve:experiment_e2e_request_latency_seconds",
-            "From request arrival to its last byte, by arm.",
-            _ARM_LABELS,
-            buckets=_E2E_BUCKETS,
-        )
 
     def observe(
         self, experiment: str, version: int, arm: str, status: int, prompt_tokens: int,
-        generation_tokens: int, ttft: float | None, latency: float | None,
+        generation_tokens: int, ttft: float | None, latency: float,
     ) -> None:  # fmt: skip
         labels = {"model_name": self.model_name, "experiment": experiment,
                   "version": str(version), "arm": arm}  # fmt: skip
-        self.requests.labels(**labels, status=str(status)).inc()
+        self.finished.observe(labels, status, prompt_tokens, generation_tokens, ttft, latency)
         if status != 200:
             self.errors.labels(**labels).inc()
-        self.prompt_tokens.labels(**labels).inc(prompt_tokens)
-        self.generation_tokens.labels(**labels).inc(generation_tokens)
-        if ttft is not None:
-            self.ttft.labels(**labels).observe(ttft)
-        if latency is not None:
-            self.e2e.labels(**labels).observe(latency)

@@ -23,7 +23,7 @@ from steering.engine import openai_server as vllm_api
 from .applied import Applied
 from .calls import (
     CLIENT_CLOSED,
-    Outcome,
+    CallStatus,
     Track,
     admit,
     decoding_reports,
@@ -46,31 +46,31 @@ async def serve_variants(raw_request: Request, body: dict, *, chat: bool) -> Res
     labels = state.metrics.labels(None, KIND)
     tracks: list[Track] = []
     state.metrics.running.labels(**labels).inc()
-    outcome = Outcome()
+    call = CallStatus()
     try:
-        with outcome.recording():
+        with call.recording():
             request, applied, seed, calls = _prepare(state, raw_request, body, chat=chat)
             tracks[:] = [Track(labels=labels) for _ in calls]
             admit(state, len(calls))
             results = await _run_together(raw_request, calls, tracks, chat=chat)
             for r in results:
                 if isinstance(r, vllm_api.ErrorResponse):
-                    outcome.status = r.error.code
-                    return JSONResponse(r.model_dump(), status_code=outcome.status)
+                    call.status = r.error.code
+                    return JSONResponse(r.model_dump(), status_code=call.status)
             merged_id = vllm_api.response_id(raw_request, request, chat=chat)
-            outcome.status = 200
+            call.status = 200
             if is_whole_response(results[0]):
                 content = _merge(results, merged_id)
                 content["steering"] = await _echo(state, applied, tracks, seed)
                 return JSONResponse(content)
-            outcome.streaming = True
+            call.streaming = True
             return StreamingResponse(
                 _stream(state, results, applied, tracks, seed, merged_id, labels),
                 media_type="text/event-stream",
             )
     finally:
-        if not outcome.streaming:
-            finish(state, Track.total(tracks or [Track()], labels), outcome.status)
+        if not call.streaming:
+            finish(state, Track.total(tracks or [Track()], labels), call.status)
 
 
 def _prepare(

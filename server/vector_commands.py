@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from steering.vectors import SteeringVector, VectorFileError, export_gguf, read_any, save_vector
+from steering.vectors import (
+    SUFFIXES,
+    SteeringVector,
+    VectorFileError,
+    export_gguf,
+    read_any,
+    save_vector,
+)
 
 
 def _ranges(layers: list[int]) -> str:
@@ -95,7 +102,7 @@ def info(args: argparse.Namespace) -> int:
 
 def convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.input), Path(args.output)
-    if dst.suffix not in (".safetensors", ".gguf"):
+    if dst.suffix not in SUFFIXES:
         sys.exit(f"steerserve vectors convert: {dst}: write .safetensors or .gguf")
     try:
         vector = read_any(src)

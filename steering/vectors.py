@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FORMAT = "steerserve.vector.v1"
 _LAYER_KEY = re.compile(r"^layer\.(\d+)$")
 _GGUF_KEY = re.compile(r"^direction\.(\d+)$")
+SUFFIXES = (".safetensors", ".gguf")  # our format, llama.cpp/repeng control vectors
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 SITES = ("residual", "heads")
 
@@ -302,7 +303,7 @@ class VectorRegistry:
             return
         sources: dict[str, str] = {}
         for path in sorted(self.directory.iterdir()):
-            if path.suffix not in (".safetensors", ".gguf") or path.name.startswith("."):
+            if path.suffix not in SUFFIXES or path.name.startswith("."):
                 continue
             name = path.stem
             if not _NAME.match(name):
@@ -325,7 +326,7 @@ class VectorRegistry:
 
     def _files(self, name: str) -> list[Path]:
         assert self.directory is not None
-        return [self.directory / f"{name}{s}" for s in (".safetensors", ".gguf")]
+        return [self.directory / f"{name}{s}" for s in SUFFIXES]
 
     def store(
         self, name: str, data: bytes, shape: ModelShape
@@ -335,7 +336,7 @@ class VectorRegistry:
         vector and whether it replaced one. Raises ValueError naming the reason."""
         if self.directory is None:
             raise ValueError("the server has no vectors directory to store vectors in")
-        if not _NAME.match(name):
+        if not valid_name(name):
             raise ValueError(f"{name!r} is not a valid vector name ({_NAME.pattern})")
         vector, suffix = parse_upload(name, data)
         problem = vector.fits(shape, vector.site)
@@ -348,8 +349,8 @@ class VectorRegistry:
                 other.unlink(missing_ok=True)
         replaced = name in self.vectors
         self.vectors[name] = vector
-        for file in [f.name for f in self._files(name)]:
-            self.errors.pop(file, None)
+        for f in self._files(name):
+            self.errors.pop(f.name, None)
         return vector, replaced
 
     def delete(self, name: str) -> None:

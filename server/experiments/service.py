@@ -61,14 +61,13 @@ class Experiments:
 
     def finish(
         self, enrollment: Enrollment, response_id: str, status: int, prompt_tokens: int,
-        generation_tokens: int, ttft: float | None, latency: float | None,
+        generation_tokens: int, ttft: float | None, latency: float,
     ) -> None:  # fmt: skip
         """The request's outcome: metrics now, the database row in the next batch."""
         assert enrollment.arm is not None
-        served = status == 200
         self.metrics.observe(
             enrollment.experiment, enrollment.version, enrollment.arm, status, prompt_tokens,
-            generation_tokens, ttft if served else None, latency if served else None,
+            generation_tokens, ttft, latency,
         )  # fmt: skip
         try:
             self.writer.submit(Outcome(response_id, status, prompt_tokens, generation_tokens,
