@@ -33,11 +33,14 @@ def live_server(
     # Each server keeps its experiment store next to its log, never in the work tree.
     if "--database-url" not in args:
         full_env["STEERSERVE_DATABASE_URL"] = f"sqlite:///{log.parent / 'steerserve.db'}"
+    # Its own process group (so `stop` can kill the engine processes with it) but not its own
+    # session: with Linux's autogroup scheduling, a vLLM CPU server in a new session streams
+    # in bursts (stalls of 1-4 s, seen with plain vLLM too), which made disconnects race.
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
              "--port", str(port), *args],
-            stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env=full_env, process_group=0,
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
