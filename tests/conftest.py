@@ -198,3 +198,13 @@ def generate(llm, prompts: list[list[int]], params) -> list[Run]:
 
 def generate_one(llm, prompt: list[int], params) -> Run:
     return generate(llm, [prompt], params)[0]
+
+
+@pytest.fixture(scope="session")
+def capturer(model_dirs):
+    """A capture engine on the Llama test model (prefix caching is always off there);
+    max_num_batched_tokens=64 makes longer prompts span several steps."""
+    from steering.capture import Capturer
+
+    kw = {k: v for k, v in ENGINE_KW.items() if k != "enable_prefix_caching"}
+    return Capturer(str(model_dirs["llama"]), enforce_eager=True, **kw)

@@ -50,6 +50,14 @@ def check_static() -> None:
         "EngineCoreRequest.cache_salt / .sampling_params",
     )
     _require("extra_args" in SamplingParams.__struct_fields__, "SamplingParams.extra_args")
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+    # The runtime reads a request's sampling params and prompt length (capture.py).
+    _require(
+        "sampling_params" in getattr(CachedRequestState, "__dataclass_fields__", {})
+        and "self.num_prompt_tokens =" in inspect.getsource(CachedRequestState.__post_init__),
+        "CachedRequestState.sampling_params / .num_prompt_tokens",
+    )
     for name, params in (
         ("load_model", ["self", "load_dummy_weights"]),
         ("_prepare_inputs", ["self", "scheduler_output", "num_scheduled_tokens"]),

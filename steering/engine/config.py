@@ -45,12 +45,16 @@ class SteeringConfig:
     # for every request, so it is opt-in (as vLLM's --enable-lora is). Off: no copy, and
     # specs with `decoding` are refused with the switch to turn on.
     decoding: bool = False
+    # Residual-stream capture (capture.py): every layer copies its whole output stream
+    # into a [layers, max_num_batched_tokens, hidden] buffer each step. For engines that
+    # make vectors (`steerserve vectors train/eval`), not for serving.
+    capture: bool = False
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> SteeringConfig:
         extra = getattr(vllm_config, "additional_config", None) or {}
         mine = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
-        known = ("enabled", "vectors_dir", "max_projections", "heads", "decoding")
+        known = ("enabled", "vectors_dir", "max_projections", "heads", "decoding", "capture")
         unknown = set(mine) - set(known)
         if unknown:
             raise ValueError(
@@ -71,4 +75,5 @@ class SteeringConfig:
             max_projections=max_proj,
             heads=bool(mine.get("heads", True)),
             decoding=bool(mine.get("decoding", False)),
+            capture=bool(mine.get("capture", False)),
         )

@@ -16,6 +16,9 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 
 from steering.compile import PAYLOAD_KEY, CompiledSpec, compile_spec
+from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
+from steering.engine.capture import CaptureError
+from steering.engine.capture import parse_request as parse_capture
 from steering.engine.config import SteeringConfig
 from steering.spec import ModelShape, SpecContext, SpecError, SteeringSpec, parse_spec
 from steering.vectors import VectorRegistry
@@ -55,6 +58,8 @@ class SteeringFrontend:
             raise SteeringValidationError(
                 [(f"extra_args.{PAYLOAD_KEY}", "is reserved for steerserve's compiled form")]
             )
+        if CAPTURE_KEY in params.extra_args:
+            self._check_capture(params.extra_args[CAPTURE_KEY])
         raw = params.extra_args.get(SPEC_KEY)
         if raw is None:
             return None
@@ -92,6 +97,19 @@ class SteeringFrontend:
                 f"{limit} (additional_config.steerserve.max_projections; 'add' is unlimited)",
             )])  # fmt: skip
         return compiled
+
+    def _check_capture(self, raw: Any) -> None:
+        if not self.config.capture:
+            raise SteeringValidationError([(
+                f"extra_args.{CAPTURE_KEY}",
+                'needs an engine started with capture on (additional_config={"steerserve": '
+                '{"capture": true}}); steering.capture.Capturer starts one',
+            )])  # fmt: skip
+        try:
+            parse_capture(raw, self.shape.num_layers)
+        except CaptureError as e:
+            field, _, why = str(e).partition(": ")
+            raise SteeringValidationError([(field, why)]) from None
 
     def _check_decoding(self, prompt_logprobs: bool) -> None:
         field = f"{SPEC_KEY}.decoding"

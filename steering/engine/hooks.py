@@ -8,11 +8,12 @@ plain vLLM code. `compat.py` checks every internal touched here.
     InputProcessor.process_inputs      validate + compile the spec, salt the prefix cache
     <Runner>.load_model                allocate tables, swap decoder layers
     GPUModelRunner._prepare_inputs     per-step slot/coefficient buffers, sampled rows
-    GPUModelRunner._sample             layer-fused / contrastive logits of planned rows;
+    GPUModelRunner._sample             captured rows read out (capture.py); layer-fused /
+                                       contrastive logits of planned rows;
                                        seeded CPU rows of unfinished chunks: draw undone
     GPUModelRunner._bookkeeping_sync   ... and kept from vLLM's offset rewind (seeded.py)
     GPUModelRunner._on_request_state_removed   free the request's slot reference
-    WorkerBase.steerserve_call         (added) runtime stats and decoding reports over RPC
+    WorkerBase.steerserve_call         (added) stats, decoding reports, captures over RPC
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def _after_load_model(runner: Any) -> None:
         heads=heads,
         head_dim=shape.head_dim,
         capture=config.decoding,
+        stream_all=config.capture,
     )
     n = install(runner.get_model(), tables, shape.architecture, mid_layers)
     _mark_compile_cache(runner.vllm_config, config)
@@ -162,6 +164,8 @@ def _hook_sample(original):
         runtime = getattr(self, _RUNTIME_ATTR, None)
         if runtime is None:
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        if runtime.captures is not None:
+            runtime.captures.collect()  # before the next forward overwrites the stream
         if runtime.plan and logits is not None:
             from steering.engine import decoding
 
@@ -225,6 +229,10 @@ def worker_call(worker: Any, op: str, *args: Any) -> Any:
         return runtime.stats()
     if op == "reports":
         return runtime.reports_for(*args)
+    if op == "captures":
+        if runtime.captures is None:
+            raise ValueError("this engine was started without additional_config.steerserve.capture")
+        return runtime.captures.fetch(*args)
     raise ValueError(f"steerserve_call: unknown op {op!r}")
 
 

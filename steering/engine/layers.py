@@ -104,6 +104,8 @@ def _steered_layer_forward(self, *args, **kwargs):
     residual = apply_residual_ops(tables, layer, hidden, residual)
     if tables.capture is not None:
         capture_rows(tables.capture[layer], tables.sample_idx, hidden + residual)
+    if tables.stream_all is not None:
+        tables.stream_all[layer, : residual.shape[0]].copy_(hidden + residual)
     return hidden, residual
 
 

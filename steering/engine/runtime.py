@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec, Decoding, token_class
+from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
+from steering.engine.capture import CaptureBook
 from steering.engine.decoding import DecodingState, PlannedRow
 from steering.engine.request_ids import choice_index
 from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
@@ -38,11 +40,15 @@ class SteeringRuntime:
         self.req_decoding: dict[str, DecodingState] = {}
         self.finished_reports: OrderedDict[str, dict] = OrderedDict()
         self.plan: list[PlannedRow] = []  # this step's rows with layer-reading decoding
+        self.captures = CaptureBook(tables.stream_all) if tables.stream_all is not None else None
 
     # --- request lifecycle -------------------------------------------------------------
 
-    def _register(self, req_id: str, sampling_params: Any) -> CompiledSpec | None:
+    def _register(self, req_id: str, request: Any) -> CompiledSpec | None:
+        sampling_params = getattr(request, "sampling_params", None)
         extra = getattr(sampling_params, "extra_args", None) or {}
+        if self.captures is not None and CAPTURE_KEY in extra:
+            self.captures.register(req_id, extra[CAPTURE_KEY], request.num_prompt_tokens)
         payload = extra.get(PAYLOAD_KEY)
         spec = None
         if payload is not None and payload.get("decoding") and self.tables.capture is not None:
@@ -99,6 +105,8 @@ class SteeringRuntime:
         }
 
     def release(self, req_id: str) -> None:
+        if self.captures is not None:
+            self.captures.release(req_id)
         state = self.req_decoding.pop(req_id, None)
         if state is not None:
             self.finished_reports[req_id] = state.report()
@@ -138,8 +146,7 @@ class SteeringRuntime:
         for i, rid in enumerate(req_ids):
             spec = self.req_spec.get(rid, _UNSEEN)
             if spec is _UNSEEN:
-                state = requests.get(rid)
-                spec = self._register(rid, state.sampling_params if state is not None else None)
+                spec = self._register(rid, requests.get(rid))
             if spec is None:
                 row_slot[i] = IDENTITY_SLOT
             else:
@@ -166,6 +173,8 @@ class SteeringRuntime:
         self._dirty = written
         if t.capture is not None:
             self._plan_sampled_rows(req_ids, req_indices, positions, prompt_lens)
+        if self.captures is not None:
+            self.captures.plan_step(req_ids, req_indices, positions)
 
     def _plan_sampled_rows(self, req_ids, req_indices, positions, prompt_lens) -> None:
         """Point the capture at each row's sampled (last scheduled) token; plan decoding.

@@ -47,10 +47,11 @@ class SteeringTables:
     sample_idx [max_rows]                    token index of each batch row's sampled row (int64)
     capture    [layers, max_rows, hidden]    residual stream after each layer, sampled rows
     capture_mid[layers, max_rows, hidden]    stream after attention (before the MLP), ditto
+    stream_all [layers, max_tokens, hidden]  stream after each layer, every token (capture.py)
 
     The head tables hold only this rank's heads (`heads`, a range of query heads) and are
     absent (None) when the engine runs without head interventions; the capture buffers are
-    absent without layer-reading decoding.
+    absent without layer-reading decoding, `stream_all` without capture.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class SteeringTables:
         heads: range | None = None,
         head_dim: int = 0,
         capture: bool = False,
+        stream_all: bool = False,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -105,6 +107,11 @@ class SteeringTables:
             self.capture_mid = torch.zeros(shape, dtype=dtype, device=device)
             self._sample_host = self._staging(self.sample_idx)
             self.np_sample = self._sample_host.numpy()
+        self.stream_all: torch.Tensor | None = None
+        if stream_all:
+            self.stream_all = torch.zeros(
+                num_layers, max_tokens, hidden_size, dtype=dtype, device=device
+            )
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
         self._per_token = (self.tok_slot, self.tok_const, self.tok_gain)
         self._staged = tuple(self._staging(t) for t in self._per_token)
@@ -120,7 +127,7 @@ class SteeringTables:
     @property
     def nbytes(self) -> int:
         heads = (self.head_scale, self.head_const, self.query_scale)
-        capture = (self.sample_idx, self.capture, self.capture_mid)
+        capture = (self.sample_idx, self.capture, self.capture_mid, self.stream_all)
         tensors = (self.units, self.const, *heads, *capture, *self._per_token)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
