@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from steering.engine.capture import POSITIONS
+from steering.engine.capture import POSITIONS, decode
 from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
 from steering.engine.hooks import WORKER_METHOD
 from steering.spec import ModelShape
@@ -114,8 +114,8 @@ class Capturer:
         arrays = []
         for i, key in enumerate(keys):
             result = results.get(key)
-            if not isinstance(result, np.ndarray):
+            if not isinstance(result, dict):
                 why = result or "no capture came back (was the engine restarted?)"
                 raise CaptureFailed(f"prompt {offset + i}: {why}")
-            arrays.append(result)
+            arrays.append(decode(result))
         return arrays

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 import transformers
 from repeng import ControlModel, ControlVector, DatasetEntry
+from repeng.control import ControlModule, model_layer_list
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 
@@ -141,6 +142,22 @@ def read_pairs(path: Path) -> list[DatasetEntry]:
     return entries
 
 
+def patch_attention_type(control_model: ControlModel) -> int:
+    """Let repeng 0.4.0's layer wrapper show the wrapped layer's `attention_type`.
+
+    transformers 4.57's Qwen2/Qwen3 models read `decoder_layer.attention_type` to pick a mask;
+    ControlModule (control.py:137-147) does not forward attribute lookups to its block, so the
+    forward fails with AttributeError (vgel/repeng#64; fixed upstream for 0.5.0, which is not
+    on PyPI). Copying the plain string attribute is all that fix amounts to for these models.
+    """
+    patched = 0
+    for layer in model_layer_list(control_model):
+        if isinstance(layer, ControlModule) and hasattr(layer.block, "attention_type"):
+            layer.attention_type = layer.block.attention_type
+            patched += 1
+    return patched
+
+
 @torch.inference_mode()
 def record(
     control_model: ControlModel, prompt: list[int], max_new_tokens: int, pad_id: int, coeff: float
@@ -204,11 +221,13 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         load_dir, notes = compat_model_dir(args.model, Path(scratch))
-        model = AutoModelForCausalLM.from_pretrained(load_dir, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=torch.float32)
     model.eval()
     tokenizer = load_tokenizer(args.model)
 
     control_model = ControlModel(model, args.layers)
+    if patch_attention_type(control_model):
+        notes.append("copied attention_type onto repeng's ControlModule wrappers (repeng#64)")
     vector = ControlVector.train(
         control_model,
         tokenizer,

@@ -177,6 +177,21 @@ class CaptureBook:
             dropped, _ = self.finished.popitem(last=False)
             log.warning("steerserve: capture %s dropped unfetched", dropped)
 
-    def fetch(self, keys: list[str]) -> dict[str, np.ndarray | str | None]:
-        """Pop finished results: an array, an error message, or None (unknown or running)."""
-        return {k: self.finished.pop(k, None) for k in keys}
+    def fetch(self, keys: list[str]) -> dict[str, dict | str | None]:
+        """Pop finished results: an encoded array (`encode`), an error message, or None
+        (unknown or still running)."""
+        out: dict[str, dict | str | None] = {}
+        for k in keys:
+            result = self.finished.pop(k, None)
+            out[k] = encode(result) if isinstance(result, np.ndarray) else result
+        return out
+
+
+# vLLM's RPC serialiser turns a bare ndarray into an opaque list; shape + bytes survive it.
+def encode(array: np.ndarray) -> dict:
+    data = np.ascontiguousarray(array, dtype=np.float32).tobytes()
+    return {"shape": list(array.shape), "float32": data}
+
+
+def decode(blob: dict) -> np.ndarray:
+    return np.frombuffer(blob["float32"], dtype=np.float32).reshape(blob["shape"]).copy()
