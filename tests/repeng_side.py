@@ -37,7 +37,8 @@ Conventions of repeng 0.4.0, read from its installed source (line numbers as ins
   pca_center these are the centred states, since train aliases h and is modified in place);
   the direction is negated iff more pairs have proj(pos) < proj(neg) than proj(pos) >
   proj(neg) (extract.py:309-323). So after training, positive examples score higher along
-  +direction for a majority of pairs; ties keep sklearn's sign.
+  +direction for a majority of pairs; a tie keeps sklearn's sign (svd_flip: the entry of
+  largest magnitude is positive, sklearn/decomposition/_pca.py:640).
 * Steering: ControlModule wraps `layers[i]` (control.py:32-35) and, after the wrapped layer
   runs, adds `coeff * directions[i]` (control.py:77-79, cast to the model dtype) to the layer's
   output hidden states (output[0] if the layer returns a tuple) (control.py:149-197). It is
