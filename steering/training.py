@@ -10,7 +10,7 @@ activations at the chosen positions give, per layer i (the output of decoder lay
     pca_center   first principal component of both sides, each pair centred on its mean
 
 A PCA direction's sign is arbitrary: as repeng does, it is flipped when fewer pairs project
-higher on the positive side than on the negative side.
+higher on the positive side than on the negative side (a tie keeps sklearn's sign rule).
 """
 
 from __future__ import annotations
@@ -107,10 +107,13 @@ def capture_pairs(
 
 
 def first_component(x: np.ndarray) -> np.ndarray:
-    """Unit first principal component of the rows of x (centred first, as sklearn's PCA)."""
+    """Unit first principal component of the rows of x (centred first, as sklearn's PCA),
+    signed as sklearn signs it (its largest-magnitude entry positive): `orient` keeps that
+    sign when the pairs vote a tie, so ties come out as repeng's do."""
     centred = x.astype(np.float64) - x.mean(axis=0, dtype=np.float64)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return vt[0]
+    v = vt[0]
+    return -v if v[np.argmax(np.abs(v))] < 0 else v
 
 
 def orient(direction: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:

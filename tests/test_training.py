@@ -178,3 +178,13 @@ def test_train_refuses_bad_input_before_starting_an_engine(model_dirs, tmp_path)
     r = _vectors("train", "--model", str(model_dirs["llama"]), "--pairs", str(bad), "-o",
                  str(tmp_path / "x.gguf"), *FLAGS)  # fmt: skip
     assert r.returncode != 0 and "write a .safetensors file" in r.stderr
+
+
+def test_a_tied_vote_keeps_sklearns_sign():
+    # Two pairs, one voting each way: the sign is sklearn's (largest entry positive), as
+    # repeng's is, whatever sign the SVD happened to return.
+    pos = np.array([[[0.0, 3.0, 1.0]], [[0.0, -3.0, 0.0]]], dtype=np.float32)
+    neg = np.zeros_like(pos)
+    for data in (pos, -pos):
+        (v,) = directions(data, neg, "pca_diff")
+        assert v[np.argmax(np.abs(v))] > 0
