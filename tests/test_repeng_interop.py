@@ -92,4 +92,5 @@ def test_our_training_matches_repengs_vectors(repeng_run, capturer):
     for layer, ours in zip(LAYERS, directions(pos, neg, "pca_diff"), strict=True):
         theirs = repeng_run["directions"][layer]
         cos = float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs))
+        print(f"layer {layer}: cosine {cos:.6f} to repeng's vector")
         assert cos >= 0.99, f"layer {layer}: cosine {cos:.5f} to repeng's vector"
