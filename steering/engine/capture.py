@@ -153,14 +153,17 @@ class CaptureBook:
             hi = min(p.first_pos + p.count, s.prompt_len)
             if hi <= lo:
                 continue
-            rows = slice(p.start + lo - p.first_pos, p.start + hi - p.first_pos)
-            stream = self.stream_all.index_select(0, s.layers)[:, rows].float()
-            if s.positions == "mean":
-                s.acc += stream.sum(dim=1)
-            elif s.positions == "all":
-                s.acc[lo:hi] = stream.transpose(0, 1)
-            elif hi == s.prompt_len:
-                s.acc.copy_(stream[:, -1])
+            first = p.start - p.first_pos  # token index of prompt position 0 in this step
+            if s.positions == "last":
+                if hi == s.prompt_len:  # only the last prompt row is read
+                    s.acc.copy_(self.stream_all[:, first + hi - 1].index_select(0, s.layers))
+            else:
+                # Slice the rows first: a view, so only this request's rows are copied.
+                rows = self.stream_all[:, first + lo : first + hi].index_select(0, s.layers)
+                if s.positions == "mean":
+                    s.acc += rows.float().sum(dim=1)
+                else:
+                    s.acc[lo:hi] = rows.float().transpose(0, 1)
             s.next_pos = hi
         self.plan = []
         # A finished prompt is final now: the worker frees a request's state only at a
