@@ -149,8 +149,10 @@ def test_worker_refuses_a_spec_compiled_for_other_heads():
     bad = compile_spec(parse_spec(raw | {"heads": [{"layer": 0, "heads": [1]}]},
                                   SpecContext(other)), other)  # fmt: skip
 
-    def params(spec):
-        return SimpleNamespace(extra_args={PAYLOAD_KEY: spec.to_payload()})
+    def params(spec):  # the runner's CachedRequestState, as far as the runtime reads it
+        extra_args = {PAYLOAD_KEY: spec.to_payload()}
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra_args),
+                               num_prompt_tokens=4)  # fmt: skip
 
     assert runtime._register("good", params(good)) is not None
     assert runtime._register("bad", params(bad)) is None  # logged, runs unsteered
