@@ -112,6 +112,7 @@ class SteeringResolver:
             compiled = self.frontend.compile(spec, prompt_logprobs=prompt_logprobs)
         except (SteeringValidationError, SpecError) as e:  # the latter from compose
             raise _as_api_error(e) from None
+        _refuse_readout(spec, SPEC_KEY)
         return Applied(
             spec=spec,
             compiled=None if compiled.is_identity else compiled,
@@ -135,6 +136,7 @@ class SteeringResolver:
             self.frontend.compile(spec_with_default)
         except (SteeringValidationError, SpecError) as e:
             raise _as_api_error(e) from None
+        _refuse_readout(spec, root)
         return spec
 
 
@@ -149,3 +151,11 @@ def _as_api_error(e: SteeringValidationError | SpecError) -> APIError:
     elif "unknown_preset" in e.kinds:
         status = 404
     return APIError(status, _message(e.errors), e.errors[0][0])
+
+
+def _refuse_readout(spec: SteeringSpec, root: str) -> None:
+    # The engine computes readouts (offline: the "readouts" worker call); HTTP responses
+    # do not carry them yet, and a 200 without the values asked for would be a surprise.
+    if spec.readout:
+        raise APIError(400, "readout is not returned over HTTP yet (the offline engine has "
+                       "it)", f"{root}.readout")  # fmt: skip

@@ -29,7 +29,8 @@ factor folded by product, applied before the attention kernel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -116,6 +117,15 @@ class Decoding:
         return cls(p["mode"], tuple(p["cand"]), p["auto"], p["w"], p["alpha"])
 
 
+@dataclass(frozen=True)
+class Readout:
+    """One readout entry: the stream at the output of `layer` projected on `unit`."""
+
+    layer: int
+    unit: np.ndarray  # [hidden] float32, unit norm
+    prompt: bool  # also per prompt token
+
+
 @dataclass
 class CompiledSpec:
     fingerprint: str
@@ -126,6 +136,23 @@ class CompiledSpec:
     heads: HeadOps
     # Layer-reading decoding (plain data, see Decoding) or None.
     decoding: Decoding | None = None
+    readout: list[Readout] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """Identity of an engine slot: the KV fingerprint, plus the readout units (which
+        live in the slot too but do not change the KV cache)."""
+        if not self.readout:
+            return self.fingerprint
+        h = hashlib.sha256(self.fingerprint.encode())
+        for r in self.readout:
+            h.update(repr((r.layer, r.prompt)).encode())
+            h.update(r.unit.astype(np.float32).tobytes())
+        return f"{self.fingerprint}+r{h.hexdigest()[:16]}"
+
+    @property
+    def reads_prompt(self) -> bool:
+        return any(r.prompt for r in self.readout)
 
     @property
     def affects_kv(self) -> bool:
@@ -134,7 +161,7 @@ class CompiledSpec:
 
     @property
     def is_identity(self) -> bool:
-        return not self.affects_kv and self.decoding is None
+        return not self.affects_kv and self.decoding is None and not self.readout
 
     @property
     def uses_heads(self) -> bool:
@@ -146,6 +173,7 @@ class CompiledSpec:
         return {
             "v": PAYLOAD_VERSION,
             "fp": self.fingerprint,
+            "key": self.key,
             "hidden": self.hidden_size,
             "heads": {
                 "n": heads.num_heads,
@@ -168,7 +196,9 @@ class CompiledSpec:
             "const_layers": self.const_layers.tolist(),
             "const": self.const.astype(np.float32).tobytes(),
             "decoding": self.decoding.to_payload() if self.decoding else None,
-        }
+            "readout": [{"layer": r.layer, "prompt": r.prompt,
+                         "unit": r.unit.astype(np.float32).tobytes()} for r in self.readout],
+        }  # fmt: skip
 
     @classmethod
     def from_payload(cls, payload: dict) -> CompiledSpec:
@@ -197,7 +227,10 @@ class CompiledSpec:
             floats(h["query"], m, NUM_CLASSES, h["n"]),
         )
         decoding = Decoding.from_payload(payload.get("decoding"))
-        return cls(payload["fp"], hidden, projections, const_layers, const, heads, decoding)
+        readout = [Readout(r["layer"], floats(r["unit"], hidden), r["prompt"])
+                   for r in payload.get("readout", ())]  # fmt: skip
+        return cls(payload["fp"], hidden, projections, const_layers, const, heads, decoding,
+                   readout)  # fmt: skip
 
 
 def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
@@ -215,9 +248,11 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
             weight=float(d.weight or 0.0),
             alpha=float(d.alpha or 0.0),
         )
+    readout = [Readout(e.layer, e.unit_vector, e.prompt) for e in spec.readout]
     return CompiledSpec(
-        spec.fingerprint(), shape.hidden_size, projections, const_layers, const, heads, decoding
-    )
+        spec.fingerprint(), shape.hidden_size, projections, const_layers, const, heads, decoding,
+        readout,
+    )  # fmt: skip
 
 
 def _classes(windows: list[str]) -> tuple[tuple[int, int], ...]:

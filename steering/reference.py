@@ -178,6 +178,29 @@ class ReferenceModel:
             logits = self._decode(spec.decoding, logits, after, before, prompt_len)
         return torch.log_softmax(logits, dim=-1)
 
+    @torch.no_grad()
+    def readout(self, token_ids: Sequence[int], prompt_len: int, spec: SteeringSpec):
+        """[len(token_ids), len(spec.readout)]: each row's stream at the output of each
+        readout entry's layer (after that layer's steering) projected on its unit vector."""
+        ids = torch.tensor([list(token_ids)])
+        streams: dict[int, torch.Tensor] = {}
+        handles = []
+        with self.steered(spec, prompt_len):
+            # Registered after the steering hooks, so they see the steered output.
+            for i, module in enumerate(self.model.model.layers):
+
+                def keep(mod, args, output, i=i):
+                    streams[i] = (output[0] if isinstance(output, tuple) else output)[0].float()
+
+                handles.append(module.register_forward_hook(keep))
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        columns = [streams[e.layer] @ torch.from_numpy(e.unit_vector) for e in spec.readout]
+        return torch.stack(columns, dim=1).numpy()
+
     @contextmanager
     def _captured(self, spec, after: dict, before: dict):
         handles = []

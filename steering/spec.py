@@ -84,6 +84,7 @@ class SpecContext:
     max_vectors: int = 16
     max_head_masks: int = 256
     max_inline_floats: int = 1 << 22
+    max_readouts: int = 0  # readout entries per request (0: the engine has readout off)
 
 
 class SpecError(ValueError):
@@ -465,6 +466,82 @@ class DecodingSpec(BaseModel):
         return self._candidates
 
 
+class ReadoutEntry(BaseModel):
+    """Read the residual stream at the output of `layer`: its projection on the unit vector
+    of a registered vector (`name`) or of inline `data`, per generated token (and per
+    prompt token with `prompt`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str | None = None
+    data: list[float] | None = None
+    layer: int
+    prompt: bool = False
+
+    _unit: np.ndarray | None = PrivateAttr(default=None)
+
+    @field_validator("layer")
+    @classmethod
+    def _layer_in_range(cls, layer: int, info: ValidationInfo) -> int:
+        ctx = _context(info)
+        if ctx is not None:
+            _check_layer(layer, ctx)
+        return layer
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> ReadoutEntry:
+        if (self.name is None) == (self.data is None):
+            raise _fail(
+                "source", "give exactly one of 'name' (a registered vector) or 'data' (inline)"
+            )
+        ctx = _context(info)
+        if ctx is None:
+            return self
+        if self.name is not None:
+            if ctx.vectors is None:
+                raise _fail("unknown_vector", "no vector registry is configured; send 'data'")
+            try:
+                found = ctx.vectors.lookup(self.name, ctx.shape, "residual")
+            except (KeyError, ValueError) as e:
+                reason = e.args[0] if e.args else str(e)
+                raise _fail("unknown_vector", "{reason}", reason=reason) from e
+            layers = sorted(int(k) for k in found)
+            if self.layer not in layers:
+                raise _fail(
+                    "layer_missing",
+                    "vector {name!r} has no data for layer {layer} (it has {have})",
+                    name=self.name,
+                    layer=self.layer,
+                    have=layers,
+                )
+            vec = np.asarray(found[self.layer], dtype=np.float32)
+        else:
+            assert self.data is not None
+            if len(self.data) != ctx.shape.hidden_size:
+                raise _fail(
+                    "width",
+                    "'data' has {got} values, the model's hidden size is {want}",
+                    got=len(self.data),
+                    want=ctx.shape.hidden_size,
+                )
+            vec = np.asarray(self.data, dtype=np.float32)
+        if not np.isfinite(vec).all():
+            raise _fail("not_finite", "the vector holds NaN or Inf")
+        if not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
+            raise _fail("zero_vector", "the vector is zero, it has no direction")
+        self._unit = unit(vec)
+        return self
+
+    @property
+    def unit_vector(self) -> np.ndarray:
+        assert self._unit is not None, "validated without a model context"
+        return self._unit
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else "<inline>"
+
+
 class SteeringSpec(BaseModel):
     """A request's intervention spec."""
 
@@ -474,6 +551,23 @@ class SteeringSpec(BaseModel):
     vectors: list[VectorEntry] = []
     heads: list[HeadMask] = []
     decoding: DecodingSpec | None = None
+    readout: list[ReadoutEntry] = []
+
+    @field_validator("readout")
+    @classmethod
+    def _readout_limit(cls, entries: list, info: ValidationInfo) -> list:
+        ctx = _context(info)
+        if ctx is None or not entries:
+            return entries
+        if ctx.max_readouts == 0:
+            raise _fail(
+                "readout_off",
+                "needs an engine started with readout on (additional_config.steerserve.readout)",
+            )
+        if len(entries) > ctx.max_readouts:
+            raise _fail("too_many", "at most {n} readout entries per request (got {got})",
+                        n=ctx.max_readouts, got=len(entries))  # fmt: skip
+        return entries
 
     @field_validator("vectors", "heads")
     @classmethod
@@ -585,11 +679,13 @@ def compose(
         vectors=[*first.vectors, *then.vectors],
         heads=[*first.heads, *then.heads],
         decoding=then.decoding if then.decoding is not None else first.decoding,
+        readout=[*first.readout, *then.readout],
     )
     if ctx is not None:
         for name, have, limit in (
             ("vectors", len(merged.vectors), ctx.max_vectors),
             ("heads", len(merged.heads), ctx.max_head_masks),
+            ("readout", len(merged.readout), ctx.max_readouts),
         ):
             if have > limit:
                 raise SpecError([(

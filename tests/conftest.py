@@ -130,6 +130,7 @@ class Engines:
         # vLLM keeps only the newest engine's metrics in the Prometheus registry, so a test
         # that reads counters gets an engine of its own, started right before it reads.
         "metrics": dict(enforce_eager=True),
+        "readout": dict(enforce_eager=True, additional_config={"steerserve": {"readout": True}}),
     }
 
     def __init__(self, model_dirs: dict[str, Path], vectors_dir: Path):

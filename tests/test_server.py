@@ -199,6 +199,8 @@ def api_error(fn) -> tuple[int, dict]:
         ({"vectors": [{"data": {"1": [1e39] * 128}}]}, "steering.vectors[0]", "nan or inf"),
         ({"heads": [{"layer": 0, "heads": [7]}]}, "steering.heads[0].heads", "out of range"),
         ({"vectors": [], "bogus": 1}, "steering.bogus", "extra"),
+        # This server's engine has readout off (and HTTP does not carry readouts yet).
+        ({"readout": [{"name": "happy", "layer": 1}]}, "steering.readout", "readout on"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("stream", [False, True])

@@ -49,12 +49,18 @@ class SteeringConfig:
     # into a [layers, max_num_batched_tokens, hidden] buffer each step. For engines that
     # make vectors (`steerserve vectors train/eval`), not for serving.
     capture: bool = False
+    # Readout (spec `readout`): each layer projects every token's stream on its request's
+    # readout units ([tokens, max_readouts] dot products per layer, for every request in
+    # the batch), so it is opt-in like decoding. Off: specs with `readout` are refused.
+    readout: bool = False
+    max_readouts: int = 4
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> SteeringConfig:
         extra = getattr(vllm_config, "additional_config", None) or {}
         mine = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
-        known = ("enabled", "vectors_dir", "max_projections", "heads", "decoding", "capture")
+        known = ("enabled", "vectors_dir", "max_projections", "heads", "decoding", "capture",
+                 "readout", "max_readouts")  # fmt: skip
         unknown = set(mine) - set(known)
         if unknown:
             raise ValueError(
@@ -67,6 +73,9 @@ class SteeringConfig:
         max_proj = int(mine.get("max_projections", cls.max_projections))
         if not 0 <= max_proj <= 64:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_projections must be in 0..64")
+        max_readouts = int(mine.get("max_readouts", cls.max_readouts))
+        if not 1 <= max_readouts <= 64:
+            raise ValueError(f"additional_config.{CONFIG_KEY}.max_readouts must be in 1..64")
         return cls(
             enabled=enabled,
             vectors_dir=str(
@@ -76,4 +85,6 @@ class SteeringConfig:
             heads=bool(mine.get("heads", True)),
             decoding=bool(mine.get("decoding", False)),
             capture=bool(mine.get("capture", False)),
+            readout=bool(mine.get("readout", False)),
+            max_readouts=max_readouts,
         )

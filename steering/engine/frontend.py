@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import uuid
 from typing import Any
 
 from vllm.exceptions import VLLMValidationError
@@ -43,7 +44,8 @@ class SteeringFrontend:
         self.shape = ModelShape.from_hf_config(vllm_config.model_config.hf_config)
         self.speculative = getattr(vllm_config, "speculative_config", None) is not None
         self.registry = VectorRegistry(config.vectors_dir)
-        self.context = SpecContext(self.shape, vectors=self.registry)
+        readouts = config.max_readouts if config.readout else 0
+        self.context = SpecContext(self.shape, vectors=self.registry, max_readouts=readouts)
 
     def compile_request(self, params: Any) -> CompiledSpec | None:
         """Validate and compile `params.extra_args["steering"]`; None when unsteered.
@@ -88,6 +90,11 @@ class SteeringFrontend:
             self._refuse_heads(spec)
         if spec.decoding is not None:
             self._check_decoding(prompt_logprobs)
+        if spec.readout and self.speculative:
+            # Drafted rows would be read as if every draft token were kept.
+            raise SteeringValidationError(
+                [(f"{SPEC_KEY}.readout", "is not available with speculative decoding")]
+            )
         compiled = compile_spec(spec, self.shape)
         limit = self.config.max_projections
         if len(compiled.projections) > limit:
@@ -163,9 +170,13 @@ class SteeringFrontend:
         KV computed under one intervention must never serve a request with another.
         Unsteered requests keep their salt (or none) and share the cache as usual.
         """
-        if not compiled.affects_kv:
-            return  # decoding alone reads the same KV as plain requests
-        salt = f"steerserve:{compiled.fingerprint}"
+        if compiled.reads_prompt:
+            # Prompt readout needs every prompt row computed: no prefix-cache hits at all.
+            salt = f"steerserve:{compiled.fingerprint}:readout:{uuid.uuid4().hex}"
+        elif not compiled.affects_kv:
+            return  # decoding or generated-token readout read the same KV as plain requests
+        else:
+            salt = f"steerserve:{compiled.fingerprint}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
 
 

@@ -66,6 +66,8 @@ def _mark_compile_cache(vllm_config: Any, config: SteeringConfig) -> None:
     if isinstance(extra, dict):
         extra[COMPILE_CACHE_KEY] = (
             f"{compat.PINNED}:heads={config.heads}:max_projections={config.max_projections}"
+            f":decoding={config.decoding}:capture={config.capture}"
+            f":readout={config.max_readouts if config.readout else 0}"
         )
     else:
         log.warning(
@@ -113,6 +115,7 @@ def _after_load_model(runner: Any) -> None:
         head_dim=shape.head_dim,
         capture=config.decoding,
         stream_all=config.capture,
+        max_read=config.max_readouts if config.readout else 0,
     )
     n = install(runner.get_model(), tables, shape.architecture, mid_layers)
     _mark_compile_cache(runner.vllm_config, config)
@@ -166,6 +169,8 @@ def _hook_sample(original):
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
         if runtime.captures is not None:
             runtime.captures.collect()  # before the next forward overwrites the stream
+        if runtime.readouts is not None:
+            runtime.readouts.collect()
         if runtime.plan and logits is not None:
             from steering.engine import decoding
 
@@ -229,6 +234,10 @@ def worker_call(worker: Any, op: str, *args: Any) -> Any:
         return runtime.stats()
     if op == "reports":
         return runtime.reports_for(*args)
+    if op == "readouts":
+        if runtime.readouts is None:
+            raise ValueError("this engine was started without additional_config.steerserve.readout")
+        return runtime.readouts.fetch(*args)
     if op == "captures":
         if runtime.captures is None:
             raise ValueError("this engine was started without additional_config.steerserve.capture")

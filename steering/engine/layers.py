@@ -89,6 +89,22 @@ def apply_query_ops(tables: SteeringTables, layer: int, q: torch.Tensor) -> torc
     return per_head.view(q.shape)
 
 
+def apply_readout(tables: SteeringTables, layer: int, stream: torch.Tensor) -> None:
+    """read_out[t, k] (+)= <stream_t, read_units[layer, slot_t, k]> for every token.
+
+    Units are zero except at an entry's own layer, so summing over layers gives each entry
+    its layer's projection exactly (adding float32 zeros changes nothing); the first layer
+    assigns, which clears the previous step.
+    """
+    num_tokens = stream.shape[0]
+    units = tables.read_units[layer].index_select(0, tables.tok_slot[:num_tokens])
+    values = (units.float() * stream.float().unsqueeze(1)).sum(dim=-1)
+    if layer == tables.first_layer:
+        tables.read_out[:num_tokens] = values
+    else:
+        tables.read_out[:num_tokens] += values
+
+
 def capture_rows(buffer: torch.Tensor, sample_idx: torch.Tensor, stream: torch.Tensor) -> None:
     """Copy the sampled rows of `stream` into a persistent [max_rows, hidden] buffer.
 
@@ -106,6 +122,8 @@ def _steered_layer_forward(self, *args, **kwargs):
         capture_rows(tables.capture[layer], tables.sample_idx, hidden + residual)
     if tables.stream_all is not None:
         tables.stream_all[layer, : residual.shape[0]].copy_(hidden + residual)
+    if tables.read_units is not None:
+        apply_readout(tables, layer, hidden + residual)
     return hidden, residual
 
 
@@ -219,6 +237,7 @@ def install(
             architecture,
             sorted(VERIFIED_ARCHITECTURES),
         )
+    tables.first_layer = real[0][0]
     for i, layer in real:
         _swap(layer, _steered_layer_forward, i, tables)
     for (i, _), (kernel, o_proj) in zip(real, heads, strict=False):

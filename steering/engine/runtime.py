@@ -17,6 +17,7 @@ from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec, Decoding, t
 from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
 from steering.engine.capture import CaptureBook
 from steering.engine.decoding import DecodingState, PlannedRow
+from steering.engine.readout import ReadoutBook
 from steering.engine.request_ids import choice_index
 from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
 
@@ -41,6 +42,7 @@ class SteeringRuntime:
         self.finished_reports: OrderedDict[str, dict] = OrderedDict()
         self.plan: list[PlannedRow] = []  # this step's rows with layer-reading decoding
         self.captures = CaptureBook(tables.stream_all) if tables.stream_all is not None else None
+        self.readouts = ReadoutBook(tables.read_out) if tables.read_out is not None else None
 
     # --- request lifecycle -------------------------------------------------------------
 
@@ -54,8 +56,8 @@ class SteeringRuntime:
         if payload is not None and payload.get("decoding") and self.tables.capture is not None:
             self.req_decoding[req_id] = DecodingState(Decoding.from_payload(payload["decoding"]))
         if payload is not None:
-            fp = payload["fp"]
-            spec = self.specs.get(fp)
+            key = payload.get("key", payload["fp"])
+            spec = self.specs.get(key)
             if spec is None:
                 try:
                     spec = CompiledSpec.from_payload(payload)
@@ -68,8 +70,8 @@ class SteeringRuntime:
                         log.error("steerserve: request %s: %s; it runs unsteered", req_id, problem)
                         spec = None
                     else:
-                        self.specs[fp] = spec
-            if spec is not None and not spec.affects_kv:
+                        self.specs[key] = spec
+            if spec is not None and not spec.affects_kv and not spec.readout:
                 spec = None
         elif extra.get("steering"):
             log.warning(
@@ -78,7 +80,9 @@ class SteeringRuntime:
                 req_id,
             )
         if spec is not None:
-            self.refcount[spec.fingerprint] = self.refcount.get(spec.fingerprint, 0) + 1
+            self.refcount[spec.key] = self.refcount.get(spec.key, 0) + 1
+            if spec.readout and self.readouts is not None:
+                self.readouts.register(req_id, spec, request.num_prompt_tokens)
         self.req_spec[req_id] = spec
         return spec
 
@@ -107,6 +111,8 @@ class SteeringRuntime:
     def release(self, req_id: str) -> None:
         if self.captures is not None:
             self.captures.release(req_id)
+        if self.readouts is not None:
+            self.readouts.release(req_id)
         state = self.req_decoding.pop(req_id, None)
         if state is not None:
             self.finished_reports[req_id] = state.report()
@@ -115,14 +121,14 @@ class SteeringRuntime:
         spec = self.req_spec.pop(req_id, None)
         if spec is None:
             return
-        fp = spec.fingerprint
-        left = self.refcount[fp] - 1
+        key = spec.key
+        left = self.refcount[key] - 1
         if left:
-            self.refcount[fp] = left
+            self.refcount[key] = left
         else:
-            del self.refcount[fp]
-            del self.specs[fp]
-            self.bank.release(fp)
+            del self.refcount[key]
+            del self.specs[key]
+            self.bank.release(key)
 
     # --- per step ----------------------------------------------------------------------
 
@@ -175,6 +181,8 @@ class SteeringRuntime:
             self._plan_sampled_rows(req_ids, req_indices, positions, prompt_lens)
         if self.captures is not None:
             self.captures.plan_step(req_ids, req_indices, positions)
+        if self.readouts is not None:
+            self.readouts.plan_step(req_ids, req_indices, positions)
 
     def _plan_sampled_rows(self, req_ids, req_indices, positions, prompt_lens) -> None:
         """Point the capture at each row's sampled (last scheduled) token; plan decoding.

@@ -48,6 +48,8 @@ class SteeringTables:
     capture    [layers, max_rows, hidden]    residual stream after each layer, sampled rows
     capture_mid[layers, max_rows, hidden]    stream after attention (before the MLP), ditto
     stream_all [layers, max_tokens, hidden]  stream after each layer, every token (capture.py)
+    read_units [layers, slots, max_read, hidden]  readout unit vectors (zero where unused)
+    read_out   [max_tokens, max_read]         each token's readout projections (float32)
 
     The head tables hold only this rank's heads (`heads`, a range of query heads) and are
     absent (None) when the engine runs without head interventions; the capture buffers are
@@ -68,6 +70,7 @@ class SteeringTables:
         head_dim: int = 0,
         capture: bool = False,
         stream_all: bool = False,
+        max_read: int = 0,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -107,6 +110,15 @@ class SteeringTables:
             self.capture_mid = torch.zeros(shape, dtype=dtype, device=device)
             self._sample_host = self._staging(self.sample_idx)
             self.np_sample = self._sample_host.numpy()
+        self.max_read = max_read
+        self.first_layer = 0  # of this rank (set by layers.install)
+        self.read_units: torch.Tensor | None = None
+        self.read_out: torch.Tensor | None = None
+        if max_read:
+            self.read_units = torch.zeros(
+                num_layers, num_slots, max_read, hidden_size, dtype=dtype, device=device
+            )
+            self.read_out = torch.zeros(max_tokens, max_read, dtype=torch.float32, device=device)
         self.stream_all: torch.Tensor | None = None
         if stream_all:
             self.stream_all = torch.zeros(
@@ -127,7 +139,8 @@ class SteeringTables:
     @property
     def nbytes(self) -> int:
         heads = (self.head_scale, self.head_const, self.query_scale)
-        capture = (self.sample_idx, self.capture, self.capture_mid, self.stream_all)
+        capture = (self.sample_idx, self.capture, self.capture_mid, self.stream_all,
+                   self.read_units, self.read_out)  # fmt: skip
         tensors = (self.units, self.const, *heads, *capture, *self._per_token)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -164,6 +177,12 @@ class SteeringTables:
             self.const[layers, rows] = data
         if self.heads is not None:
             self._write_heads(rows, spec)
+        if self.read_units is not None:
+            self.read_units[:, slot].zero_()
+            for k, r in enumerate(spec.readout):
+                self.read_units[r.layer, slot, k] = torch.from_numpy(r.unit).to(
+                    device=self.device, dtype=self.read_units.dtype
+                )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
         """Why a compiled spec cannot go into these tables (the front end compiled it for
@@ -172,6 +191,9 @@ class SteeringTables:
             return f"compiled for hidden size {spec.hidden_size}, the model has {self.hidden_size}"
         if len(spec.projections) > self.max_proj:
             return f"{len(spec.projections)} projections, the tables hold {self.max_proj}"
+        if len(spec.readout) > self.max_read:
+            return (f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"
+                    " (readout off?)")  # fmt: skip
         if spec.uses_heads:
             ops = spec.heads
             if self.heads is None:
@@ -210,7 +232,8 @@ class SteeringTables:
 
 
 class SlotBank:
-    """Maps spec fingerprints to table slots: LRU over slots not used by the current step.
+    """Maps spec keys (`CompiledSpec.key`) to table slots: LRU over slots not used by the
+    current step.
 
     There is one slot per possible batch row plus the identity, so the rows of any step
     always fit; a spec whose requests all finished stays resident ("warm") until its slot
@@ -231,7 +254,7 @@ class SlotBank:
         self.loads = 0
 
     def acquire(self, spec: CompiledSpec, step: int) -> int:
-        slot = self.slot_of.get(spec.fingerprint)
+        slot = self.slot_of.get(spec.key)
         if slot is None:
             slot = int(np.argmin(self.last_used))
             if self.last_used[slot] >= step:
@@ -240,8 +263,8 @@ class SlotBank:
         self.last_used[slot] = step
         return slot
 
-    def release(self, fingerprint: str) -> None:
-        slot = self.slot_of.get(fingerprint)
+    def release(self, key: str) -> None:
+        slot = self.slot_of.get(key)
         if slot is not None:
             self.last_used[slot] = _WARM
 
@@ -260,6 +283,6 @@ class SlotBank:
             self.gain[slot, k] = proj.gain
             self.lo[slot, k] = proj.lo
             self.hi[slot, k] = proj.hi
-        self.fp_of[slot] = spec.fingerprint
-        self.slot_of[spec.fingerprint] = slot
+        self.fp_of[slot] = spec.key
+        self.slot_of[spec.key] = slot
         self.loads += 1

@@ -1,0 +1,130 @@
+"""Readout: per-token projections of the residual stream, collected at the sampler step.
+
+Inside the forward pass every layer adds its slot's readout projections into
+`tables.read_out` ([tokens, max_read], see layers.apply_readout). Here, once per step, the
+rows that matter are gathered in one index_select and one copy to the host:
+
+    generated token g   the row that sampled it (position prompt_len - 1 + g), as its
+                        log-prob is the distribution of that row
+    prompt token p      the row at position p (entries with `prompt`; such requests are
+                        kept out of the prefix cache, whose rows are never recomputed)
+
+Rows are placed by position, so chunked prefill and recomputation after preemption give
+each position once. Values wait per engine request until fetched (`fetch`); a finished
+request's values are kept for `MAX_FINISHED` more requests.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from steering.compile import CompiledSpec
+from steering.engine.request_ids import choice_index
+
+MAX_FINISHED = 4096
+
+
+@dataclass
+class ReadoutState:
+    entries: int
+    prompt_len: int
+    prompt: np.ndarray | None  # [prompt_len, entries]; NaN where not computed (yet)
+    generated: list[np.ndarray] = field(default_factory=list)  # per token: [entries]
+
+    def result(self) -> dict:
+        return {
+            "generated": [v.tolist() for v in self.generated],
+            "prompt": None if self.prompt is None else self.prompt.tolist(),
+        }
+
+
+@dataclass
+class _Planned:
+    state: ReadoutState
+    start: int  # token index of the request's first row in this step
+    first_pos: int
+    count: int
+
+
+class ReadoutBook:
+    def __init__(self, read_out: torch.Tensor):
+        self.read_out = read_out
+        self.live: dict[str, ReadoutState] = {}
+        self.finished: OrderedDict[str, ReadoutState] = OrderedDict()
+        self.plan: list[_Planned] = []
+
+    def register(self, req_id: str, spec: CompiledSpec, prompt_len: int) -> None:
+        n = len(spec.readout)
+        prompt = np.full((prompt_len, n), np.nan, dtype=np.float32) if spec.reads_prompt else None
+        self.live[req_id] = ReadoutState(n, prompt_len, prompt)
+
+    def plan_step(self, req_ids: list[str], req_indices: np.ndarray, positions: np.ndarray) -> None:
+        self.plan = []
+        if not self.live:
+            return
+        counts = np.bincount(req_indices, minlength=len(req_ids))
+        starts = np.cumsum(counts) - counts
+        for row, rid in enumerate(req_ids):
+            state = self.live.get(rid)
+            if state is not None and counts[row]:
+                start = int(starts[row])
+                self.plan.append(_Planned(state, start, int(positions[start]), int(counts[row])))
+
+    def collect(self) -> None:
+        """One gather and one host copy for all planned rows of this step."""
+        if not self.plan:
+            return
+        rows: list[np.ndarray] = []
+        for p in self.plan:
+            last_pos = p.first_pos + p.count - 1
+            if p.state.prompt is not None:
+                end = min(p.count, max(p.state.prompt_len - p.first_pos, 0))
+                rows.append(np.arange(p.start, p.start + end))
+            if last_pos >= p.state.prompt_len - 1:  # this row's sample is a kept token
+                rows.append(np.array([p.start + p.count - 1]))
+        index = torch.from_numpy(np.concatenate(rows)).to(self.read_out.device)
+        values = self.read_out.index_select(0, index).cpu().numpy()
+        at = 0
+        for p in self.plan:
+            s = p.state
+            last_pos = p.first_pos + p.count - 1
+            if s.prompt is not None:
+                end = min(p.count, max(s.prompt_len - p.first_pos, 0))
+                s.prompt[p.first_pos : p.first_pos + end] = values[at : at + end, : s.entries]
+                at += end
+            if last_pos >= s.prompt_len - 1:
+                g = last_pos - (s.prompt_len - 1)
+                value = values[at, : s.entries].copy()
+                at += 1
+                if g < len(s.generated):
+                    s.generated[g] = value  # recomputed after preemption: the same token
+                else:
+                    s.generated.extend([np.full(s.entries, np.nan, np.float32)] *
+                                       (g - len(s.generated)))  # fmt: skip
+                    s.generated.append(value)
+        self.plan = []
+
+    def release(self, req_id: str) -> None:
+        state = self.live.pop(req_id, None)
+        if state is not None:
+            self.finished[req_id] = state
+            while len(self.finished) > MAX_FINISHED:
+                self.finished.popitem(last=False)
+
+    def fetch(self, request_id: str) -> dict[int, dict]:
+        """Values of every choice of API request `request_id` (live or finished), by choice
+        index; finished ones are handed over once."""
+        out: dict[int, dict] = {}
+        for rid in list(self.live) + list(self.finished):
+            index = choice_index(rid, request_id)
+            if index is None:
+                continue
+            state = self.live.get(rid)
+            if state is None:
+                state = self.finished.pop(rid)
+            out[index] = state.result()
+        return out
