@@ -47,7 +47,9 @@ SCENARIOS = (
     "distinct-head-vectors",
     "fuse-fixed",
     "contrast-high",
+    "distinct-readouts",
 )
+READOUT_SCENARIOS = ("distinct-readouts",)
 
 
 def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
@@ -90,6 +92,14 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
                                    for i in range(num_layers)}}]}
             for _ in range(n)
         ]  # fmt: skip
+    if scenario == "distinct-readouts":
+        # Monitoring: each request reads its own 2 directions (middle and 2/3 depth) on
+        # every generated token, unsteered otherwise.
+        def readout(layer: int) -> dict:
+            return {"data": rng.standard_normal(hidden).tolist(), "layer": layer}
+
+        return [{"readout": [readout(num_layers // 2), readout(num_layers * 2 // 3)]}
+                for _ in range(n)]  # fmt: skip
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
@@ -139,12 +149,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Layer-reading decoding is opt-in per engine (its capture costs every request), so
     # its scenarios run on an engine of their own and the others measure it switched off.
     engine_of = {
-        s: "plain" if s == "plain" else "decode" if s in DECODING_SCENARIOS else "steer"
+        s: "plain" if s == "plain" else "decode" if s in DECODING_SCENARIOS
+        else "readout" if s in READOUT_SCENARIOS else "steer"
         for s in scenarios
-    }
+    }  # fmt: skip
     engines = {}
     for name in sorted(set(engine_of.values())):
-        settings: dict = {"enabled": name != "plain", "decoding": name == "decode"}
+        settings: dict = {"enabled": name != "plain", "decoding": name == "decode",
+                          "readout": name == "readout"}  # fmt: skip
         if name != "plain" and args.max_projections is not None:
             settings["max_projections"] = args.max_projections
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
