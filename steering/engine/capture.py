@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from steering.engine.token_runs import TokenRun, token_runs
+
 log = logging.getLogger(__name__)
 
 REQUEST_KEY = "steerserve_capture"
@@ -92,21 +94,13 @@ class CaptureState:
 
 
 @dataclass
-class _Planned:
-    state: CaptureState
-    start: int  # first token index of the request in this step's flattened batch
-    first_pos: int  # its position
-    count: int  # tokens it has in this step
-
-
-@dataclass
 class CaptureBook:
     """Live capture requests, this step's plan, and finished results awaiting a fetch."""
 
     stream_all: torch.Tensor
     live: dict[str, CaptureState] = field(default_factory=dict)
     finished: OrderedDict[str, np.ndarray | str] = field(default_factory=OrderedDict)
-    plan: list[_Planned] = field(default_factory=list)
+    plan: list[TokenRun[CaptureState]] = field(default_factory=list)
 
     def register(self, req_id: str, raw: Any, prompt_len: int) -> None:
         num_layers, _, hidden = self.stream_all.shape
@@ -126,16 +120,7 @@ class CaptureBook:
         )
 
     def plan_step(self, req_ids: list[str], req_indices: np.ndarray, positions: np.ndarray) -> None:
-        self.plan = []
-        if not self.live:
-            return
-        counts = np.bincount(req_indices, minlength=len(req_ids))
-        starts = np.cumsum(counts) - counts
-        for row, rid in enumerate(req_ids):
-            state = self.live.get(rid)
-            if state is not None and counts[row]:
-                start = int(starts[row])
-                self.plan.append(_Planned(state, start, int(positions[start]), int(counts[row])))
+        self.plan = token_runs(req_ids, req_indices, positions, self.live)
 
     def collect(self) -> None:
         """Read this step's planned prompt rows out of `stream_all` (device ops only)."""

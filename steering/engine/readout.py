@@ -24,6 +24,7 @@ import torch
 
 from steering.compile import CompiledSpec
 from steering.engine.request_ids import choice_index
+from steering.engine.token_runs import TokenRun, token_runs
 
 MAX_FINISHED = 4096
 
@@ -42,20 +43,12 @@ class ReadoutState:
         }
 
 
-@dataclass
-class _Planned:
-    state: ReadoutState
-    start: int  # token index of the request's first row in this step
-    first_pos: int
-    count: int
-
-
 class ReadoutBook:
     def __init__(self, read_out: torch.Tensor):
         self.read_out = read_out
         self.live: dict[str, ReadoutState] = {}
         self.finished: OrderedDict[str, ReadoutState] = OrderedDict()
-        self.plan: list[_Planned] = []
+        self.plan: list[TokenRun[ReadoutState]] = []
 
     def register(self, req_id: str, spec: CompiledSpec, prompt_len: int) -> None:
         n = len(spec.readout)
@@ -63,16 +56,7 @@ class ReadoutBook:
         self.live[req_id] = ReadoutState(n, prompt_len, prompt)
 
     def plan_step(self, req_ids: list[str], req_indices: np.ndarray, positions: np.ndarray) -> None:
-        self.plan = []
-        if not self.live:
-            return
-        counts = np.bincount(req_indices, minlength=len(req_ids))
-        starts = np.cumsum(counts) - counts
-        for row, rid in enumerate(req_ids):
-            state = self.live.get(rid)
-            if state is not None and counts[row]:
-                start = int(starts[row])
-                self.plan.append(_Planned(state, start, int(positions[start]), int(counts[row])))
+        self.plan = token_runs(req_ids, req_indices, positions, self.live)
 
     def collect(self) -> None:
         """One gather and one host copy for all planned rows of this step."""
