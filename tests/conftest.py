@@ -131,6 +131,9 @@ class Engines:
         # that reads counters gets an engine of its own, started right before it reads.
         "metrics": dict(enforce_eager=True),
         "readout": dict(enforce_eager=True, additional_config={"steerserve": {"readout": True}}),
+        "readout-compiled": dict(
+            enforce_eager=False, additional_config={"steerserve": {"readout": True}}
+        ),
     }
 
     def __init__(self, model_dirs: dict[str, Path], vectors_dir: Path):

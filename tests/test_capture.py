@@ -88,3 +88,19 @@ def test_capture_failure_names_the_prompt(capturer: Capturer, monkeypatch):
     with pytest.raises(CaptureFailed, match="prompt 0: no capture came back"):
         capturer.capture(PROMPTS[:1], [1])
     monkeypatch.setattr(capturer.llm, "collective_rpc", real)
+
+
+def test_compiled_capture_engine_captures_the_same(capturer: Capturer, model_dirs):
+    # `steerserve vectors train` runs vLLM's default, the torch.compile'd forward.
+    from conftest import ENGINE_KW
+
+    kw = {k: v for k, v in ENGINE_KW.items() if k != "enable_prefix_caching"}
+    compiled = Capturer(str(model_dirs["llama"]), enforce_eager=False, **kw)
+    try:
+        for positions in ("last", "all"):
+            got = compiled.capture(PROMPTS, LAYERS, positions)
+            want = capturer.capture(PROMPTS, LAYERS, positions)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    finally:
+        del compiled

@@ -116,3 +116,13 @@ def test_readout_needs_an_engine_with_readout_on(engines):
         engines.get("llama", "readout").generate(
             [{"prompt_token_ids": PROMPTS[0]}],
             sampling({"readout": [{"name": "happy", "layer": 1}] * 5}), use_tqdm=False)
+
+
+def test_compiled_engine_reads_the_same(engines):
+    # The torch.compile'd forward (what CUDA graphs replay on GPU) runs the readout ops too.
+    eager = _run(engines.get("llama", "readout"), PROMPTS, [STEERED, READ_ONLY])
+    compiled = _run(engines.get("llama", "readout-compiled"), PROMPTS, [STEERED, READ_ONLY])
+    for (tokens, got), (want_tokens, want) in zip(compiled, eager, strict=True):
+        assert tokens == want_tokens
+        np.testing.assert_allclose(got["generated"], want["generated"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["prompt"], want["prompt"], rtol=1e-4, atol=1e-4)
