@@ -212,3 +212,13 @@ def capturer(model_dirs):
 
     kw = {k: v for k, v in ENGINE_KW.items() if k != "enable_prefix_caching"}
     return Capturer(str(model_dirs["llama"]), enforce_eager=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def compiled_capturer(model_dirs):
+    """The same on vLLM's compiled forward. Session-scoped like every in-process engine:
+    tearing one down destroys vLLM's process-wide parallel groups under the others."""
+    from steering.capture import Capturer
+
+    kw = {k: v for k, v in ENGINE_KW.items() if k != "enable_prefix_caching"}
+    return Capturer(str(model_dirs["llama"]), enforce_eager=False, **kw)

@@ -1,20 +1,33 @@
-"""The throughput benchmark runs end to end (tiny model, seconds) so it cannot rot."""
+"""The benchmarks run end to end (tiny model, seconds) so they cannot rot.
+
+Each runs in a process of its own: a benchmark drops its engines when it ends, and tearing
+an in-process vLLM engine down destroys the process-wide parallel groups that the test
+session's engines run on.
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import SCENARIOS, main  # noqa: E402
+from benchmarks.capture_throughput import SCENARIOS as CAPTURE_SCENARIOS  # noqa: E402
+from benchmarks.throughput import SCENARIOS  # noqa: E402
+
+
+def _smoke(script: str, out: Path) -> dict:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out",
+                        str(out)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def test_throughput_smoke(tmp_path):
-    out = tmp_path / "smoke.json"
-    result = main(["--smoke", "--out", str(out)])
-    assert json.loads(out.read_text()) == result
+    result = _smoke("throughput.py", tmp_path / "smoke.json")
     rows = {r["scenario"]: r for r in result["results"]}
     assert set(rows) == set(SCENARIOS)
     assert rows["plain"]["ratio_vs_plain"] == 1.0
@@ -22,12 +35,7 @@ def test_throughput_smoke(tmp_path):
 
 
 def test_capture_throughput_smoke(tmp_path):
-    from benchmarks.capture_throughput import SCENARIOS as CAPTURE_SCENARIOS
-    from benchmarks.capture_throughput import main as capture_main
-
-    out = tmp_path / "capture.json"
-    result = capture_main(["--smoke", "--out", str(out)])
-    assert json.loads(out.read_text()) == result
+    result = _smoke("capture_throughput.py", tmp_path / "capture.json")
     rows = {r["scenario"]: r for r in result["results"]}
     assert set(rows) == set(CAPTURE_SCENARIOS)
     assert rows["plain-prefill"]["ratio_vs_plain_prefill"] == 1.0

@@ -90,17 +90,10 @@ def test_capture_failure_names_the_prompt(capturer: Capturer, monkeypatch):
     monkeypatch.setattr(capturer.llm, "collective_rpc", real)
 
 
-def test_compiled_capture_engine_captures_the_same(capturer: Capturer, model_dirs):
+def test_compiled_capture_engine_captures_the_same(capturer: Capturer, compiled_capturer):
     # `steerserve vectors train` runs vLLM's default, the torch.compile'd forward.
-    from conftest import ENGINE_KW
-
-    kw = {k: v for k, v in ENGINE_KW.items() if k != "enable_prefix_caching"}
-    compiled = Capturer(str(model_dirs["llama"]), enforce_eager=False, **kw)
-    try:
-        for positions in ("last", "all"):
-            got = compiled.capture(PROMPTS, LAYERS, positions)
-            want = capturer.capture(PROMPTS, LAYERS, positions)
-            for g, w in zip(got, want, strict=True):
-                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
-    finally:
-        del compiled
+    for positions in ("last", "all"):
+        got = compiled_capturer.capture(PROMPTS, LAYERS, positions)
+        want = capturer.capture(PROMPTS, LAYERS, positions)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
