@@ -60,28 +60,34 @@ class ReadoutBook:
 
     def collect(self) -> None:
         """One gather and one host copy for all planned rows of this step."""
-        if not self.plan:
-            return
+        # Per run: how many prompt rows it reads, and the generated token it sampled (if any).
+        reads: list[tuple[TokenRun[ReadoutState], int, int | None]] = []
         rows: list[np.ndarray] = []
         for p in self.plan:
-            last_pos = p.first_pos + p.count - 1
-            if p.state.prompt is not None:
-                end = min(p.count, max(p.state.prompt_len - p.first_pos, 0))
-                rows.append(np.arange(p.start, p.start + end))
-            if last_pos >= p.state.prompt_len - 1:  # this row's sample is a kept token
+            s = p.state
+            prompt_rows = 0
+            if s.prompt is not None:
+                prompt_rows = min(p.count, max(s.prompt_len - p.first_pos, 0))
+                rows.append(np.arange(p.start, p.start + prompt_rows))
+            g = p.first_pos + p.count - s.prompt_len  # the token its last row sampled
+            if g >= 0:
                 rows.append(np.array([p.start + p.count - 1]))
-        index = torch.from_numpy(np.concatenate(rows)).to(self.read_out.device)
+            reads.append((p, prompt_rows, g if g >= 0 else None))
+        self.plan = []
+        wanted = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        if not wanted.size:  # only mid-prompt chunks of requests that read generated tokens
+            return
+        index = torch.from_numpy(wanted).to(self.read_out.device)
         values = self.read_out.index_select(0, index).cpu().numpy()
         at = 0
-        for p in self.plan:
+        for p, prompt_rows, g in reads:
             s = p.state
-            last_pos = p.first_pos + p.count - 1
-            if s.prompt is not None:
-                end = min(p.count, max(s.prompt_len - p.first_pos, 0))
-                s.prompt[p.first_pos : p.first_pos + end] = values[at : at + end, : s.entries]
-                at += end
-            if last_pos >= s.prompt_len - 1:
-                g = last_pos - (s.prompt_len - 1)
+            if prompt_rows:
+                s.prompt[p.first_pos : p.first_pos + prompt_rows] = values[
+                    at : at + prompt_rows, : s.entries
+                ]
+                at += prompt_rows
+            if g is not None:
                 value = values[at, : s.entries].copy()
                 at += 1
                 if g < len(s.generated):
@@ -90,7 +96,6 @@ class ReadoutBook:
                     s.generated.extend([np.full(s.entries, np.nan, np.float32)] *
                                        (g - len(s.generated)))  # fmt: skip
                     s.generated.append(value)
-        self.plan = []
 
     def release(self, req_id: str) -> None:
         state = self.live.pop(req_id, None)
