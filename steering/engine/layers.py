@@ -118,12 +118,14 @@ def _steered_layer_forward(self, *args, **kwargs):
     hidden, residual = self._steerserve_base.forward(self, *args, **kwargs)
     tables, layer = self._steerserve_tables, self._steerserve_layer
     residual = apply_residual_ops(tables, layer, hidden, residual)
-    if tables.capture is not None:
-        capture_rows(tables.capture[layer], tables.sample_idx, hidden + residual)
-    if tables.stream_all is not None:
-        tables.stream_all[layer, : residual.shape[0]].copy_(hidden + residual)
-    if tables.read_units is not None:
-        apply_readout(tables, layer, hidden + residual)
+    if tables.reads_stream:  # the stream after this layer, formed once for its readers
+        stream = hidden + residual
+        if tables.capture is not None:
+            capture_rows(tables.capture[layer], tables.sample_idx, stream)
+        if tables.stream_all is not None:
+            tables.stream_all[layer, : stream.shape[0]].copy_(stream)
+        if tables.read_units is not None:
+            apply_readout(tables, layer, stream)
     return hidden, residual
 
 

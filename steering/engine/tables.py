@@ -124,6 +124,10 @@ class SteeringTables:
             self.stream_all = torch.zeros(
                 num_layers, max_tokens, hidden_size, dtype=dtype, device=device
             )
+        # Whether the layers form the stream (hidden + residual) for any buffer above.
+        self.reads_stream = any(
+            t is not None for t in (self.capture, self.stream_all, self.read_units)
+        )
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
         self._per_token = (self.tok_slot, self.tok_const, self.tok_gain)
         self._staged = tuple(self._staging(t) for t in self._per_token)
