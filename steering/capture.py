@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from steering.engine.capture import POSITIONS, decode
 from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
+from steering.engine.capture import decode, parse_request
 from steering.engine.hooks import WORKER_METHOD
 from steering.spec import ModelShape
 
@@ -34,7 +34,6 @@ class CaptureFailed(RuntimeError):
 
 @dataclass
 class CaptureStats:
-    prompts: int = 0
     prompt_tokens: int = 0
     seconds: float = 0.0
 
@@ -79,11 +78,9 @@ class Capturer:
         `progress`: a tqdm-like object updated by the number of prompts done, or None.
         """
         layers = [int(i) for i in layers]
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}")
-        bad = [i for i in layers if not 0 <= i < self.shape.num_layers]
-        if not layers or bad:
-            raise ValueError(f"layers {bad or layers} out of range 0..{self.shape.num_layers - 1}")
+        # The engine's own check, before any prompt is sent (CaptureError is a ValueError).
+        parse_request({"key": "-", "layers": layers, "positions": positions},
+                      self.shape.num_layers)  # fmt: skip
         out: list[np.ndarray] = []
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
@@ -109,7 +106,6 @@ class Capturer:
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         results = self.llm.collective_rpc(WORKER_METHOD, args=("captures", keys))[0]
         self.stats.seconds += time.perf_counter() - started
-        self.stats.prompts += len(prompts)
         self.stats.prompt_tokens += sum(len(o.prompt_token_ids or ()) for o in outputs)
         arrays = []
         for i, key in enumerate(keys):

@@ -39,38 +39,38 @@ MAX_FINISHED = 8192
 
 
 class CaptureError(ValueError):
-    pass
+    """A bad capture request: `field` within it ("" for the whole object) and why."""
+
+    def __init__(self, field: str, why: str):
+        self.field, self.why = field, why
+        super().__init__(f"{field}: {why}" if field else why)
 
 
 def parse_request(raw: Any, num_layers: int) -> tuple[str, list[int], str]:
     """(key, layers, positions) of a capture request; CaptureError names the bad field."""
     if not isinstance(raw, dict):
-        raise CaptureError(f"extra_args.{REQUEST_KEY}: must be an object")
+        raise CaptureError("", "must be an object")
     unknown = set(raw) - {"key", "layers", "positions"}
     if unknown:
-        raise CaptureError(f"extra_args.{REQUEST_KEY}: unknown field(s) {sorted(unknown)}")
+        raise CaptureError("", f"unknown field(s) {sorted(unknown)}")
     key = raw.get("key")
     if not isinstance(key, str) or not key:
-        raise CaptureError(f"extra_args.{REQUEST_KEY}.key: must be a non-empty string")
+        raise CaptureError("key", "must be a non-empty string")
     layers = raw.get("layers")
     if (
         not isinstance(layers, list)
         or not layers
         or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     ):
-        raise CaptureError(f"extra_args.{REQUEST_KEY}.layers: must be a non-empty list of ints")
+        raise CaptureError("layers", "must be a non-empty list of ints")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise CaptureError(
-            f"extra_args.{REQUEST_KEY}.layers: {bad} out of range 0..{num_layers - 1}"
-        )
+        raise CaptureError("layers", f"{bad} out of range 0..{num_layers - 1}")
     if len(set(layers)) != len(layers):
-        raise CaptureError(f"extra_args.{REQUEST_KEY}.layers: duplicate layers")
+        raise CaptureError("layers", "duplicate layers")
     positions = raw.get("positions", "last")
     if positions not in POSITIONS:
-        raise CaptureError(
-            f"extra_args.{REQUEST_KEY}.positions: {positions!r} is not one of {POSITIONS}"
-        )
+        raise CaptureError("positions", f"{positions!r} is not one of {POSITIONS}")
     return key, layers, positions
 
 

@@ -115,8 +115,8 @@ class SteeringFrontend:
         try:
             parse_capture(raw, self.shape.num_layers)
         except CaptureError as e:
-            field, _, why = str(e).partition(": ")
-            raise SteeringValidationError([(field, why)]) from None
+            field = ".".join(filter(None, (f"extra_args.{CAPTURE_KEY}", e.field)))
+            raise SteeringValidationError([(field, e.why)]) from None
 
     def _check_decoding(self, prompt_logprobs: bool) -> None:
         field = f"{SPEC_KEY}.decoding"
