@@ -118,6 +118,24 @@ def _check_layer(layer: int, ctx: SpecContext) -> None:
         )
 
 
+def _layer_in_range(cls: type, layer: int, info: ValidationInfo) -> int:
+    """Field validator of a single `layer` (head masks, readout entries)."""
+    ctx = _context(info)
+    if ctx is not None:
+        _check_layer(layer, ctx)
+    return layer
+
+
+def _registered(name: str, ctx: SpecContext, site: str) -> Mapping[int, np.ndarray]:
+    """The per-layer data of registered vector `name` at `site`, or a named failure."""
+    if ctx.vectors is None:
+        raise _fail("unknown_vector", "no vector registry is configured; send 'data' inline")
+    try:
+        return ctx.vectors.lookup(name, ctx.shape, site)
+    except (KeyError, ValueError) as e:
+        raise _fail("unknown_vector", "{reason}", reason=e.args[0] if e.args else str(e)) from e
+
+
 def _check_heads(heads: list[int], ctx: SpecContext | None) -> list[int]:
     if not heads:
         raise _fail("empty_heads", "must name at least one head")
@@ -168,14 +186,8 @@ class VectorEntry(BaseModel):
     @classmethod
     def _known_name(cls, name: str | None, info: ValidationInfo) -> str | None:
         ctx = _context(info)
-        if name is None or ctx is None:
-            return name
-        if ctx.vectors is None:
-            raise _fail("unknown_vector", "no vector registry is configured; send 'data' inline")
-        try:
-            ctx.vectors.lookup(name, ctx.shape, _site_of(info))
-        except (KeyError, ValueError) as e:
-            raise _fail("unknown_vector", "{reason}", reason=e.args[0] if e.args else str(e)) from e
+        if name is not None and ctx is not None:
+            _registered(name, ctx, _site_of(info))
         return name
 
     @field_validator("data")
@@ -275,8 +287,7 @@ class VectorEntry(BaseModel):
 
     def _resolve(self, ctx: SpecContext) -> None:
         if self.name is not None:
-            assert ctx.vectors is not None
-            found = ctx.vectors.lookup(self.name, ctx.shape, self.site)
+            found = _registered(self.name, ctx, self.site)
             source = {int(k): v for k, v in found.items()}
             origin = f"vector {self.name!r}"
         else:
@@ -343,13 +354,7 @@ class HeadMask(BaseModel):
     target: Literal["output", "query"] = "output"
     positions: Positions = "all"
 
-    @field_validator("layer")
-    @classmethod
-    def _layer_range(cls, layer: int, info: ValidationInfo) -> int:
-        ctx = _context(info)
-        if ctx is not None:
-            _check_layer(layer, ctx)
-        return layer
+    _layer_range = field_validator("layer")(_layer_in_range)
 
     @field_validator("heads")
     @classmethod
@@ -480,13 +485,7 @@ class ReadoutEntry(BaseModel):
 
     _unit: np.ndarray | None = PrivateAttr(default=None)
 
-    @field_validator("layer")
-    @classmethod
-    def _layer_in_range(cls, layer: int, info: ValidationInfo) -> int:
-        ctx = _context(info)
-        if ctx is not None:
-            _check_layer(layer, ctx)
-        return layer
+    _layer_range = field_validator("layer")(_layer_in_range)
 
     @model_validator(mode="after")
     def _resolve(self, info: ValidationInfo) -> ReadoutEntry:
@@ -498,13 +497,7 @@ class ReadoutEntry(BaseModel):
         if ctx is None:
             return self
         if self.name is not None:
-            if ctx.vectors is None:
-                raise _fail("unknown_vector", "no vector registry is configured; send 'data'")
-            try:
-                found = ctx.vectors.lookup(self.name, ctx.shape, "residual")
-            except (KeyError, ValueError) as e:
-                reason = e.args[0] if e.args else str(e)
-                raise _fail("unknown_vector", "{reason}", reason=reason) from e
+            found = _registered(self.name, ctx, "residual")
             layers = sorted(int(k) for k in found)
             if self.layer not in layers:
                 raise _fail(
@@ -536,10 +529,6 @@ class ReadoutEntry(BaseModel):
     def unit_vector(self) -> np.ndarray:
         assert self._unit is not None, "validated without a model context"
         return self._unit
-
-    @property
-    def label(self) -> str:
-        return self.name if self.name is not None else "<inline>"
 
 
 class SteeringSpec(BaseModel):
