@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import _name, _quartiles  # noqa: E402
+from benchmarks.throughput import _quartiles  # noqa: E402
 from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
 
 SCENARIOS = ("plain-prefill", "capture-last", "capture-mean", "plain-generation")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.rounds, args.dtype = 1, "float32"
     spec = TinySpec() if args.smoke else BENCH_SPEC
     model = Path(args.model) if args.model else build_tiny_model(
-        ROOT / ".cache" / "models" / _name(spec), spec)  # fmt: skip
+        ROOT / ".cache" / "models" / spec.slug, spec)  # fmt: skip
 
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "model": str(model) if args.model else _name(spec),
+        "model": str(model) if args.model else spec.slug,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "results": rows,
     }

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.dtype, args.eager = "float32", True
     cache = ROOT / ".cache" / "models"
     spec = TinySpec() if args.smoke else BENCH_SPEC
-    model = Path(args.model) if args.model else build_tiny_model(cache / _name(spec), spec)
+    model = Path(args.model) if args.model else build_tiny_model(cache / spec.slug, spec)
 
     from tqdm import tqdm
     from transformers import AutoConfig
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "model": str(model) if args.model else _name(spec),
+        "model": str(model) if args.model else spec.slug,
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "results": rows,
     }
@@ -244,10 +244,6 @@ def markdown_table(result: dict) -> str:
             iqr = "{:.3f}-{:.3f}".format(*row["ratio_iqr"])
         lines.append(f"| {row['scenario']} | {row['tok_per_s']:.0f} | {ratio} | {iqr} |")
     return "\n".join(lines)
-
-
-def _name(spec: TinySpec) -> str:
-    return f"{spec.arch}-h{spec.hidden_size}-l{spec.num_layers}-v{spec.model_vocab_size or 0}"
 
 
 def _stamp() -> str:

@@ -25,6 +25,7 @@ from .experiments import routes as experiment_routes
 from .experiments.service import Experiments
 from .metrics import ExperimentMetrics, SteeringMetrics
 from .middleware import Authenticate, BodyLimit, RefreshGauges
+from .readouts import ReadoutFeed
 from .settings import ServerSettings
 from .state import ServerState
 
@@ -70,6 +71,7 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
         metrics=SteeringMetrics(model_name),
         settings=settings,
         experiments=experiments,
+        readouts=ReadoutFeed(engine),
     )
     app.state.steerserve = state
     calls.observe_engine(engine)

@@ -39,6 +39,7 @@ class Applied:
                 ("vectors", bool(self.spec.vectors)),
                 ("heads", bool(self.spec.heads)),
                 ("decoding", self.spec.decoding is not None),
+                ("readout", bool(self.spec.readout)),
             )
             if used
         ]
@@ -48,6 +49,11 @@ class Applied:
     def reports_decoding(self) -> bool:
         """Whether the engine runs layer-reading decoding for it (and has reports)."""
         return self.compiled is not None and self.spec.decoding is not None
+
+    @property
+    def reads(self) -> bool:
+        """Whether responses carry readout values (spec `readout`)."""
+        return self.compiled is not None and bool(self.spec.readout)
 
     @property
     def fingerprint(self) -> str | None:
@@ -65,6 +71,9 @@ class Applied:
         }
         if self.spec.decoding is not None:
             out["decoding"] = {"mode": self.spec.decoding.mode}
+        if self.spec.readout:
+            out["readout"] = [{"name": e.name if e.name is not None else "<inline>",
+                               "layer": e.layer} for e in self.spec.readout]  # fmt: skip
         return out
 
 
@@ -95,7 +104,7 @@ class SteeringResolver:
             use_default = flag
             raw = {k: v for k, v in raw.items() if k != "default"}
         default = self.default if use_default else None
-        if base is not None and not (base.vectors or base.heads or base.decoding):
+        if base is not None and not (base.vectors or base.heads or base.decoding or base.readout):
             base = None
         if raw is None or (isinstance(raw, Mapping) and not raw):
             if default is None and base is None:
@@ -112,7 +121,6 @@ class SteeringResolver:
             compiled = self.frontend.compile(spec, prompt_logprobs=prompt_logprobs)
         except (SteeringValidationError, SpecError) as e:  # the latter from compose
             raise _as_api_error(e) from None
-        _refuse_readout(spec, SPEC_KEY)
         return Applied(
             spec=spec,
             compiled=None if compiled.is_identity else compiled,
@@ -154,8 +162,8 @@ def _as_api_error(e: SteeringValidationError | SpecError) -> APIError:
 
 
 def _refuse_readout(spec: SteeringSpec, root: str) -> None:
-    # The engine computes readouts (offline: the "readouts" worker call); HTTP responses
-    # do not carry them yet, and a 200 without the values asked for would be a surprise.
+    # An arm changes what the model does for its users; values they did not ask for would
+    # change the shape of their responses (a request can still ask for readout itself).
     if spec.readout:
-        raise APIError(400, "readout is not returned over HTTP yet (the offline engine has "
-                       "it)", f"{root}.readout")  # fmt: skip
+        raise APIError(400, "an experiment arm cannot read out (ask for readout in the "
+                       "request)", f"{root}.readout")  # fmt: skip

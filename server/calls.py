@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from steering.engine import openai_server as vllm_api
 
 from .errors import APIError, invalid
+from .readouts import RequestReadout
 from .state import ServerState
 
 # Status recorded for a request whose client went away (nginx's convention).
@@ -63,12 +64,15 @@ class Track:
     generation_tokens: int = 0
     labels: dict[str, str] | None = None  # metric labels, once the steering is known
     n: int = 1  # choices per prompt: choice index = prompt index * n + child index
+    readout: RequestReadout | None = None  # the request reads the stream (spec `readout`)
 
     def watch(self, outputs: AsyncGenerator, engine_id: str) -> AsyncGenerator:
         self.engine_ids.append(engine_id)
-        return self._watch(outputs, time.monotonic())
+        return self._watch(outputs, engine_id, len(self.engine_ids) - 1, time.monotonic())
 
-    async def _watch(self, outputs: AsyncGenerator, submitted: float) -> AsyncIterator[Any]:
+    async def _watch(
+        self, outputs: AsyncGenerator, engine_id: str, prompt_index: int, submitted: float
+    ) -> AsyncIterator[Any]:
         counted_prompts: set[str] = set()
         try:
             async for out in outputs:
@@ -84,6 +88,8 @@ class Track:
                     seen = time.monotonic() if latency is None else submitted + latency
                     self.first_token = min(seen, self.first_token or seen)
                 self.generation_tokens += new
+                if self.readout is not None and (new or out.finished):
+                    await self.readout.observe(out, engine_id, prompt_index)
                 yield out
         finally:
             await outputs.aclose()  # aborts the engine request if we stopped early

@@ -87,6 +87,12 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         help="Allow layer-fused / contrastive decoding (costs a few percent for every "
         "request: each layer's sampled rows are kept).",
     )
+    group.add_argument(
+        "--enable-steering-readout",
+        action="store_true",
+        help="Allow `readout` specs (per-token projections of the residual stream in "
+        "responses; every layer then reads for every request, a few percent).",
+    )
 
 
 def _steering_config(args: argparse.Namespace) -> None:
@@ -96,6 +102,8 @@ def _steering_config(args: argparse.Namespace) -> None:
     mine.setdefault("vectors_dir", args.vectors_dir)
     if args.enable_steering_decoding:
         mine["decoding"] = True
+    if args.enable_steering_readout:
+        mine["readout"] = True
     extra["steerserve"] = mine
     args.additional_config = extra
 

@@ -46,6 +46,7 @@ from .calls import (
 )
 from .errors import APIError
 from .experiments.registry import Enrollment, UnavailableExperiment, UnknownExperiment
+from .readouts import RequestReadout, rest_of_stream
 from .state import ServerState, state_of
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
             request, applied, enrollment = _parse(state, raw_request, body, chat=chat)
             track.n = request.n or 1
             track.labels = state.metrics.labels(applied.preset, applied.kind)
+            if applied.reads:
+                track.readout = RequestReadout(state.readouts, applied.spec.readout, track.n)
             state.metrics.running.labels(**track.labels).inc()
             admit(state, track.n * prompt_count(request, chat=chat))
             if enrollment is not None and enrollment.arm is not None:
@@ -132,6 +135,9 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
             if is_whole_response(result):
                 content = result.model_dump()
                 content["steering"] = await _echo(state, applied, enrollment, track)
+                if track.readout is not None:
+                    for choice in content["choices"]:
+                        choice["readout"] = track.readout.whole(choice["index"])
                 if recorded is not None:
                     _check_id(recorded, content.get("id"))
                     if not await recorded.wait():
@@ -139,7 +145,7 @@ async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
                 return JSONResponse(content, headers=headers)
             call.streaming = True
             return StreamingResponse(
-                _stream(state, result, applied, enrollment, track, recorded),
+                _stream(state, result, applied, enrollment, track, recorded, chat=chat),
                 media_type="text/event-stream",
                 headers=headers,
             )
@@ -225,12 +231,17 @@ async def _stream(
     enrollment: Enrollment | None,
     track: Track,
     recorded: Recorded | None,
+    *,
+    chat: bool,
 ) -> AsyncIterator[str]:
-    """vLLM's SSE chunks, the first one carrying `steering`; reports before `[DONE]`."""
+    """vLLM's SSE chunks, the first one carrying `steering`, each carrying its tokens'
+    readout values if asked; the values left and decoding reports before `[DONE]`."""
     status = 200
     head: dict[str, Any] | None = None  # id, object, created, model of the first chunk
     try:
         async for chunk in chunks:
+            if track.readout is not None and chunk.startswith('data: {"id"'):
+                chunk = _with_readout(chunk, track.readout)
             if head is None and chunk.startswith("data: {"):
                 first = json.loads(chunk[len("data: ") :])
                 head = {k: first[k] for k in ("id", "object", "created", "model") if k in first}
@@ -239,6 +250,9 @@ async def _stream(
                 echo = json.dumps(_head_echo(applied, enrollment))
                 chunk = f'data: {{"steering": {echo}, {chunk[len("data: {") :]}'
             elif chunk.startswith("data: [DONE]"):
+                rest = [] if track.readout is None else rest_of_stream(track.readout, chat=chat)
+                if rest:
+                    yield f"data: {json.dumps({**(head or {}), 'choices': rest})}\n\n"
                 if applied.reports_decoding:
                     tail = {**(head or {}), "choices": [],
                             "steering": await _echo(state, applied, enrollment, track)}  # fmt: skip
@@ -253,3 +267,12 @@ async def _stream(
         raise
     finally:
         _end(state, track, status, recorded)
+
+
+def _with_readout(chunk: str, readout: RequestReadout) -> str:
+    data = json.loads(chunk[len("data: ") :])
+    for choice in data.get("choices", []):
+        values = readout.delta(choice["index"])
+        if values is not None:
+            choice["readout"] = values
+    return f"data: {json.dumps(data)}\n\n"

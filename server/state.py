@@ -12,6 +12,7 @@ from steering.engine.frontend import SteeringFrontend
 from .applied import SteeringResolver
 from .experiments.service import Experiments
 from .metrics import SteeringMetrics
+from .readouts import ReadoutFeed
 from .settings import ServerSettings
 
 
@@ -23,6 +24,7 @@ class ServerState:
     metrics: SteeringMetrics
     settings: ServerSettings
     experiments: Experiments
+    readouts: ReadoutFeed  # batched worker pulls of readout values
 
 
 def state_of(request: Request) -> ServerState:

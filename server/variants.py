@@ -35,6 +35,7 @@ from .calls import (
     wants_prompt_logprobs,
 )
 from .errors import APIError
+from .readouts import RequestReadout, rest_of_stream
 from .state import ServerState, state_of
 
 MAX_VARIANTS = 16
@@ -51,6 +52,9 @@ async def serve_variants(raw_request: Request, body: dict, *, chat: bool) -> Res
         with call.recording():
             request, applied, seed, calls = _prepare(state, raw_request, body, chat=chat)
             tracks[:] = [Track(labels=labels) for _ in calls]
+            for t, a in zip(tracks, applied, strict=True):
+                if a.reads:
+                    t.readout = RequestReadout(state.readouts, a.spec.readout, 1)
             admit(state, len(calls))
             results = await _run_together(raw_request, calls, tracks, chat=chat)
             for r in results:
@@ -60,12 +64,12 @@ async def serve_variants(raw_request: Request, body: dict, *, chat: bool) -> Res
             merged_id = vllm_api.response_id(raw_request, request, chat=chat)
             call.status = 200
             if is_whole_response(results[0]):
-                content = _merge(results, merged_id)
+                content = _merge(results, merged_id, tracks)
                 content["steering"] = await _echo(state, applied, tracks, seed)
                 return JSONResponse(content)
             call.streaming = True
             return StreamingResponse(
-                _stream(state, results, applied, tracks, seed, merged_id, labels),
+                _stream(state, results, applied, tracks, seed, merged_id, labels, chat=chat),
                 media_type="text/event-stream",
             )
     finally:
@@ -132,11 +136,13 @@ def _resolve(state: ServerState, raw: Any, i: int, request: Any) -> Applied:
         raise APIError(e.status, message, param) from None
 
 
-def _merge(results: list[Any], merged_id: str) -> dict[str, Any]:
+def _merge(results: list[Any], merged_id: str, tracks: list[Track]) -> dict[str, Any]:
     first = results[0].model_dump()
     choices = []
-    for i, r in enumerate(results):
+    for i, (r, t) in enumerate(zip(results, tracks, strict=True)):
         (choice,) = r.model_dump()["choices"]
+        if t.readout is not None:
+            choice["readout"] = t.readout.whole(0)
         choices.append({**choice, "index": i})
     completion = sum(r.usage.completion_tokens or 0 for r in results)
     prompt = first["usage"]["prompt_tokens"]
@@ -173,6 +179,8 @@ async def _stream(
     seed: int,
     merged_id: str,
     labels: dict[str, str],
+    *,
+    chat: bool,
 ) -> AsyncIterator[str]:
     """The variants' chunks as they come, choice index = variant index, one usage chunk
     and one `[DONE]` at the end."""
@@ -207,14 +215,22 @@ async def _stream(
             if not data.get("choices") and data.get("usage"):
                 usage = _add_usage(usage, data["usage"])
                 continue
+            reads = tracks[i].readout
             for choice in data.get("choices", []):
                 choice["index"] = i
+                values = None if reads is None else reads.delta(0)
+                if values is not None:
+                    choice["readout"] = values
             if head is None:
                 head = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
                 data = {"steering": {"variants": [{"index": k, **a.echo()}
                                                   for k, a in enumerate(applied)],
                                      "seed": seed}, **data}  # fmt: skip
             yield f"data: {json.dumps(data)}\n\n"
+        rest = [c for i, t in enumerate(tracks) if t.readout is not None
+                for c in rest_of_stream(t.readout, chat=chat, index=i)]  # fmt: skip
+        if rest:
+            yield f"data: {json.dumps({**(head or {}), 'choices': rest})}\n\n"
         if usage is not None:
             yield f"data: {json.dumps({**(head or {}), 'choices': [], 'usage': usage})}\n\n"
         if any(a.reports_decoding for a in applied):

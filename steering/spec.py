@@ -502,8 +502,8 @@ class ReadoutEntry(BaseModel):
             if self.layer not in layers:
                 raise _fail(
                     "layer_missing",
-                    "vector {name!r} has no data for layer {layer} (it has {have})",
-                    name=self.name,
+                    "vector {name} has no data for layer {layer} (it has {have})",
+                    name=repr(self.name),
                     layer=self.layer,
                     have=layers,
                 )
@@ -551,7 +551,8 @@ class SteeringSpec(BaseModel):
         if ctx.max_readouts == 0:
             raise _fail(
                 "readout_off",
-                "needs an engine started with readout on (additional_config.steerserve.readout)",
+                "needs an engine started with readout on (additional_config.steerserve.readout;"
+                " steerserve serve --enable-steering-readout)",
             )
         if len(entries) > ctx.max_readouts:
             raise _fail("too_many", "at most {n} readout entries per request (got {got})",

@@ -55,6 +55,11 @@ class TinySpec:
     # near-ties, which keeps token-level comparisons between implementations meaningful.
     initializer_range: float = 0.08
 
+    @property
+    def slug(self) -> str:
+        """A directory name for a cached build of this shape."""
+        return f"{self.arch}-h{self.hidden_size}-l{self.num_layers}-v{self.model_vocab_size or 0}"
+
 
 # The ~100M-parameter random model of DESIGN.md's performance protocol (134M with lm_head).
 BENCH_SPEC = TinySpec(

@@ -15,12 +15,14 @@ def test_pinned_internals_present():
 
 
 def test_choice_index_follows_vllm_request_ids():
-    from steering.engine.request_ids import choice_index
+    from steering.engine.request_ids import api_request_key, choice_index
 
     assert choice_index("cmpl-ab_1-1a2b3c4d", "cmpl-ab_1") == 0
     assert choice_index("3_cmpl-ab_1-1a2b3c4d", "cmpl-ab_1") == 3
     assert choice_index("cmpl-ab_10-1a2b3c4d", "cmpl-ab_1") is None
     assert choice_index("cmpl-ab_1", "cmpl-ab_1") is None
+    assert api_request_key("cmpl-ab_1-1a2b3c4d") == "cmpl-ab_1"
+    assert api_request_key("3_cmpl-ab_1-1a2b3c4d") == "3_cmpl-ab_1"
 
 
 def test_plugin_entry_point_registered():

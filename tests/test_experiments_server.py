@@ -259,6 +259,10 @@ def test_admin_routes_versions_and_status(exp_server):
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("arms[0].steering")
     r = _post(base, "/v1/admin/experiments", {"name": "x", "arms": []}, ADMIN_H)
     assert r.status_code == 400 and r.json()["error"]["param"] == "arms"
+    reads = {"name": "reads", "arms": [{"name": "a", "steering": {
+        "readout": [{"name": "happy", "layer": 1}]}}]}  # fmt: skip
+    r = _post(base, "/v1/admin/experiments", reads, ADMIN_H)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "arms[0].steering.readout"
     names = [e["name"] for e in httpx.get(url, headers=ADMIN_H, timeout=30).json()["data"]]
     assert {"tone", "share", "ver"} <= set(names)
     v1 = _complete(base, {"experiment": "ver", "user": "z"}).json()["steering"]

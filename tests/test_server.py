@@ -28,7 +28,7 @@ ENGINE_FLAGS = [
     "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
     "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
     "--kv-cache-memory-bytes", str(ENGINE_KW["kv_cache_memory_bytes"]),
-    "--served-model-name", MODEL, "--enable-steering-decoding",
+    "--served-model-name", MODEL, "--enable-steering-decoding", "--enable-steering-readout",
 ]  # fmt: skip
 PROMPT = [5, 17, 250, 33, 91, 12, 400, 8]
 MESSAGES = [{"role": "user", "content": "the cat sees the dog near the river"}]
@@ -177,6 +177,118 @@ def test_decoding_report_in_response(server, engines):
     assert all(c["mode"] == "contrast" and len(c["layers"]) == 6 for c in tail)
 
 
+# --- readout -----------------------------------------------------------------------------------
+
+READOUT = {
+    "vectors": [{"name": "happy", "layers": [1], "scale": 4.0}],
+    "readout": [{"name": "happy", "layer": 1, "prompt": True},
+                {"data": random_vector(11).tolist(), "layer": 2}],
+}  # fmt: skip
+
+
+def _offline_readout(engines, spec, prompt, max_tokens):
+    from steering.engine.hooks import WORKER_METHOD
+
+    llm = engines.get("llama", "readout")
+    (out,) = llm.generate([{"prompt_token_ids": prompt}], offline_sampling(spec, max_tokens),
+                          use_tqdm=False)  # fmt: skip
+    got = llm.collective_rpc(WORKER_METHOD, args=("readouts", out.request_id))[0][0]
+    return list(out.outputs[0].token_ids), np.array(got["generated"]), np.array(got["prompt"])
+
+
+def _joined(chunks, index: int = 0) -> list[dict]:
+    """A choice's streamed readout values, joined by `start` (checking none is missing)."""
+    joined: list[dict] = []
+    for ch in chunks:
+        for choice in ch.choices:
+            part = (choice.model_extra or {}).get("readout")
+            if choice.index != index or part is None:
+                continue
+            if not joined:
+                joined = [{**e, "values": []} for e in part]
+            for whole, e in zip(joined, part, strict=True):
+                assert e["start"] == len(whole["values"])  # in order, none lost
+                whole["values"] += e["values"]
+                if "prompt_values" in e:
+                    whole["prompt_values"] = e["prompt_values"]
+    for e in joined:
+        del e["start"]
+    return joined
+
+
+def test_readout_in_responses_equals_the_offline_engine(server, engines):
+    tokens, generated, prompt_rows = _offline_readout(engines, READOUT, PROMPT, 8)
+    r, got_tokens, _ = complete(client(server), READOUT)
+    assert got_tokens == tokens
+    first, second = r.choices[0].model_extra["readout"]
+    assert (first["name"], first["layer"], second["name"], second["layer"]) == (
+        "happy", 1, "<inline>", 2)  # fmt: skip
+    assert len(first["values"]) == len(second["values"]) == 8 and "prompt_values" not in second
+    np.testing.assert_allclose(np.array([first["values"], second["values"]]).T, generated,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(first["prompt_values"], prompt_rows[:, 0], rtol=1e-4, atol=1e-4)
+    echo = r.model_extra["steering"]
+    assert echo["kind"] == "vectors+readout"
+    assert echo["readout"] == [{"name": "happy", "layer": 1}, {"name": "<inline>", "layer": 2}]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_streamed_readout_joins_to_the_non_streamed_one(server, chat):
+    c = client(server)
+    extra = {"ignore_eos": True, "steering": READOUT}
+    kw = dict(model=MODEL, max_tokens=12, temperature=0.9, seed=5, n=2, extra_body=extra)
+    if chat:
+        full = c.chat.completions.create(messages=MESSAGES, **kw)
+        chunks = list(c.chat.completions.create(messages=MESSAGES, stream=True, **kw))
+    else:
+        full = c.completions.create(prompt="the cat sees", **kw)
+        chunks = list(c.completions.create(prompt="the cat sees", stream=True, **kw))
+    for choice in full.choices:
+        want = choice.model_extra["readout"]
+        assert len(want[0]["values"]) == 12 and None not in want[0]["values"]
+        got = _joined(chunks, choice.index)
+        assert [e["name"] for e in got] == [e["name"] for e in want]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g["values"], w["values"], rtol=1e-5, atol=1e-5)
+            assert ("prompt_values" in g) == ("prompt_values" in w)
+            if "prompt_values" in w:
+                np.testing.assert_allclose(g["prompt_values"], w["prompt_values"], atol=1e-5)
+    # Values come as their tokens do, not all at the end.
+    carrying = [ch for ch in chunks if any("readout" in (x.model_extra or {}) for x in ch.choices)]
+    assert len(carrying) >= 6
+
+
+def test_readout_beside_other_requests_and_in_variants(server):
+    c = client(server, timeout=300)
+    specs = [{"readout": [{"name": "happy", "layer": 1 + i % 2}],
+              "vectors": [_inline(200 + i, layer=i % 4)]} for i in range(8)]  # fmt: skip
+    prompts = [[(11 * i + j) % 480 + 10 for j in range(4 + i)] for i in range(8)]
+
+    def run(i: int, stream: bool):
+        body = dict(model=MODEL, prompt=prompts[i], max_tokens=10, temperature=0,
+                    extra_body={"ignore_eos": True, "steering": specs[i]})  # fmt: skip
+        if stream:
+            return _joined(list(c.completions.create(stream=True, **body)))[0]["values"]
+        return c.completions.create(**body).choices[0].model_extra["readout"][0]["values"]
+
+    solo = [run(i, False) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda i: run(i, True), range(8)))
+    for a, b in zip(solo, together, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Variants: each choice carries its own variant's values (or none).
+    variants = [specs[0], None, {"readout": [{"name": "happy", "layer": 2}]}]
+    body = dict(model=MODEL, prompt=prompts[0], max_tokens=10, temperature=0,
+                extra_body={"ignore_eos": True, "variants": variants})  # fmt: skip
+    r = c.completions.create(**body)
+    assert r.choices[0].model_extra["readout"][0]["values"] == pytest.approx(solo[0], abs=1e-5)
+    assert "readout" not in r.choices[1].model_extra
+    assert len(r.choices[2].model_extra["readout"][0]["values"]) == 10
+    chunks = list(c.completions.create(stream=True, **body))
+    assert _joined(chunks, 0)[0]["values"] == pytest.approx(solo[0], abs=1e-5)
+    assert _joined(chunks, 1) == [] and len(_joined(chunks, 2)[0]["values"]) == 10
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -199,8 +311,10 @@ def api_error(fn) -> tuple[int, dict]:
         ({"vectors": [{"data": {"1": [1e39] * 128}}]}, "steering.vectors[0]", "nan or inf"),
         ({"heads": [{"layer": 0, "heads": [7]}]}, "steering.heads[0].heads", "out of range"),
         ({"vectors": [], "bogus": 1}, "steering.bogus", "extra"),
-        # This server's engine has readout off (and HTTP does not carry readouts yet).
-        ({"readout": [{"name": "happy", "layer": 1}]}, "steering.readout", "readout on"),
+        ({"readout": [{"name": "nope", "layer": 1}]}, "steering.readout[0]", "unknown vector"),
+        ({"readout": [{"name": "happy", "layer": 0}]}, "steering.readout[0]",
+         "'happy' has no data for layer 0"),
+        ({"readout": [{"name": "happy", "layer": 1}] * 5}, "steering.readout", "at most 4"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("stream", [False, True])

@@ -123,7 +123,8 @@ class SteeringFrontend:
         if not self.config.decoding:
             why = (
                 "needs an engine started with layer-reading decoding on "
-                '(additional_config={"steerserve": {"decoding": true}})'
+                '(additional_config={"steerserve": {"decoding": true}}; steerserve serve '
+                "--enable-steering-decoding)"
             )
             raise SteeringValidationError([(field, why)])
         if prompt_logprobs:

@@ -234,9 +234,11 @@ def worker_call(worker: Any, op: str, *args: Any) -> Any:
         return runtime.stats()
     if op == "reports":
         return runtime.reports_for(*args)
-    if op == "readouts":
+    if op in ("readouts", "readout_pull"):
         if runtime.readouts is None:
             raise ValueError("this engine was started without additional_config.steerserve.readout")
+        if op == "readout_pull":
+            return runtime.readouts.pull(*args)
         return runtime.readouts.fetch(*args)
     if op == "captures":
         if runtime.captures is None:

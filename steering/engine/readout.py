@@ -10,8 +10,10 @@ rows that matter are gathered in one index_select and one copy to the host:
                         kept out of the prefix cache, whose rows are never recomputed)
 
 Rows are placed by position, so chunked prefill and recomputation after preemption give
-each position once. Values wait per engine request until fetched (`fetch`); a finished
-request's values are kept for `MAX_FINISHED` more requests.
+each position once. Values wait per engine request until fetched: all at once (`fetch`,
+the offline engine), or as they come (`pull`, the server: each call takes what was added
+since the caller's last, and the last one drops the request). A finished request's values
+are kept for `MAX_FINISHED` more requests.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from steering.compile import CompiledSpec
-from steering.engine.request_ids import choice_index
+from steering.engine.request_ids import api_request_key, choice_index
 from steering.engine.token_runs import TokenRun, token_runs
 
 MAX_FINISHED = 4096
@@ -49,11 +51,14 @@ class ReadoutBook:
         self.live: dict[str, ReadoutState] = {}
         self.finished: OrderedDict[str, ReadoutState] = OrderedDict()
         self.plan: list[TokenRun[ReadoutState]] = []
+        # Engine id without vLLM's random suffix -> engine id, for `pull` (no scan per call).
+        self.by_key: dict[str, str] = {}
 
     def register(self, req_id: str, spec: CompiledSpec, prompt_len: int) -> None:
         n = len(spec.readout)
         prompt = np.full((prompt_len, n), np.nan, dtype=np.float32) if spec.reads_prompt else None
         self.live[req_id] = ReadoutState(n, prompt_len, prompt)
+        self.by_key[api_request_key(req_id)] = req_id
 
     def plan_step(self, req_ids: list[str], req_indices: np.ndarray, positions: np.ndarray) -> None:
         self.plan = token_runs(req_ids, req_indices, positions, self.live)
@@ -102,7 +107,12 @@ class ReadoutBook:
         if state is not None:
             self.finished[req_id] = state
             while len(self.finished) > MAX_FINISHED:
-                self.finished.popitem(last=False)
+                self._forget(self.finished.popitem(last=False)[0])
+
+    def _forget(self, req_id: str) -> None:
+        key = api_request_key(req_id)
+        if self.by_key.get(key) == req_id:
+            del self.by_key[key]
 
     def fetch(self, request_id: str) -> dict[int, dict]:
         """Values of every choice of API request `request_id` (live or finished), by choice
@@ -115,5 +125,34 @@ class ReadoutBook:
             state = self.live.get(rid)
             if state is None:
                 state = self.finished.pop(rid)
+                self._forget(rid)
             out[index] = state.result()
         return out
+
+    def pull(self, queries: list[tuple[str, int, list[int], list[int]]]) -> list[dict[int, dict]]:
+        """For each query (API request id, n, values already held per choice, choices that
+        are done), each choice's values from there on; done choices are dropped here.
+
+        A choice's first answer also carries its prompt values (complete by then: the
+        caller asks only for tokens it has seen, and the step that sampled the first token
+        read the last prompt row)."""
+        answers = []
+        for request_id, n, held, done in queries:
+            answer: dict[int, dict] = {}
+            for child in range(n):
+                rid = self.by_key.get(request_id if n == 1 else f"{child}_{request_id}")
+                state = None if rid is None else self.live.get(rid) or self.finished.get(rid)
+                if state is None or choice_index(rid, request_id) != child:
+                    continue
+                start = held[child]
+                answer[child] = {
+                    "start": start,
+                    "generated": [v.tolist() for v in state.generated[start:]],
+                    "prompt": None if start or state.prompt is None else state.prompt.tolist(),
+                }
+                if child in done:
+                    self.live.pop(rid, None)
+                    self.finished.pop(rid, None)
+                    self._forget(rid)
+            answers.append(answer)
+        return answers

@@ -16,3 +16,8 @@ def choice_index(engine_request_id: str, request_id: str) -> int | None:
     if m is None:
         return None
     return int(m.group(1)) if m.group(1) is not None else 0
+
+
+def api_request_key(engine_request_id: str) -> str:
+    """The engine id without vLLM's random suffix: `<id>`, or `<i>_<id>` for a child."""
+    return engine_request_id.rsplit("-", 1)[0]
