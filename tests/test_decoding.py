@@ -91,10 +91,14 @@ def test_mixed_batch_equals_solo_and_plain_rows_are_untouched(engines):
         {"decoding": CASES["lfd-default"]},
         {"vectors": COMBINED["vectors"]},
         None,
+        # Contrast rows with the same candidates are scored as one group.
+        {"decoding": CASES["contrast-high"]},
+        {"vectors": COMBINED["vectors"], "decoding": CASES["contrast-high"]},
     ]
     # Mixed lengths: long prompts are chunked (64 tokens per step), so rows of unfinished
     # prompts share steps with decoding rows.
-    prompts = [prompt_ids(90 + i, n) for i, n in enumerate([9, 70, 12, 100, 5, 33, 80, 20, 14])]
+    lengths = [9, 70, 12, 100, 5, 33, 80, 20, 14, 7, 11]
+    prompts = [prompt_ids(90 + i, n) for i, n in enumerate(lengths)]
     batch = generate(llm, prompts, [sampling(s, max_tokens=10) for s in specs])
     plain = generate(plain_llm, prompts, sampling(None, max_tokens=10))
     for i, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):

@@ -18,6 +18,10 @@ import torch
 
 from steering.compile import Decoding
 
+# Contrast scores at most this many floats at once ([rows, candidates, vocab]): DoLa's
+# buckets can hold 20 layers, and vocabularies 150k tokens.
+CONTRAST_CHUNK = 1 << 25
+
 
 @dataclass
 class DecodingState:
@@ -114,15 +118,21 @@ def apply(model, tables, logits: torch.Tensor, plan: list[PlannedRow]) -> torch.
         final = torch.log_softmax(logits[rows].float(), dim=-1)
         fused = (1.0 - w) * final + w * torch.log_softmax(early, dim=-1)
         logits[rows] = fused.to(logits.dtype)
+    # Contrast rows with the same candidates and alpha are scored together: one batch of
+    # tensor ops and one host read (the chosen layers) per group, not per row.
+    groups: dict[tuple, list[PlannedRow]] = {}
     for p in todo:
-        if p.state.spec.mode == "fuse":
-            continue
-        final = torch.log_softmax(logits[p.row].float(), dim=-1)
+        if p.state.spec.mode == "contrast":
+            key = (tuple(p.state.spec.candidates), p.state.spec.alpha)
+            groups.setdefault(key, []).append(p)
+    for (cands, alpha), rows in groups.items():
+        step = max(1, CONTRAST_CHUNK // (len(cands) * logits.shape[-1]))
+        for i in range(0, len(rows), step):
+            _contrast(logits, rows[i : i + step], list(cands), alpha, z, index)
+    for p in todo:
         if p.state.spec.mode == "lfd":
-            scores = _lfd(layer_logits, p, final, z, index)
-        else:
-            scores = _contrast(p, final, z, index)
-        logits[p.row] = scores.to(logits.dtype)
+            final = torch.log_softmax(logits[p.row].float(), dim=-1)
+            logits[p.row] = _lfd(layer_logits, p, final, z, index).to(logits.dtype)
     return logits
 
 
@@ -148,17 +158,26 @@ def _choose_by_iks(layer_logits: LayerLogits, p: PlannedRow) -> None:
 
 
 def _plausible(final: torch.Tensor, alpha: float, scores: torch.Tensor) -> torch.Tensor:
-    """`scores` where q_F(x) >= alpha * max q_F (DoLa's adaptive plausibility), -inf elsewhere."""
-    threshold = final.max() + (math.log(alpha) if alpha > 0 else -math.inf)
+    """`scores` where q_F(x) >= alpha * max q_F (DoLa's adaptive plausibility), -inf elsewhere
+    (along the last dim; `final` may hold several rows)."""
+    threshold = final.amax(-1, keepdim=True) + (math.log(alpha) if alpha > 0 else -math.inf)
     return torch.where(final >= threshold, scores, torch.full_like(final, -torch.inf))
 
 
-def _contrast(p: PlannedRow, final: torch.Tensor, z: torch.Tensor, index: dict) -> torch.Tensor:
-    cands = list(p.state.spec.candidates)
-    early = torch.log_softmax(z[[index[(c, p.row)] for c in cands]], dim=-1)
-    m = cands[int(torch.argmax(jsd(final.expand_as(early), early)))]
-    p.state.contrast_layers.append(m)
-    return _plausible(final, p.state.spec.alpha, final - early[cands.index(m)])
+def _contrast(logits: torch.Tensor, rows: list[PlannedRow], cands: list[int], alpha: float,
+              z: torch.Tensor, index: dict) -> None:  # fmt: skip
+    """DoLa for `rows` (same candidates and alpha): per row, the candidate M of largest
+    JSD(q_F, q_M), and scores log q_F - log q_M on the plausible set."""
+    device = logits.device
+    at = torch.tensor([p.row for p in rows], device=device)
+    final = torch.log_softmax(logits[at].float(), dim=-1)  # [rows, V]
+    which = torch.tensor([[index[(c, p.row)] for c in cands] for p in rows], device=device)
+    early = torch.log_softmax(z[which], dim=-1)  # [rows, candidates, V]
+    chosen = torch.argmax(jsd(final.unsqueeze(1).expand_as(early), early), dim=-1)  # [rows]
+    premature = early[torch.arange(len(rows), device=device), chosen]
+    logits[at] = _plausible(final, alpha, final - premature).to(logits.dtype)
+    for p, m in zip(rows, chosen.tolist(), strict=True):
+        p.state.contrast_layers.append(cands[m])
 
 
 def _lfd(layer_logits: LayerLogits, p: PlannedRow, final, z, index) -> torch.Tensor:
