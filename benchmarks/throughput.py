@@ -353,7 +353,7 @@ def plot(result: dict, path: Path) -> None:
     left.set_ylabel("throughput / plain vLLM (median, IQR)")
     left.legend(fontsize=7, loc="lower left")
     right.set_title("HF transformers + hooks", fontsize=9)
-    right.set_yscale("log")
+    right.set_ylim(0, 1.1)
     title = (f"{result['model']}, {result['machine'].split(',')[0]}, "
              f"{result['config']['output_len']} output tokens per request")  # fmt: skip
     fig.suptitle(title, fontsize=10)

@@ -61,3 +61,13 @@ def test_capture_throughput_smoke(tmp_path):
     assert rows["plain-prefill"]["ratio_vs_plain_prefill"] == 1.0
     assert rows["plain-generation"]["ratio_vs_plain_prefill"] is None
     assert all(r["tok_per_s"] > 0 for r in rows.values())
+
+
+def test_host_overhead_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| plain", "| unsteered", "| same-spec-all-layers", "| distinct-specs-all-layers",
+        "| distinct-head-masks"]  # fmt: skip
