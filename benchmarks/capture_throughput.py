@@ -18,13 +18,10 @@ plain-prefill (the same work without capture) within each round.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -36,6 +33,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import recording  # noqa: E402
 from benchmarks.throughput import _quartiles  # noqa: E402
 from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
 
@@ -125,19 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio_iqr": _quartiles(paired) if prefill else None,
             "runs_s": times[s],
         })  # fmt: skip
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "model": str(model) if args.model else spec.slug,
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": rows,
-    }
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"capture-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(markdown_table(result))
-    print(f"\nwrote {out}")
+    result = {**recording.header(str(model) if args.model else spec.slug, args), "results": rows}
+    recording.write(result, args.out, "capture", markdown_table(result))
     return result
 
 

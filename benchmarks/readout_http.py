@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -35,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import recording  # noqa: E402
 from benchmarks.server_process import free_port, running_server, steerserve_command  # noqa: E402
 from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
 
@@ -154,21 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"condition": c, "tok_per_s": tokens / statistics.median(times[c]),
                      "ratio_vs_steered": statistics.median(paired), "ratio_iqr": q,
                      "runs_s": times[c]})  # fmt: skip
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "model": spec.slug,
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": rows,
-    }
-    print("| condition | output tokens/s | ratio vs steered (IQR) |\n|---|---:|---:|")
+    result = {**recording.header(spec.slug, args), "results": rows}
+    lines = ["| condition | output tokens/s | ratio vs steered (IQR) |", "|---|---:|---:|"]
     for row in rows:
         lo, hi = row["ratio_iqr"]
-        print(f"| {row['condition']} | {row['tok_per_s']:,.0f} | "
-              f"{row['ratio_vs_steered']:.3f}x ({lo:.3f}-{hi:.3f}) |")  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        lines.append(f"| {row['condition']} | {row['tok_per_s']:,.0f} | "
+                     f"{row['ratio_vs_steered']:.3f}x ({lo:.3f}-{hi:.3f}) |")  # fmt: skip
+    recording.write(result, args.out, "readout-http", "\n".join(lines))
     return result
 
 

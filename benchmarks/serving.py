@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import recording  # noqa: E402
 from benchmarks.server_process import (  # noqa: E402
     free_port,
     running_server,
@@ -171,23 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
                          **{m: statistics.median(r[m] for r in mine) for m in METRICS},
                          "ratio_vs_vllm": statistics.median(paired), "ratio_iqr": q,
                          "runs": [{m: r[m] for m in METRICS} for r in mine]})  # fmt: skip
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "model": str(args.model) if args.model else spec.slug,
-        "client": "vllm bench serve (random dataset, fixed lengths, ignore_eos, greedy)",
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": rows,
-    }
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"serving-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    table = markdown_table(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(table)
-    print(f"\nwrote {out} (.md, .png)")
+    client = "vllm bench serve (random dataset, fixed lengths, ignore_eos, greedy)"
+    result = {**recording.header(str(args.model) if args.model else spec.slug, args,
+                                 client=client), "results": rows}  # fmt: skip
+    recording.write(result, args.out, "serving", markdown_table(result), plot)
     return result
 
 

