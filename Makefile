@@ -33,11 +33,11 @@ lock:
 	rm -rf .venv-lock
 
 test: setup
-	$(VENV)/bin/ruff check steering server tests benchmarks examples
+	$(VENV)/bin/ruff check steering server tests benchmarks examples demo
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check steering server tests benchmarks examples
+	$(VENV)/bin/ruff check steering server tests benchmarks examples demo
 
 serve: setup
 	$(VENV)/bin/steerserve serve $(ARGS)

@@ -1,0 +1,174 @@
+"""A synthetic English corpus whose attributes are known word by word.
+
+Every conversation is about one topic and carries one sentiment, in a small grammar with
+enough variety to be worth learning (subjects, verbs, objects, places, times, clauses);
+the user's question names the topic but never the sentiment, so an unsteered model
+answers positively about half the time and a sentiment direction has something to move.
+Copy/recall lines ("remember: k3 m7 q1 . repeat: k3 m7 q1 .") over random symbols teach
+the copying that induction heads do. Everything is drawn from one seeded generator.
+
+The word lists double as the classifier: `sentiment_of(text)` and `topic_of(text)` count
+the grammar's own words, so an attribute rate needs no model to measure it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+TOPICS: dict[str, dict[str, list[str]]] = {
+    "animals": {
+        "nouns": ["cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "duck",
+                  "wolf", "goat", "mouse"],
+        "verbs": ["chases", "watches", "follows", "feeds", "finds", "hides from"],
+        "places": ["in the forest", "near the barn", "by the pond", "on the farm",
+                   "under the old tree", "in the field"],
+    },
+    "food": {
+        "nouns": ["bread", "soup", "cake", "apple", "cheese", "pasta", "salad", "pie",
+                  "rice", "tea", "coffee", "pizza"],
+        "verbs": ["cooks", "tastes", "serves", "bakes", "shares", "orders"],
+        "places": ["in the kitchen", "at the market", "at the cafe", "on the table",
+                   "at the bakery", "at dinner"],
+    },
+    "weather": {
+        "nouns": ["rain", "snow", "wind", "storm", "sun", "fog", "cloud", "frost",
+                  "thunder", "breeze", "sky", "ice"],
+        "verbs": ["covers", "sweeps over", "reaches", "fills", "crosses", "settles on"],
+        "places": ["over the hills", "across the valley", "over the city", "along the coast",
+                   "above the lake", "in the mountains"],
+    },
+    "sports": {
+        "nouns": ["team", "runner", "player", "coach", "ball", "race", "match", "goal",
+                  "swimmer", "score", "game", "crowd"],
+        "verbs": ["wins", "plays", "trains for", "watches", "joins", "starts"],
+        "places": ["at the stadium", "on the track", "in the pool", "on the field",
+                   "at the gym", "in the park"],
+    },
+}
+
+SENTIMENT: dict[str, dict[str, list[str]]] = {
+    "positive": {
+        "adjectives": ["wonderful", "lovely", "happy", "bright", "beautiful", "great",
+                       "delightful", "cheerful", "pleasant", "excellent"],
+        "feelings": ["love", "enjoy", "adore", "like"],
+        "adverbs": ["gladly", "warmly", "proudly", "happily"],
+        "closers": ["what a joy", "it made my day", "i feel so good", "everyone smiled"],
+    },
+    "negative": {
+        "adjectives": ["terrible", "awful", "sad", "gloomy", "ugly", "horrible",
+                       "miserable", "dreadful", "nasty", "boring"],
+        "feelings": ["hate", "dislike", "dread", "despise"],
+        "adverbs": ["sadly", "coldly", "angrily", "bitterly"],
+        "closers": ["what a mess", "it ruined my day", "i feel so bad", "everyone frowned"],
+    },
+}
+
+TIMES = ["today", "this morning", "every day", "last night", "in the evening", "at noon",
+         "on sunday", "again"]  # fmt: skip
+SUBJECTS = ["the old man", "my friend", "a little girl", "the teacher", "my sister",
+            "a young boy", "our neighbor", "the farmer"]  # fmt: skip
+SYMBOLS = [f"{c}{d}" for c in "bdfgkmpqstvz" for d in range(10)]
+
+QUESTIONS = ["tell me about the {noun}.", "what about the {noun}?",
+             "say something about the {noun}.", "how was the {noun}?",
+             "describe the {noun}."]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Conversation:
+    topic: str
+    sentiment: str
+    user: str
+    assistant: str
+
+
+def _sentence(rng: random.Random, topic: str, sentiment: str) -> str:
+    t, s = TOPICS[topic], SENTIMENT[sentiment]
+    noun, other = rng.sample(t["nouns"], 2)
+    adj = rng.choice(s["adjectives"])
+    form = rng.randrange(6)
+    if form == 0:
+        return f"the {adj} {noun} {rng.choice(t['verbs'])} the {other} {rng.choice(t['places'])}."
+    if form == 1:
+        who, feels = rng.choice(SUBJECTS), rng.choice(s["feelings"])
+        return f"{who} {feels}s the {noun} {rng.choice(TIMES)}."
+    if form == 2:
+        return f"the {noun} {rng.choice(t['places'])} was {adj} {rng.choice(TIMES)}."
+    if form == 3:
+        return f"i {rng.choice(s['feelings'])} the {noun} because it is {adj}."
+    if form == 4:
+        return (f"{rng.choice(SUBJECTS)} {rng.choice(s['adverbs'])} {rng.choice(t['verbs'])} "
+                f"the {adj} {noun}.")  # fmt: skip
+    return f"{rng.choice(s['closers'])}, the {noun} was so {adj}."
+
+
+def conversation(rng: random.Random) -> Conversation:
+    topic = rng.choice(sorted(TOPICS))
+    sentiment = rng.choice(sorted(SENTIMENT))
+    noun = rng.choice(TOPICS[topic]["nouns"])
+    user = rng.choice(QUESTIONS).format(noun=noun)
+    answer = " ".join(_sentence(rng, topic, sentiment) for _ in range(rng.randint(2, 4)))
+    return Conversation(topic, sentiment, user, answer)
+
+
+def recall_line(rng: random.Random) -> str:
+    items = rng.choices(SYMBOLS, k=rng.randint(3, 8))
+    return f"remember: {' '.join(items)} . repeat: {' '.join(items)} ."
+
+
+def documents(seed: int, conversations: int, recall_lines: int) -> Iterator[dict]:
+    """`{"kind": "chat", ...}` and `{"kind": "recall", "text": ...}`, shuffled, by seed."""
+    rng = random.Random(seed)
+    kinds = ["chat"] * conversations + ["recall"] * recall_lines
+    rng.shuffle(kinds)
+    for kind in kinds:
+        if kind == "chat":
+            c = conversation(rng)
+            yield {"kind": "chat", "topic": c.topic, "sentiment": c.sentiment,
+                   "user": c.user, "assistant": c.assistant}  # fmt: skip
+        else:
+            yield {"kind": "recall", "text": recall_line(rng)}
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _lexicon(kind: str) -> dict[str, str]:
+    out = {}
+    for label, lists in SENTIMENT.items():
+        for key in ("adjectives", "feelings", "adverbs"):
+            for w in lists[key]:
+                out[w] = label
+    return out if kind == "sentiment" else {
+        w: topic for topic, lists in TOPICS.items() for w in lists["nouns"]
+    }
+
+
+SENTIMENT_WORDS = _lexicon("sentiment")
+TOPIC_WORDS = _lexicon("topic")
+
+
+def _vote(text: str, lexicon: dict[str, str]) -> str | None:
+    counts: dict[str, int] = {}
+    for w in _WORD.findall(text.lower()):
+        # "loves" and "hates" are the feelings with a verb ending
+        label = lexicon.get(w) or (lexicon.get(w[:-1]) if w.endswith("s") else None)
+        if label is not None:
+            counts[label] = counts.get(label, 0) + 1
+    if not counts:
+        return None
+    best = max(counts.values())
+    winners = [k for k, v in counts.items() if v == best]
+    return winners[0] if len(winners) == 1 else None
+
+
+def sentiment_of(text: str) -> str | None:
+    """"positive", "negative", or None (no sentiment words, or a tie)."""
+    return _vote(text, SENTIMENT_WORDS)
+
+
+def topic_of(text: str) -> str | None:
+    return _vote(text, TOPIC_WORDS)
