@@ -172,3 +172,45 @@ def sentiment_of(text: str) -> str | None:
 
 def topic_of(text: str) -> str | None:
     return _vote(text, TOPIC_WORDS)
+
+
+def _any(words: list[str]) -> str:
+    return "(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
+
+
+def _sentence_patterns() -> list[re.Pattern]:
+    """One regex per sentence form of `_sentence`, for any topic and sentiment (a sentence
+    is grammatical if it is one the generator could have produced, topic and sentiment
+    mixed or not)."""
+    nouns = _any([w for t in TOPICS.values() for w in t["nouns"]])
+    verbs = _any([w for t in TOPICS.values() for w in t["verbs"]])
+    places = _any([w for t in TOPICS.values() for w in t["places"]])
+    adj = _any([w for s in SENTIMENT.values() for w in s["adjectives"]])
+    feel = _any([w for s in SENTIMENT.values() for w in s["feelings"]])
+    adv = _any([w for s in SENTIMENT.values() for w in s["adverbs"]])
+    closer = _any([w for s in SENTIMENT.values() for w in s["closers"]])
+    who, when = _any(SUBJECTS), _any(TIMES)
+    forms = [
+        rf"the {adj} {nouns} {verbs} the {nouns} {places}\.",
+        rf"{who} {feel}s the {nouns} {when}\.",
+        rf"the {nouns} {places} was {adj} {when}\.",
+        rf"i {feel} the {nouns} because it is {adj}\.",
+        rf"{who} {adv} {verbs} the {adj} {nouns}\.",
+        rf"{closer}, the {nouns} was so {adj}\.",
+    ]
+    return [re.compile(f) for f in forms]
+
+
+_PATTERNS = _sentence_patterns()
+_SPLIT = re.compile(r"(?<=\.)\s+")
+
+
+def grammatical_fraction(text: str) -> float:
+    """The share of `text`'s sentences that the grammar can produce (0.0 for no sentence).
+    A last sentence without its full stop (cut by max_tokens) is not counted."""
+    parts = [p.strip() for p in _SPLIT.split(text.strip()) if p.strip()]
+    if parts and not parts[-1].endswith("."):
+        parts = parts[:-1]
+    if not parts:
+        return 0.0
+    return sum(any(p.fullmatch(s) for p in _PATTERNS) for s in parts) / len(parts)

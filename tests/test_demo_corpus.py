@@ -53,3 +53,13 @@ def test_classifier_ties_and_empty_text_are_none():
     assert sentiment_of("the cat sat.") is None
     assert sentiment_of("a lovely but terrible day") is None
     assert sentiment_of("she loves it, it is lovely") == "positive"
+
+
+def test_grammar_accepts_what_it_generates_and_refuses_word_salad():
+    from demo.corpus import grammatical_fraction
+
+    rng = random.Random(11)
+    for _ in range(500):
+        assert grammatical_fraction(conversation(rng).assistant) == 1.0
+    assert grammatical_fraction("the cat the the dog. i love the cake because it is") == 0.0
+    assert grammatical_fraction("i love the cake because it is lovely. cat dog fox.") == 0.5
