@@ -105,13 +105,39 @@ def _sentence(rng: random.Random, topic: str, sentiment: str) -> str:
     return f"{rng.choice(s['closers'])}, the {noun} was so {adj}."
 
 
-def conversation(rng: random.Random) -> Conversation:
-    topic = rng.choice(sorted(TOPICS))
-    sentiment = rng.choice(sorted(SENTIMENT))
+def conversation(
+    rng: random.Random, topic: str | None = None, sentiment: str | None = None
+) -> Conversation:
+    """A random conversation (of the given topic / sentiment). Two calls with equal draws
+    and different topics or sentiments give parallel sentences: the word lists of every
+    topic, and of both sentiments, have the same lengths."""
+    topic = topic or rng.choice(sorted(TOPICS))
+    sentiment = sentiment or rng.choice(sorted(SENTIMENT))
     noun = rng.choice(TOPICS[topic]["nouns"])
     user = rng.choice(QUESTIONS).format(noun=noun)
     answer = " ".join(_sentence(rng, topic, sentiment) for _ in range(rng.randint(2, 4)))
     return Conversation(topic, sentiment, user, answer)
+
+
+def contrast_pairs(attribute: str, count: int, seed: int) -> Iterator[dict]:
+    """`{"positive": messages, "negative": messages}` for `steerserve vectors train`: the
+    same conversation with the attribute (a sentiment or a topic) and without it (the other
+    sentiment, or another topic), sentence for sentence."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        draw = rng.randrange(1 << 30)
+        if attribute in SENTIMENT:
+            topic = rng.choice(sorted(TOPICS))
+            other = next(s for s in sorted(SENTIMENT) if s != attribute)
+            sides = [(topic, attribute), (topic, other)]
+        else:
+            sentiment = rng.choice(sorted(SENTIMENT))
+            other = rng.choice([t for t in sorted(TOPICS) if t != attribute])
+            sides = [(attribute, sentiment), (other, sentiment)]
+        pos, neg = (conversation(random.Random(draw), t, s) for t, s in sides)
+        yield {side: [{"role": "user", "content": c.user},
+                      {"role": "assistant", "content": c.assistant}]
+               for side, c in (("positive", pos), ("negative", neg))}  # fmt: skip
 
 
 def recall_line(rng: random.Random) -> str:

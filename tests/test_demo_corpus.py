@@ -63,3 +63,15 @@ def test_grammar_accepts_what_it_generates_and_refuses_word_salad():
         assert grammatical_fraction(conversation(rng).assistant) == 1.0
     assert grammatical_fraction("the cat the the dog. i love the cake because it is") == 0.0
     assert grammatical_fraction("i love the cake because it is lovely. cat dog fox.") == 0.5
+
+
+def test_contrast_pairs_differ_only_in_their_attribute():
+    from demo.corpus import contrast_pairs
+
+    for attribute, classify in (("positive", sentiment_of), ("food", topic_of)):
+        pairs = list(contrast_pairs(attribute, 50, seed=2))
+        for pair in pairs:
+            pos, neg = pair["positive"][1]["content"], pair["negative"][1]["content"]
+            assert classify(pos) == attribute and classify(neg) not in (attribute, None)
+            assert pos.count(".") == neg.count(".")  # sentence for sentence
+        assert pairs == list(contrast_pairs(attribute, 50, seed=2))
