@@ -4,7 +4,7 @@ Every conversation is about one topic and carries one sentiment, in a small gram
 enough variety to be worth learning (subjects, verbs, objects, places, times, clauses);
 the user's question names the topic but never the sentiment, so an unsteered model
 answers positively about half the time and a sentiment direction has something to move.
-Copy/recall lines ("remember: k3 m7 q1 . repeat: k3 m7 q1 .") over random symbols teach
+Copy/recall lines ("remember: kiq pix biz . repeat: kiq pix biz .") over random symbols teach
 the copying that induction heads do. Everything is drawn from one seeded generator.
 
 The word lists double as the classifier: `sentiment_of(text)` and `topic_of(text)` count
@@ -70,7 +70,11 @@ TIMES = ["today", "this morning", "every day", "last night", "in the evening", "
          "on sunday", "again"]  # fmt: skip
 SUBJECTS = ["the old man", "my friend", "a little girl", "the teacher", "my sister",
             "a young boy", "our neighbor", "the farmer"]  # fmt: skip
-SYMBOLS = [f"{c}{d}" for c in "bdfgkmpqstvz" for d in range(10)]
+# Recall symbols: letters only, so that byte-level BPE (which splits letters from digits)
+# learns each as one token and copying is token-for-token. No grammar word among them.
+_GRAMMAR_WORDS = {w for t in TOPICS.values() for ws in t.values() for p in ws for w in p.split()}
+SYMBOLS = [s for s in (a + v + z for a in "bdfgkmpstvz" for v in "aeiou" for z in "xzq")
+           if s not in _GRAMMAR_WORDS][:120]  # fmt: skip
 
 QUESTIONS = ["tell me about the {noun}.", "what about the {noun}?",
              "say something about the {noun}.", "how was the {noun}?",
