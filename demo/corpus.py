@@ -166,19 +166,13 @@ def documents(seed: int, conversations: int, recall_lines: int) -> Iterator[dict
 _WORD = re.compile(r"[a-z]+")
 
 
-def _lexicon(kind: str) -> dict[str, str]:
-    out = {}
-    for label, lists in SENTIMENT.items():
-        for key in ("adjectives", "feelings", "adverbs"):
-            for w in lists[key]:
-                out[w] = label
-    return out if kind == "sentiment" else {
-        w: topic for topic, lists in TOPICS.items() for w in lists["nouns"]
-    }
-
-
-SENTIMENT_WORDS = _lexicon("sentiment")
-TOPIC_WORDS = _lexicon("topic")
+SENTIMENT_WORDS = {
+    w: label
+    for label, lists in SENTIMENT.items()
+    for key in ("adjectives", "feelings", "adverbs")
+    for w in lists[key]
+}
+TOPIC_WORDS = {w: topic for topic, lists in TOPICS.items() for w in lists["nouns"]}
 
 
 def _vote(text: str, lexicon: dict[str, str]) -> str | None:

@@ -18,16 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from demo.corpus import documents
+from steering.tiny_models import CHAT_TEMPLATE  # the test models' markup, and render()'s
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 def render(doc: dict) -> str:

@@ -66,15 +66,20 @@ class Applied:
             "preset": self.preset,
             "default": self.default,
             "kind": self.kind,
-            "vectors": [e.name if e.name is not None else "<inline>" for e in self.spec.vectors],
+            "vectors": [shown_name(e) for e in self.spec.vectors],
             "heads": len(self.spec.heads),
         }
         if self.spec.decoding is not None:
             out["decoding"] = {"mode": self.spec.decoding.mode}
         if self.spec.readout:
-            out["readout"] = [{"name": e.name if e.name is not None else "<inline>",
-                               "layer": e.layer} for e in self.spec.readout]  # fmt: skip
+            out["readout"] = [{"name": shown_name(e), "layer": e.layer}
+                              for e in self.spec.readout]  # fmt: skip
         return out
+
+
+def shown_name(entry: Any) -> str:
+    """A vector or readout entry as responses name it: its vector, or `<inline>` for data."""
+    return entry.name if entry.name is not None else "<inline>"
 
 
 UNSTEERED = Applied(SteeringSpec(), None, None, False)

@@ -28,6 +28,8 @@ from typing import Any
 from steering.engine import openai_server as vllm_api
 from steering.spec import ReadoutEntry
 
+from .applied import shown_name
+
 # A pull that finds fewer values than tokens is repeated (the worker is a step behind);
 # past this many tries the missing values are sent as null rather than holding the stream.
 MAX_PULLS = 4
@@ -150,8 +152,7 @@ class RequestReadout:
     def _format(self, values: list, prompt: list | None, start: int | None = None) -> list[dict]:
         out = []
         for k, e in enumerate(self.entries):
-            item: dict[str, Any] = {"name": e.name if e.name is not None else "<inline>",
-                                    "layer": e.layer}  # fmt: skip
+            item: dict[str, Any] = {"name": shown_name(e), "layer": e.layer}
             if start is not None:
                 item["start"] = start
             item["values"] = [v[k] for v in values]

@@ -9,13 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.server_process import (  # noqa: F401 (stop, free_port: for the tests)
-    ServerFailed,
-    free_port,
-    running_server,
-    steerserve_command,
-    stop,
-)
+from benchmarks.server_process import ServerFailed, free_port, running_server, steerserve_command
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from live_server import free_port
+
+from benchmarks.server_process import free_port
 
 USER = "steerserve"
 INSTALL_HINT = "apt-get install -y postgresql"
