@@ -16,7 +16,7 @@ FROM base-${TARGET}
 WORKDIR /app
 RUN python3 -m venv /venv
 ENV PATH=/venv/bin:$PATH \
-    STEERSERVE_CACHE=/cache \
+    XDG_DATA_HOME=/data \
     STEERSERVE_VECTORS_DIR=/app/vectors \
     VLLM_USE_V2_MODEL_RUNNER=0
 COPY pyproject.toml README.md ./
@@ -24,6 +24,7 @@ COPY requirements ./requirements
 COPY steering ./steering
 COPY server ./server
 COPY vectors ./vectors
+COPY demo ./demo
 # The CPU build pins every dependency (requirements/cpu.lock); the GPU build takes vllm's
 # own pins for its CUDA stack.
 RUN pip install --no-cache-dir --upgrade "pip>=24" \
@@ -34,5 +35,5 @@ RUN pip install --no-cache-dir --upgrade "pip>=24" \
          pip install --no-cache-dir ".[gpu]"; \
        fi
 EXPOSE 8000
-VOLUME ["/cache"]
+VOLUME ["/data"]
 ENTRYPOINT ["steerserve", "serve", "--host", "0.0.0.0", "--port", "8000"]

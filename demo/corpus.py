@@ -79,6 +79,10 @@ SYMBOLS = [s for s in (a + v + z for a in "bdfgkmpstvz" for v in "aeiou" for z i
 QUESTIONS = ["tell me about the {noun}.", "what about the {noun}?",
              "say something about the {noun}.", "how was the {noun}?",
              "describe the {noun}."]  # fmt: skip
+# A quarter of the questions name no topic: there the unsteered topic rate is about 1/4
+# and a topic direction has something to move (a question naming the cat pins the topic).
+OPEN_QUESTIONS = ["tell me something.", "what happened today?", "say something nice or not.",
+                  "tell me a story.", "how was your day?"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,9 @@ def conversation(
     topic = topic or rng.choice(sorted(TOPICS))
     sentiment = sentiment or rng.choice(sorted(SENTIMENT))
     noun = rng.choice(TOPICS[topic]["nouns"])
-    user = rng.choice(QUESTIONS).format(noun=noun)
+    open_question = rng.random() < 0.25
+    question = rng.choice(OPEN_QUESTIONS if open_question else QUESTIONS)
+    user = question.format(noun=noun)
     answer = " ".join(_sentence(rng, topic, sentiment) for _ in range(rng.randint(2, 4)))
     return Conversation(topic, sentiment, user, answer)
 

@@ -5,14 +5,14 @@
 Every flag of `vllm serve` works unchanged (vLLM's own parser; `--help` lists them all).
 steerserve adds --admin-key, --vectors-dir, --presets, --default-steering,
 --max-request-body-bytes, --max-inline-floats, --experiments, --database-url and
---enable-steering-decoding.
+--enable-steering-decoding and --enable-steering-readout. With no model it serves the
+built-in demo model (`demo/model/`, a small Llama trained on the synthetic corpus of
+`demo/corpus.py`; nothing is downloaded) with its vectors in `vectors/`.
 
     steerserve experiments report NAME [--version N] [--plot out.png] [--json]
     steerserve experiments list
 
-read the experiment store directly (`--database-url`, as the server's). With no model
-it serves the built-in demo model, built locally on first run (nothing is downloaded) under
-`$STEERSERVE_CACHE` (default `~/.cache/steerserve`), with the demo vectors of `vectors/`.
+read the experiment store directly (`--database-url`, as the server's).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .demo import DEMO_MODEL, SHIPPED_VECTORS_DIR, demo_model
 
 USAGE = """usage: steerserve serve [--model PATH] [vLLM flags] [steerserve flags] (see --help)
        steerserve experiments {report,list} ... (see steerserve experiments --help)
-       steerserve vectors {info,convert} ... (see steerserve vectors --help)"""
+       steerserve vectors {info,convert,train,eval} ... (see steerserve vectors --help)"""
 
 
 def _has_flag(argv: list[str], *flags: str) -> bool:
@@ -127,9 +127,10 @@ def serve(argv: list[str]) -> None:
     demo = not _has_flag(argv, "--model") and not (argv and not argv[0].startswith("-"))
     if demo:
         argv = [*argv, "--model", str(demo_model())]
-        # The demo model is tiny: keep the engine's memory and context to match.
+        # The demo model is tiny (trained on 128-token blocks, 512 positions): keep the
+        # engine's memory and context to match.
         if not _has_flag(argv, "--max-model-len"):
-            argv += ["--max-model-len", "1024"]
+            argv += ["--max-model-len", "512"]
         if not _has_flag(argv, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
             argv += ["--kv-cache-memory-bytes", str(256 << 20)]
         if not _has_flag(argv, "--served-model-name"):

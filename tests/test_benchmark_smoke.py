@@ -71,3 +71,18 @@ def test_host_overhead_smoke():
     assert [row.split(" | ")[0] for row in rows[1:]] == [
         "| plain", "| unsteered", "| same-spec-all-layers", "| distinct-specs-all-layers",
         "| distinct-head-masks"]  # fmt: skip
+
+
+def test_steering_effect_smoke(tmp_path):
+    # The shipped demo model and vectors, a few samples per cell.
+    result = _smoke("steering_effect.py", tmp_path / "effect.json")
+    cells = {(r["vector"], r["scale"]) for r in result["vectors"]}
+    names = ("positive", "negative", "animals", "food", "weather", "sports")
+    assert cells == {(n, s) for n in names for s in (0.0, 1.0)}
+    assert all(0 <= r["rate_ci"][0] <= r["rate"] <= r["rate_ci"][1] <= 1 for r in result["vectors"])
+    assert len(result["heads"]["scan"]) == 16
+    conditions = list(result["heads"]["conditions"])
+    assert conditions[:3] == ["none", "top 1 copy head", "top 2 copy heads"]
+    assert result["decoding"][0]["decoding"] == "greedy" and "9-16" in result["decoding"][0]
+    assert (tmp_path / "effect.png").stat().st_size > 10_000
+    assert "Head masks" in (tmp_path / "effect.md").read_text()

@@ -24,14 +24,17 @@ def test_same_seed_same_corpus_other_seed_other_corpus():
 
 def test_word_lists_label_every_generated_answer():
     rng = random.Random(7)
-    seen = set()
+    seen, open_questions = set(), 0
     for _ in range(3000):
         c = conversation(rng)
         assert sentiment_of(c.assistant) == c.sentiment, c
         assert topic_of(c.assistant) == c.topic, c
         assert sentiment_of(c.user) is None  # the question never gives the sentiment away
+        assert topic_of(c.user) in (None, c.topic)
+        open_questions += topic_of(c.user) is None
         seen.add((c.topic, c.sentiment))
     assert seen == {(t, s) for t in TOPICS for s in SENTIMENT}
+    assert 600 < open_questions < 900  # a quarter name no topic
 
 
 def test_enough_variety_to_be_worth_learning():

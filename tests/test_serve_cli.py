@@ -1,48 +1,63 @@
-"""What `make serve` runs: `steerserve serve` with no model serves the demo model and its
-shipped vectors, and answers a steered chat request from the openai client."""
+"""What `make serve` runs: `steerserve serve` with no model serves the trained demo model and
+its shipped vectors, and steering visibly works on it through the openai client."""
 
 from __future__ import annotations
 
-import numpy as np
 import openai
 import pytest
 from live_server import live_server
 
-from server.demo import DEMO_MODEL, SHIPPED_VECTORS_DIR, demo_vectors
-from steering.tiny_models import TinySpec, build_tiny_model
-from steering.vectors import read_any
+from demo.corpus import grammatical_fraction, sentiment_of, topic_of
+from server.demo import DEMO_MODEL
+
+SAMPLES = 64
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def client(tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    args = ["--enforce-eager", "--dtype", "float32"]
-    with live_server(args, log, env={"STEERSERVE_CACHE": str(cache)}) as (base, _):
-        yield base
+    with live_server(["--enforce-eager", "--dtype", "float32"], log) as (base, _):
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
 
-def test_demo_server_answers_steered_chat(demo_server):
-    c = openai.OpenAI(base_url=f"{demo_server}/v1", api_key="none", max_retries=0)
-    messages = [{"role": "user", "content": "tell me about the river"}]
-    kw = dict(model=DEMO_MODEL, messages=messages, max_tokens=12, temperature=0)
-    plain = c.chat.completions.create(**kw).choices[0].message.content
-    steered = c.chat.completions.create(
-        **kw, extra_body={"steering": {"vectors": [{"name": "happy", "scale": 12}]}}
-    )
-    text = steered.choices[0].message.content
-    # The README's example: the demo vector makes the model say its word.
-    assert text.count("happy") >= 6 and plain.count("happy") <= 1
-    assert steered.model_extra["steering"]["vectors"] == ["happy"]
-    vectors = {v["id"]: v for v in c.get("/vectors", cast_to=object)["data"]}
-    assert vectors.keys() >= {"happy", "calm"} and vectors["happy"]["usable"]
+def _answers(client, question: str, steering: dict | None, n: int = SAMPLES) -> list[str]:
+    r = client.chat.completions.create(
+        model=DEMO_MODEL, messages=[{"role": "user", "content": question}], n=n, seed=11,
+        temperature=1.0, max_tokens=64, extra_body={"steering": steering} if steering else None,
+    )  # fmt: skip
+    return [c.message.content for c in r.choices]
 
 
-def test_shipped_demo_vectors_match_the_demo_model(tmp_path):
-    """vectors/*.safetensors are what `python -m server.demo` makes from a fresh build."""
-    model = build_tiny_model(tmp_path / DEMO_MODEL, TinySpec(arch="llama"))
-    for name, fresh in demo_vectors(model).items():
-        shipped = read_any(SHIPPED_VECTORS_DIR / f"{name}.safetensors")
-        assert shipped.layers == fresh.layers
-        for layer in fresh.layers:
-            np.testing.assert_array_equal(shipped.directions[layer], fresh.directions[layer])
+def test_demo_model_answers_in_its_grammar(client):
+    assert [m.id for m in client.models.list().data] == [DEMO_MODEL]
+    r = client.chat.completions.create(
+        model=DEMO_MODEL, messages=[{"role": "user", "content": "tell me about the cat."}],
+        max_tokens=64, temperature=0,
+    )  # fmt: skip
+    text = r.choices[0].message.content
+    assert grammatical_fraction(text) == 1.0 and topic_of(text) == "animals", text
+    assert r.choices[0].finish_reason == "stop"  # it ends its answer itself
+    vectors = {v["id"]: v for v in client.get("/vectors", cast_to=object)["data"]}
+    shipped = {"positive", "negative", "animals", "food", "weather", "sports"}
+    assert vectors.keys() >= shipped and all(vectors[n]["usable"] for n in shipped)
+
+
+def test_positive_vector_shifts_the_sentiment_of_answers(client):
+    """The README's claim, on a fixed seed: scale 1 of `positive` turns about half positive
+    answers into nearly all positive ones, and they stay in the grammar.
+
+    Bound: the benchmark (240 samples per cell) measures the unsteered positive rate near
+    0.5 and the steered one above 0.9. With 64 samples the standard deviation of the
+    difference of two rates is at most sqrt(0.25/64 + 0.25/64) = 0.088, so a true shift of
+    0.4 or more stays above 0.2 with ~99% probability; the fixed seed makes the run
+    repeatable, the margin makes it robust to a new vLLM's different sampling numerics."""
+    question = "how was your day?"  # names no topic and no sentiment
+    plain = _answers(client, question, None)
+    steered = _answers(client, question, {"vectors": [{"name": "positive", "scale": 1.0}]})
+    assert len(set(plain)) > SAMPLES // 2  # n samples are distinct draws, not one repeated
+    rate = {k: sum(sentiment_of(t) == "positive" for t in v) / SAMPLES
+            for k, v in (("plain", plain), ("steered", steered))}  # fmt: skip
+    assert rate["steered"] - rate["plain"] >= 0.2, rate
+    assert rate["steered"] >= 0.8, rate
+    fluent = sum(map(grammatical_fraction, steered)) / SAMPLES
+    assert fluent >= 0.75, (fluent, steered[:4])

@@ -2,9 +2,10 @@
 
 Each simulated user sends chat requests into the experiment (sticky by the OpenAI `user`
 field), then rates each reply through `POST /v1/feedback`. The rater is a stand-in for real
-users, stated plainly: it likes replies that mention "happy" (thumbs up with probability
-0.75 instead of 0.35; stars rise with the share of "happy" words), with seeded noise. The
-replies themselves are the served model's, steered by whichever arm the user is in.
+users, stated plainly: it likes positive replies, as the demo corpus's own word lists judge
+them (thumbs up with probability 0.75 instead of 0.35; one star more than for a negative
+reply), with seeded noise. The replies themselves are the served model's (`make serve`'s
+demo model), steered by whichever arm the user is in.
 
     python examples/ab/traffic.py --base-url http://localhost:8000 --users 300
 """
@@ -13,28 +14,31 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 from openai import OpenAI
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from demo.corpus import sentiment_of  # noqa: E402
+
 PROMPTS = [
-    "tell me about the river",
-    "how was your weekend?",
-    "describe the city at night",
-    "what should I cook tonight?",
-    "write a line about the sea",
+    "tell me about the cat.",
+    "how was your day?",
+    "describe the storm.",
+    "what about the pizza?",
+    "tell me a story.",
 ]
 
 
 def rate(text: str, rng: random.Random) -> tuple[bool, float]:
-    words = re.findall(r"[a-z]+", text.lower())
-    share = words.count("happy") / max(len(words), 1)
-    thumbs = rng.random() < (0.75 if share > 0 else 0.35)
-    stars = min(5.0, max(1.0, round(rng.gauss(2.6 + 2.0 * share, 0.9))))
+    positive = sentiment_of(text) == "positive"
+    thumbs = rng.random() < (0.75 if positive else 0.35)
+    stars = min(5.0, max(1.0, round(rng.gauss(3.2 if positive else 2.4, 0.9))))
     return thumbs, stars
 
 
@@ -45,7 +49,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="tone")
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--requests-per-user", type=int, default=1)
-    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
