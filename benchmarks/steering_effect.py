@@ -13,7 +13,7 @@
 3. Decoding: recall with greedy, layer-fused and contrastive decoding, on lists of
    training's lengths and on longer ones.
 
-    python benchmarks/steering_effect.py            # the shipped model and vectors, ~15 min
+    python benchmarks/steering_effect.py            # the shipped model and vectors, ~2 min
     python benchmarks/steering_effect.py --smoke    # a few samples (run by the tests)
 
 Writes JSON, a markdown table and a PNG plot to benchmarks/results/.
