@@ -1,4 +1,4 @@
-"""The demo model's tasks as prompts and scores, shared by the effect benchmark and the tests.
+"""The demo model's tasks as prompts and scores (benchmarks/steering_effect.py).
 
 - chat: a user question (naming a topic noun, or open) -> an answer whose sentiment, topic
   and grammaticality the corpus's own word lists and grammar judge;
@@ -23,13 +23,13 @@ class Question:
 def questions(n: int, seed: int, kind: str = "mixed") -> list[Question]:
     """`n` user questions: "named" (each names a topic noun), "open" (none does) or "mixed"
     (the corpus's own proportions: a quarter open)."""
+    if kind not in ("named", "open", "mixed"):
+        raise ValueError(f"kind: {kind!r} is not 'named', 'open' or 'mixed'")
     rng = random.Random(seed)
     nouns = sorted(w for t in TOPICS.values() for w in t["nouns"])
     out = []
     for _ in range(n):
-        is_open = {"open": True, "named": False}.get(kind)
-        if is_open is None:
-            is_open = rng.random() < 0.25
+        is_open = kind == "open" or (kind == "mixed" and rng.random() < 0.25)
         if is_open:
             out.append(Question(rng.choice(OPEN_QUESTIONS), None))
         else:

@@ -4,7 +4,7 @@
 
 Every flag of `vllm serve` works unchanged (vLLM's own parser; `--help` lists them all).
 steerserve adds --admin-key, --vectors-dir, --presets, --default-steering,
---max-request-body-bytes, --max-inline-floats, --experiments, --database-url and
+--max-request-body-bytes, --max-inline-floats, --experiments, --database-url,
 --enable-steering-decoding and --enable-steering-readout. With no model it serves the
 built-in demo model (`demo/model/`, a small Llama trained on the synthetic corpus of
 `demo/corpus.py`; nothing is downloaded) with its vectors in `vectors/`.

@@ -3,8 +3,8 @@
 Each simulated user sends chat requests into the experiment (sticky by the OpenAI `user`
 field), then rates each reply through `POST /v1/feedback`. The rater is a stand-in for real
 users, stated plainly: it likes positive replies, as the demo corpus's own word lists judge
-them (thumbs up with probability 0.75 instead of 0.35; one star more than for a negative
-reply), with seeded noise. The replies themselves are the served model's (`make serve`'s
+them (thumbs up with probability 0.75 instead of 0.35; 0.8 stars more on average), with
+seeded noise. The replies themselves are the served model's (`make serve`'s
 demo model), steered by whichever arm the user is in.
 
     python examples/ab/traffic.py --base-url http://localhost:8000 --users 300
