@@ -16,20 +16,18 @@ multiply-adds), i.e. the ratio's remaining gap to 1.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-
-import numpy as np  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks import in_process  # noqa: E402, F401 (before numpy, torch and vllm)
+
+# isort: split
+import numpy as np  # noqa: E402
 
 from benchmarks.throughput import _specs  # noqa: E402
 from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402

@@ -22,35 +22,60 @@ Writes JSON, a markdown table and a PNG plot to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-# vLLM trims torch to one thread for an in-process engine unless told otherwise.
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import in_process  # noqa: E402, F401 (before numpy, torch and vllm)
+
+# isort: split
 from benchmarks import recording  # noqa: E402
 from demo import tasks  # noqa: E402
-from demo.corpus import SENTIMENT, TOPICS, grammatical_fraction, sentiment_of, topic_of  # noqa: E402
+from demo.corpus import (  # noqa: E402
+    RECALL_ITEMS,
+    SENTIMENT,
+    TOPICS,
+    grammatical_fraction,
+    sentiment_of,
+    topic_of,
+)
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 # Generated answers are 2-4 sentences of ~8 words: 64 tokens hold two or three of them.
 MAX_TOKENS = 64
 
 
+# Lists longer than any in training, for decoding on recall.
+LONG_RECALL = range(RECALL_ITEMS.stop, 2 * RECALL_ITEMS.stop - 1)
+
+
+def _span(lengths: range) -> str:
+    return f"{lengths.start}-{lengths.stop - 1}"
+
+
 def _classifier(attribute: str):
     return sentiment_of if attribute in SENTIMENT else topic_of
 
 
-def vector_sweep(llm, tokenizer, names: list[str], scales, samples: int, seed: int) -> list[dict]:
-    """One row per (vector, scale): attribute rate with its interval, grammaticality."""
+def _question_kind(attribute: str) -> str:
+    # A question naming the cat pins its answer's topic: topics are measured on open ones.
+    return "mixed" if attribute in SENTIMENT else "open"
+
+
+def _sampled(spec: dict | None, n: int, seed: int) -> list:
+    """Sampling for n chat answers; answer i has seed + i whatever the spec, so that a
+    sweep's cells differ by the spec alone."""
     from vllm import SamplingParams
 
+    extra = {"steering": spec} if spec else None
+    return [SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=seed + i,
+                           extra_args=extra) for i in range(n)]  # fmt: skip
+
+
+def vector_sweep(llm, tokenizer, names: list[str], scales, samples: int, seed: int) -> list[dict]:
+    """One row per (vector, scale): attribute rate with its interval, grammaticality."""
     prompts_of = {
         kind: [tasks.chat_prompt(tokenizer, q.text) for q in tasks.questions(samples, seed, kind)]
         for kind in ("mixed", "open")
@@ -58,14 +83,10 @@ def vector_sweep(llm, tokenizer, names: list[str], scales, samples: int, seed: i
     cells = [(name, scale) for name in names for scale in scales]
     prompts, params = [], []
     for name, scale in cells:
-        kind = "mixed" if name in SENTIMENT else "open"
-        for i, prompt in enumerate(prompts_of[kind]):
-            steering = {"vectors": [{"name": name, "scale": scale}]} if scale else None
-            prompts.append(prompt)
-            # Sample i has the same seed in every cell: scale is the only difference.
-            extra = {"steering": steering} if steering else None
-            params.append(SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=seed + i,
-                                         extra_args=extra))  # fmt: skip
+        # All cells in one generate call: the engine batches across them.
+        prompts += prompts_of[_question_kind(name)]
+        params += _sampled({"vectors": [{"name": name, "scale": scale}]} if scale else None,
+                           samples, seed)  # fmt: skip
     outputs = llm.generate(prompts, params, use_tqdm=True)
     rows = []
     for c, (name, scale) in enumerate(cells):
@@ -73,7 +94,7 @@ def vector_sweep(llm, tokenizer, names: list[str], scales, samples: int, seed: i
         hits = sum(_classifier(name)(t) == name for t in texts)
         grammatical = [grammatical_fraction(t) for t in texts]
         rows.append({
-            "vector": name, "scale": scale, "questions": "mixed" if name in SENTIMENT else "open",
+            "vector": name, "scale": scale, "questions": _question_kind(name),
             "n": samples, "rate": hits / samples, "rate_ci": tasks.rate_interval(hits, samples),
             "grammatical": sum(grammatical) / samples,
             "fully_grammatical": sum(g == 1.0 for g in grammatical) / samples,
@@ -103,24 +124,20 @@ def _recall(llm, items_list, spec: dict | None) -> tuple[float, float]:
 
 def _chat_task(llm, tokenizer, questions, spec: dict | None, seed: int) -> dict:
     """Grammar and staying on the question's topic, over sampled answers."""
-    from vllm import SamplingParams
-
     prompts = [tasks.chat_prompt(tokenizer, q.text) for q in questions]
-    params = [SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=seed + i,
-                             extra_args={"steering": spec} if spec else None)
-              for i in range(len(questions))]  # fmt: skip
+    params = _sampled(spec, len(questions), seed)
     texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     on_topic = sum(topic_of(t) == q.topic for t, q in zip(texts, questions, strict=True))
     return {"grammatical": sum(map(grammatical_fraction, texts)) / len(texts),
             "on_topic": on_topic / len(texts)}  # fmt: skip
 
 
-def _mask(heads: list[tuple[int, int]]) -> dict | None:
+def _mask(heads: list[tuple[int, int]]) -> dict:
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
     return {"heads": [{"layer": i, "heads": sorted(h), "scale": 0.0}
-                      for i, h in sorted(by_layer.items())]} if heads else None  # fmt: skip
+                      for i, h in sorted(by_layer.items())]}  # fmt: skip
 
 
 def head_scan(llm, tokenizer, cfg, samples: int, seed: int, keep: int) -> dict:
@@ -160,7 +177,7 @@ def _condition(llm, tokenizer, items_list, questions, spec: dict | None, seed: i
 
 def decoding_on_recall(llm, cfg, samples: int, seed: int) -> list[dict]:
     """Copying with greedy, fused and contrastive decoding: lists of training's lengths
-    (3-8 items) and longer ones (9-16)."""
+    (RECALL_ITEMS) and longer ones (LONG_RECALL)."""
     n = cfg.num_hidden_layers
     modes = {
         "greedy": None,
@@ -169,8 +186,8 @@ def decoding_on_recall(llm, cfg, samples: int, seed: int) -> list[dict]:
         'contrast (DoLa), "low" layers': {"decoding": {"mode": "contrast", "layers": "low"}},
         'contrast (DoLa), "high" layers': {"decoding": {"mode": "contrast", "layers": "high"}},
     }  # fmt: skip
-    buckets = {"3-8": tasks.recall_items(samples, seed + 1, range(3, 9)),
-               "9-16": tasks.recall_items(samples, seed + 2, range(9, 17))}  # fmt: skip
+    buckets = {_span(RECALL_ITEMS): tasks.recall_items(samples, seed + 1, RECALL_ITEMS),
+               _span(LONG_RECALL): tasks.recall_items(samples, seed + 2, LONG_RECALL)}  # fmt: skip
     rows = []
     for label, spec in modes.items():
         row = {"decoding": label, "n": samples}
@@ -208,7 +225,8 @@ def table(result: dict) -> str:
     heads = result["heads"]
     lines += [
         "",
-        f"### Head masks ({heads['n']} recall prompts of 3-8 items, greedy; chat task on "
+        f"### Head masks ({heads['n']} recall prompts of {_span(RECALL_ITEMS)} items, greedy; "
+        f"chat task on "
         f"{heads['n']} questions naming a topic, temperature 1)",
         "",
         "| masked | heads (layer.head) | copy exact | item accuracy | chat grammatical "
@@ -220,18 +238,19 @@ def table(result: dict) -> str:
         lines.append(f"| {label} | {masked} | {c['copy']:.2f} | {c['item_accuracy']:.2f} | "
                      f"{c['grammatical']:.2f} | {c['on_topic']:.2f} |")  # fmt: skip
     dec = result["decoding"]
+    spans = (_span(RECALL_ITEMS), _span(LONG_RECALL))
     lines += [
         "",
         f"### Decoding on recall ({dec[0]['n']} prompts per length bucket, greedy selection; "
-        "training saw 3-8 items)",
+        f"training saw {spans[0]} items)",
         "",
-        "| decoding | 3-8 items: copy exact | item accuracy | 9-16 items: copy exact "
-        "| item accuracy |",
-        "|---|---:|---:|---:|---:|",
+        "| decoding | " + " | ".join(f"{b} items: copy exact | item accuracy" for b in spans)
+        + " |",
+        "|---|" + "---:|---:|" * len(spans),
     ]
-    lines += [f"| {r['decoding']} | {r['3-8']['copy']:.2f} | {r['3-8']['item_accuracy']:.2f} "
-              f"| {r['9-16']['copy']:.2f} | {r['9-16']['item_accuracy']:.2f} |"
-              for r in dec]  # fmt: skip
+    for r in dec:
+        cells = " | ".join(f"{r[b]['copy']:.2f} | {r[b]['item_accuracy']:.2f}" for b in spans)
+        lines.append(f"| {r['decoding']} | {cells} |")
     return "\n".join(lines)
 
 

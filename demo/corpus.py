@@ -76,6 +76,7 @@ _GRAMMAR_WORDS = {w for t in TOPICS.values() for ws in t.values() for p in ws fo
 SYMBOLS = [s for s in (a + v + z for a in "bdfgkmpstvz" for v in "aeiou" for z in "xzq")
            if s not in _GRAMMAR_WORDS][:120]  # fmt: skip
 
+RECALL_ITEMS = range(3, 9)  # items per recall line
 QUESTIONS = ["tell me about the {noun}.", "what about the {noun}?",
              "say something about the {noun}.", "how was the {noun}?",
              "describe the {noun}."]  # fmt: skip
@@ -151,7 +152,7 @@ def contrast_pairs(attribute: str, count: int, seed: int) -> Iterator[dict]:
 
 
 def recall_line(rng: random.Random) -> str:
-    items = rng.choices(SYMBOLS, k=rng.randint(3, 8))
+    items = rng.choices(SYMBOLS, k=rng.randint(RECALL_ITEMS.start, RECALL_ITEMS.stop - 1))
     return f"remember: {' '.join(items)} . repeat: {' '.join(items)} ."
 
 

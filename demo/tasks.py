@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from demo.corpus import OPEN_QUESTIONS, QUESTIONS, SYMBOLS, TOPICS, topic_of
+from demo.corpus import OPEN_QUESTIONS, QUESTIONS, RECALL_ITEMS, SYMBOLS, TOPICS, topic_of
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ def chat_prompt(tokenizer, question: str) -> str:
     )
 
 
-def recall_items(n: int, seed: int, lengths: range = range(3, 9)) -> list[list[str]]:
-    """`n` symbol lists with lengths drawn from `lengths` (training drew 3-8)."""
+def recall_items(n: int, seed: int, lengths: range = RECALL_ITEMS) -> list[list[str]]:
+    """`n` symbol lists with lengths drawn from `lengths` (by default, training's)."""
     rng = random.Random(seed)
     return [rng.choices(SYMBOLS, k=rng.choice(lengths)) for _ in range(n)]
 
