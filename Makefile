@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/cpu.lock
 
-.PHONY: setup test lint serve clean lock
+.PHONY: setup test lint serve clean lock check-vllm
 
 setup: $(STAMP)
 
@@ -38,6 +38,18 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check steering server tests benchmarks examples demo
+
+# The extension's checks of vLLM internals run on another release's source (the GPU wheel,
+# unpacked, never installed): `make check-vllm VLLM=0.33.0`. Its new pure-Python imports
+# (VLLM_DEPS) go beside it.
+VLLM      ?= 0.33.0
+VLLM_DEPS ?= orjson
+VLLM_SRC  := .cache/vllm-$(VLLM)
+check-vllm: setup
+	test -d $(VLLM_SRC)/src || ( $(PIP) download -q --no-deps "vllm==$(VLLM)" -d $(VLLM_SRC) \
+		&& $(PY) -m zipfile -e $(VLLM_SRC)/vllm-$(VLLM)-*.whl $(VLLM_SRC)/src \
+		&& $(PIP) install -q --target $(VLLM_SRC)/deps $(VLLM_DEPS) )
+	PYTHONPATH=$(VLLM_SRC)/src:$(VLLM_SRC)/deps $(PY) -m steering.engine.compat
 
 serve: setup
 	$(VENV)/bin/steerserve serve $(ARGS)

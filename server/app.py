@@ -88,7 +88,7 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
     app.add_exception_handler(APIError, api_error_handler)
 
     async def refresh_gauges() -> None:
-        state.metrics.set_slots(await vllm_api.worker_call(engine, "stats"))
+        state.metrics.set_slots(await vllm_api.worker_stats(engine))
 
     # Outermost first: the body limit and keys apply before anything reads the request.
     # vLLM's app has built its middleware stack already (add_middleware refuses): insert

@@ -188,7 +188,7 @@ async def decoding_reports(state: ServerState, track: Track) -> list[dict]:
     """What layer-reading decoding chose for each choice, in choice order."""
     choices: list[dict] = []
     for prompt_index, engine_id in enumerate(track.engine_ids):
-        reports = await vllm_api.worker_call(state.engine, "reports", engine_id) or {}
+        reports = await vllm_api.worker_reports(state.engine, engine_id) or {}
         for child, report in sorted(reports.items()):
             choices.append({"index": prompt_index * track.n + child, **report})
     return choices

@@ -28,10 +28,6 @@ USAGE = """usage: steerserve serve [--model PATH] [vLLM flags] [steerserve flags
        steerserve vectors {info,convert,train,eval} ... (see steerserve vectors --help)"""
 
 
-def _has_flag(argv: list[str], *flags: str) -> bool:
-    return any(a == f or a.startswith(f + "=") for a in argv for f in flags)
-
-
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
     from .experiments.store import DEFAULT_DATABASE_URL
     from .settings import DEFAULT_MAX_BODY_BYTES
@@ -108,7 +104,29 @@ def _steering_config(args: argparse.Namespace) -> None:
     args.additional_config = extra
 
 
+def engine_argv(argv: list[str]) -> tuple[list[str], int | None]:
+    """`serve`'s vLLM flags with its defaults filled in, and the KV budget it chose (None:
+    the user's flags or vLLM's own defaults decide)."""
+    from steering.engine import memory
+
+    argv = list(argv)
+    demo = not memory.has_flag(argv, "--model") and not (argv and not argv[0].startswith("-"))
+    if demo:
+        argv = [*argv, "--model", str(demo_model())]
+        # The demo model is tiny (trained on 128-token blocks, 512 positions): keep the
+        # engine's context to match.
+        if not memory.has_flag(argv, "--max-model-len"):
+            argv += ["--max-model-len", "512"]
+        if not memory.has_flag(argv, "--served-model-name"):
+            argv += ["--served-model-name", DEMO_MODEL]
+    # On CPU, a KV budget that starts beside other processes (memory.py), unless chosen.
+    default = memory.SMALL_KV_BYTES if demo else memory.SERVE_KV_BYTES
+    budget = memory.cpu_kv_flags(argv, default)
+    return argv + budget, default if budget else None
+
+
 def serve(argv: list[str]) -> None:
+    from steering.engine import memory
     from steering.engine import openai_server as vllm_api
 
     from .settings import (
@@ -123,18 +141,7 @@ def serve(argv: list[str]) -> None:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     parser = vllm_api.arg_parser("steerserve serve")
     add_steering_args(parser)
-    argv = list(argv)
-    demo = not _has_flag(argv, "--model") and not (argv and not argv[0].startswith("-"))
-    if demo:
-        argv = [*argv, "--model", str(demo_model())]
-        # The demo model is tiny (trained on 128-token blocks, 512 positions): keep the
-        # engine's memory and context to match.
-        if not _has_flag(argv, "--max-model-len"):
-            argv += ["--max-model-len", "512"]
-        if not _has_flag(argv, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
-            argv += ["--kv-cache-memory-bytes", str(256 << 20)]
-        if not _has_flag(argv, "--served-model-name"):
-            argv += ["--served-model-name", DEMO_MODEL]
+    argv, kv_default = engine_argv(argv)
     args = parser.parse_args(argv)
     vllm_api.validate_args(args)
     _steering_config(args)
@@ -166,7 +173,11 @@ def serve(argv: list[str]) -> None:
 
     import uvloop
 
-    uvloop.run(vllm_api.run_server(args, extend))
+    try:
+        uvloop.run(vllm_api.run_server(args, extend))
+    except RuntimeError as e:  # vLLM's "Engine core initialization failed" (cause logged above)
+        hint = memory.start_failure_hint(kv_default)
+        sys.exit(f"steerserve serve: the engine did not start: {e}\n{hint}")
 
 
 def main(argv: list[str] | None = None) -> None:

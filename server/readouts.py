@@ -56,8 +56,8 @@ class ReadoutFeed:
         while self.pending:
             batch, self.pending = self.pending, []
             try:
-                answers = await vllm_api.worker_call(
-                    self.engine, "readout_pull", [query for query, _ in batch]
+                answers = await vllm_api.worker_readout_pull(
+                    self.engine, [query for query, _ in batch]
                 )
                 if answers is None or len(answers) != len(batch):
                     raise RuntimeError("the engine has no readout (steering off?)")

@@ -147,10 +147,13 @@ def _layers(text: str, num_layers: int) -> list[int]:
 
 
 def _capturer(args: argparse.Namespace):
-    from steering.capture import Capturer
+    from steering.capture import CaptureFailed, Capturer
 
     kw = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
-    return Capturer(args.model, **kw)
+    try:
+        return Capturer(args.model, **kw)
+    except CaptureFailed as e:
+        sys.exit(f"steerserve vectors: {e}")
 
 
 def _capture(args: argparse.Namespace, capturer, pairs, layers: list[int]):
@@ -268,9 +271,11 @@ def plot_separation(seps, path: str, title: str) -> None:
     plt.close(fig)
 
 
-ENGINE_FLAGS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                "tensor_parallel_size", "kv_cache_memory_bytes", "seed", "enforce_eager",
-                "trust_remote_code")  # fmt: skip
+ENGINE_FLAGS = (
+    "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
+    "kv_cache_memory_bytes", "gpu_memory_utilization", "seed", "enforce_eager",
+    "trust_remote_code",
+)  # fmt: skip
 
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
@@ -281,7 +286,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int)
     g.add_argument("--max-num-batched-tokens", type=int)
     g.add_argument("--tensor-parallel-size", type=int)
-    g.add_argument("--kv-cache-memory-bytes", type=int)
+    g.add_argument("--kv-cache-memory-bytes", type=int,
+                   help="KV cache budget (default on CPU: 256 MiB, whatever else runs)")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   help="vLLM's share of device memory (on CPU: of the NUMA node's RAM)")
     g.add_argument("--seed", type=int)
     g.add_argument("--enforce-eager", action="store_true", default=None)
     g.add_argument("--trust-remote-code", action="store_true", default=None)

@@ -22,7 +22,7 @@ import numpy as np
 
 from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
 from steering.engine.capture import decode, parse_request
-from steering.engine.hooks import WORKER_METHOD
+from steering.engine.worker import captures
 from steering.spec import ModelShape
 
 Prompt = str | list[int]
@@ -54,11 +54,19 @@ class Capturer:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the hooks live in V1
         from vllm import LLM
 
+        from steering.engine.memory import SMALL_KV_BYTES, start_failure_hint, with_cpu_kv_budget
+
         extra = dict(engine_kw.pop("additional_config", None) or {})
         extra["steerserve"] = {**extra.get("steerserve", {}), "capture": True}
         engine_kw.setdefault("max_num_batched_tokens", 2048)
-        self.llm = LLM(model=model, enable_prefix_caching=False, additional_config=extra,
-                       **engine_kw)  # fmt: skip
+        budgeted = with_cpu_kv_budget(engine_kw, SMALL_KV_BYTES)
+        defaulted = budgeted != engine_kw
+        try:
+            self.llm = LLM(model=model, enable_prefix_caching=False, additional_config=extra,
+                           **budgeted)  # fmt: skip
+        except (RuntimeError, ValueError) as e:
+            hint = start_failure_hint(SMALL_KV_BYTES if defaulted else None)
+            raise CaptureFailed(f"the engine did not start: {e}\n{hint}") from e
         self.shape = ModelShape.from_hf_config(self.llm.llm_engine.model_config.hf_config)
         self.tokenizer = self.llm.get_tokenizer()
         self.stats = CaptureStats()
@@ -104,7 +112,7 @@ class Capturer:
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
         started = time.perf_counter()
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        results = self.llm.collective_rpc(WORKER_METHOD, args=("captures", keys))[0]
+        results = captures(self.llm, keys)
         self.stats.seconds += time.perf_counter() - started
         self.stats.prompt_tokens += sum(len(o.prompt_token_ids or ()) for o in outputs)
         arrays = []

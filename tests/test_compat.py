@@ -76,3 +76,35 @@ def test_env_switch_patches_nothing():
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert out.stdout.strip().splitlines()[-1] == want, out.stderr[-2000:]
+
+
+class OwnExtension:  # a user's worker extension that does not carry steerserve's calls
+    def my_call(self) -> int:
+        return 1
+
+
+def test_worker_calls_are_an_extension_class(engines):
+    from steering.engine import worker
+
+    llm = engines.get("llama")
+    parallel = llm.llm_engine.vllm_config.parallel_config
+    assert parallel.worker_extension_cls == worker.EXTENSION
+    [stats] = llm.collective_rpc("steerserve_stats")
+    assert stats["slots"] == 16 and stats["live_slots"] >= 0
+    assert worker.reports(llm, "no-such-request") == {}
+    with pytest.raises(ValueError, match="without additional_config.steerserve.capture"):
+        worker.captures(llm, ["k"])
+    # Nothing is patched onto vLLM's WorkerBase any more.
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    assert not any(name.startswith("steerserve") for name in vars(WorkerBase))
+
+
+def test_foreign_worker_extension_is_refused_and_a_subclass_accepted():
+    from steering.engine.worker import EXTENSION, SteeringWorkerExtension, check_extension
+
+    assert check_extension("") == EXTENSION
+    with pytest.raises(ValueError, match="inherit from steering.engine.worker"):
+        check_extension("test_compat.OwnExtension")
+    globals()["Both"] = type("Both", (OwnExtension, SteeringWorkerExtension), {})
+    assert check_extension("test_compat.Both") == "test_compat.Both"

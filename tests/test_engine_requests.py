@@ -211,14 +211,6 @@ def test_compiled_path_matches_reference_and_eager(engines):
         assert run.tokens == er.tokens
 
 
-def test_v2_model_runner_refused(engines, monkeypatch):
-    from vllm.exceptions import VLLMValidationError
-
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(VLLMValidationError, match="V1 model runner"):
-        generate_one(engines.get("llama"), PROMPT, sampling(GOOD))
-
-
 def _compile_hash_with_and_without_marker(worker) -> tuple[str, str]:
     from steering.engine.hooks import COMPILE_CACHE_KEY
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import HIDDEN, generate, random_vector, sampling
 
 from steering.engine.frontend import SteeringValidationError
-from steering.engine.hooks import WORKER_METHOD
+from steering.engine.worker import readouts
 from steering.vectors import VectorRegistry
 
 PROMPTS = [
@@ -26,7 +26,7 @@ MAX_TOKENS = 6
 
 
 def _fetch(llm, request_id: str) -> dict:
-    return llm.collective_rpc(WORKER_METHOD, args=("readouts", request_id))[0]
+    return readouts(llm, request_id)
 
 
 def _run(llm, prompts, specs):

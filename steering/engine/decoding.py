@@ -73,6 +73,56 @@ def jsd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return 0.5 * (kl(p, logp) + kl(q, logq))
 
 
+def contrast_scores(
+    final_logits: torch.Tensor, early_logits: torch.Tensor, log_alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoLa's scoring of R rows against C candidate layers, as one computation.
+
+    final_logits [R, V], early_logits [R, C, V] (any float dtype), log_alpha [R, 1]
+    (log of each row's plausibility alpha; -inf for alpha = 0). Per row: the candidate M of
+    largest JSD(q_F, q_M) and the scores log q_F - log q_M where q_F >= alpha * max q_F,
+    -inf elsewhere. Written as one expression so that torch.compile fuses the softmaxes,
+    the divergences and the mask into a few passes over [R, C, V] (`scorer`); it is also
+    what the eager path runs.
+    """
+    final = torch.log_softmax(final_logits.float(), dim=-1)
+    early = torch.log_softmax(early_logits.float(), dim=-1)
+    p = final.exp().unsqueeze(1)
+    q = early.exp()
+    logm = torch.log(0.5 * (p + q))
+    zero = torch.zeros_like(logm)
+    kl_p = torch.where(p > 0, p * (final.unsqueeze(1) - logm), zero).sum(-1)
+    kl_q = torch.where(q > 0, q * (early - logm), zero).sum(-1)
+    chosen = torch.argmax(0.5 * (kl_p + kl_q), dim=-1)  # [R]; ties: the first candidate
+    at = chosen.view(-1, 1, 1).expand(-1, 1, early.shape[-1])
+    premature = torch.gather(early, 1, at).squeeze(1)
+    plausible = final >= final.amax(-1, keepdim=True) + log_alpha
+    return torch.where(plausible, final - premature, torch.full_like(final, -torch.inf)), chosen
+
+
+_compiled_scores = None
+
+
+def scorer(compiled: bool):
+    """`contrast_scores`, torch.compile'd (one graph for every R, C and V) when the engine
+    is compiled, as is (enforce_eager) otherwise."""
+    global _compiled_scores
+    if not compiled:
+        return contrast_scores
+    if _compiled_scores is None:
+        _compiled_scores = torch.compile(contrast_scores, dynamic=True)
+    return _compiled_scores
+
+
+def warm_up(compiled: bool, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the scorer at engine start, not in the first contrastive request's step."""
+    if not compiled:
+        return
+    final = torch.zeros(2, vocab_size, dtype=dtype, device=device)
+    early = torch.zeros(2, 2, vocab_size, dtype=dtype, device=device)
+    scorer(True)(final, early, torch.zeros(2, 1, device=device))
+
+
 class LayerLogits:
     """lm_head(final_norm(.)) (or lm_head alone, norm=False) of captured (layer, row) pairs,
     one batched call per use."""
@@ -84,15 +134,24 @@ class LayerLogits:
     def __call__(
         self, pairs: list[tuple[int, int]], mid: bool = False, norm: bool = True
     ) -> torch.Tensor:
+        return self.grid([p[0] for p in pairs], [p[1] for p in pairs], mid, norm).float()
+
+    def grid(
+        self, layers: list[int], rows: list[int], mid: bool = False, norm: bool = True
+    ) -> torch.Tensor:
+        """Logits of (layers[i], rows[i]) in the model's dtype, [len(rows), V]; `layers`
+        and `rows` may also be [R, C] nested lists, giving [R, C, V]."""
         buffer = self.tables.capture_mid if mid else self.tables.capture
         device = buffer.device
-        layers = torch.tensor([p[0] for p in pairs], device=device)
-        rows = torch.tensor([p[1] for p in pairs], device=device)
-        states = buffer[layers, rows]
-        return self.model.compute_logits(self.norm(states) if norm else states).float()
+        states = buffer[torch.tensor(layers, device=device), torch.tensor(rows, device=device)]
+        flat = states.reshape(-1, states.shape[-1])
+        out = self.model.compute_logits(self.norm(flat) if norm else flat)
+        return out.reshape(*states.shape[:-1], out.shape[-1])
 
 
-def apply(model, tables, logits: torch.Tensor, plan: list[PlannedRow]) -> torch.Tensor:
+def apply(
+    model, tables, logits: torch.Tensor, plan: list[PlannedRow], compiled: bool = False
+) -> torch.Tensor:
     """`logits` with the planned rows replaced by fused / contrasted scores (in place)."""
     todo = [p for p in plan if p.rel >= -1]  # rows of unfinished prompt chunks are discarded
     if not todo:
@@ -105,8 +164,9 @@ def apply(model, tables, logits: torch.Tensor, plan: list[PlannedRow]) -> torch.
     todo = [p for p in todo if p.state.spec.mode != "fuse" or p.state.fuse_layer is not None]
     if not todo:
         return logits
-    pairs = sorted({(layer, p.row) for p in todo for layer in _layers(p)})
-    z = layer_logits(pairs)
+    pairs = sorted({(layer, p.row) for p in todo if p.state.spec.mode != "contrast"
+                    for layer in _layers(p)})  # fmt: skip
+    z = layer_logits(pairs) if pairs else None
     index = {pair: i for i, pair in enumerate(pairs)}
     # The step's logits are not read again after sampling: rewrite the planned rows in place.
     fuse = [p for p in todo if p.state.spec.mode == "fuse"]
@@ -118,17 +178,17 @@ def apply(model, tables, logits: torch.Tensor, plan: list[PlannedRow]) -> torch.
         final = torch.log_softmax(logits[rows].float(), dim=-1)
         fused = (1.0 - w) * final + w * torch.log_softmax(early, dim=-1)
         logits[rows] = fused.to(logits.dtype)
-    # Contrast rows with the same candidates and alpha are scored together: one batch of
-    # tensor ops and one host read (the chosen layers) per group, not per row.
+    # Contrast rows with the same candidates are scored together: one fused computation
+    # and one host read (the chosen layers) per group, not per row.
     groups: dict[tuple, list[PlannedRow]] = {}
     for p in todo:
         if p.state.spec.mode == "contrast":
-            key = (tuple(p.state.spec.candidates), p.state.spec.alpha)
-            groups.setdefault(key, []).append(p)
-    for (cands, alpha), rows in groups.items():
+            groups.setdefault(tuple(p.state.spec.candidates), []).append(p)
+    score = scorer(compiled)
+    for cands, rows in groups.items():
         step = max(1, CONTRAST_CHUNK // (len(cands) * logits.shape[-1]))
         for i in range(0, len(rows), step):
-            _contrast(logits, rows[i : i + step], list(cands), alpha, z, index)
+            _contrast(logits, rows[i : i + step], list(cands), layer_logits, score)
     for p in todo:
         if p.state.spec.mode == "lfd":
             final = torch.log_softmax(logits[p.row].float(), dim=-1)
@@ -164,20 +224,30 @@ def _plausible(final: torch.Tensor, alpha: float, scores: torch.Tensor) -> torch
     return torch.where(final >= threshold, scores, torch.full_like(final, -torch.inf))
 
 
-def _contrast(logits: torch.Tensor, rows: list[PlannedRow], cands: list[int], alpha: float,
-              z: torch.Tensor, index: dict) -> None:  # fmt: skip
-    """DoLa for `rows` (same candidates and alpha): per row, the candidate M of largest
-    JSD(q_F, q_M), and scores log q_F - log q_M on the plausible set."""
+def _contrast(logits: torch.Tensor, rows: list[PlannedRow], cands: list[int],
+              layer_logits: LayerLogits, score) -> None:  # fmt: skip
+    """DoLa for `rows` (same candidates): per row, the candidate M of largest JSD(q_F, q_M),
+    and scores log q_F - log q_M on the plausible set."""
     device = logits.device
-    at = torch.tensor([p.row for p in rows], device=device)
-    final = torch.log_softmax(logits[at].float(), dim=-1)  # [rows, V]
-    which = torch.tensor([[index[(c, p.row)] for c in cands] for p in rows], device=device)
-    early = torch.log_softmax(z[which], dim=-1)  # [rows, candidates, V]
-    chosen = torch.argmax(jsd(final.unsqueeze(1).expand_as(early), early), dim=-1)  # [rows]
-    premature = early[torch.arange(len(rows), device=device), chosen]
-    logits[at] = _plausible(final, alpha, final - premature).to(logits.dtype)
-    for p, m in zip(rows, chosen.tolist(), strict=True):
-        p.state.contrast_layers.append(cands[m])
+    # One compiled graph serves every size but 1, which torch.compile specialises: a lone
+    # row or candidate is scored twice over (the duplicate's result is dropped; argmax ties
+    # keep the first), so no request recompiles the scorer mid-serving.
+    rows_in = [p.row for p in rows]
+    padded = rows_in if len(rows_in) > 1 else rows_in * 2
+    layers = cands if len(cands) > 1 else cands * 2
+    early = layer_logits.grid([layers] * len(padded), [[r] * len(layers) for r in padded])
+    at = torch.tensor(padded, device=device)
+    log_alpha = torch.tensor(
+        [[math.log(p.state.spec.alpha) if p.state.spec.alpha > 0 else -math.inf] for p in rows],
+        device=device,
+    )
+    if len(rows_in) == 1:
+        log_alpha = log_alpha.expand(2, 1)
+    scores, chosen = score(logits[at], early, log_alpha)
+    n = len(rows_in)
+    logits[at[:n]] = scores[:n].to(logits.dtype)
+    for p, m in zip(rows, chosen[:n].tolist(), strict=True):
+        p.state.contrast_layers.append(layers[m])
 
 
 def _lfd(layer_logits: LayerLogits, p: PlannedRow, final, z, index) -> torch.Tensor:

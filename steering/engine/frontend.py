@@ -9,7 +9,6 @@ workers receive only the compiled data.
 from __future__ import annotations
 
 import copy
-import os
 import uuid
 from typing import Any
 
@@ -65,12 +64,6 @@ class SteeringFrontend:
         raw = params.extra_args.get(SPEC_KEY)
         if raw is None:
             return None
-        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip() == "1":
-            # The hooks live in the V1 runner: refuse rather than silently not steer.
-            raise SteeringValidationError([(
-                SPEC_KEY,
-                "steering needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1",
-            )])  # fmt: skip
         if isinstance(raw, CompiledSpec):
             compiled = raw
         else:

@@ -1,11 +1,13 @@
 """The only place that patches vLLM: method hooks on its runner and input processor.
 
 Installed by the `vllm.general_plugins` entry point (`plugin.py`) in every vLLM process.
-Each hook calls vLLM's original method first and then does its part, and does nothing
+Each hook does its part around vLLM's original method, and does nothing
 when the extension is disabled for that engine (`config.py`), so a disabled engine runs
 plain vLLM code. `compat.py` checks every internal touched here.
 
+    InputProcessor.__init__            refuse a steered engine that would run Model Runner V2
     InputProcessor.process_inputs      validate + compile the spec, salt the prefix cache
+    EngineCore.preprocess_add_request  refuse a payload the tables cannot hold (capacity.py)
     <Runner>.load_model                allocate tables, swap decoder layers
     GPUModelRunner._prepare_inputs     per-step slot/coefficient buffers, sampled rows
     GPUModelRunner._sample             captured rows read out (capture.py); layer-fused /
@@ -13,7 +15,8 @@ plain vLLM code. `compat.py` checks every internal touched here.
                                        seeded CPU rows of unfinished chunks: draw undone
     GPUModelRunner._bookkeeping_sync   ... and kept from vLLM's offset rewind (seeded.py)
     GPUModelRunner._on_request_state_removed   free the request's slot reference
-    WorkerBase.steerserve_call         (added) stats, decoding reports, captures over RPC
+    EngineArgs.create_engine_config    name steerserve's worker extension (worker.py): its
+                                       calls (stats, reports, readouts, captures) over RPC
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ _RUNTIME_ATTR = "_steerserve_runtime"
 # Top-level key of vLLM's additional_config that makes a steered engine's compile-cache
 # hash differ from a plain one's (see _mark_compile_cache).
 COMPILE_CACHE_KEY = "steerserve_compiled"
-# Worker method the API process reaches through collective_rpc (see worker_call).
-WORKER_METHOD = "steerserve_call"
 _installed = False
 
 
@@ -65,7 +66,7 @@ def _mark_compile_cache(vllm_config: Any, config: SteeringConfig) -> None:
     extra = vllm_config.additional_config
     if isinstance(extra, dict):
         extra[COMPILE_CACHE_KEY] = (
-            f"{compat.PINNED}:heads={config.heads}:max_projections={config.max_projections}"
+            f"{compat.release()}:heads={config.heads}:max_projections={config.max_projections}"
             f":decoding={config.decoding}:capture={config.capture}"
             f":readout={config.max_readouts if config.readout else 0}"
         )
@@ -119,7 +120,15 @@ def _after_load_model(runner: Any) -> None:
     )
     n = install(runner.get_model(), tables, shape.architecture, mid_layers)
     _mark_compile_cache(runner.vllm_config, config)
-    setattr(runner, _RUNTIME_ATTR, SteeringRuntime(tables, runner.max_num_reqs))
+    runtime = SteeringRuntime(tables, runner.max_num_reqs)
+    # Contrastive scoring is torch.compile'd when the model is (enforce_eager: eager too).
+    runtime.compiled_decoding = not runner.model_config.enforce_eager
+    if config.decoding:
+        from steering.engine import decoding
+
+        vocab = runner.model_config.get_vocab_size()
+        decoding.warm_up(runtime.compiled_decoding, vocab, tables.units.dtype, tables.device)
+    setattr(runner, _RUNTIME_ATTR, runtime)
     log.info(
         "steerserve: steering %d decoder layers (heads: %s), %d slots x %d projections, "
         "%.1f MiB buffers",
@@ -174,7 +183,8 @@ def _hook_sample(original):
         if runtime.plan and logits is not None:
             from steering.engine import decoding
 
-            logits = decoding.apply(self.get_model(), runtime.tables, logits, runtime.plan)
+            logits = decoding.apply(self.get_model(), runtime.tables, logits, runtime.plan,
+                                    compiled=runtime.compiled_decoding)  # fmt: skip
         with seeded.restore_discarded(self):
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
 
@@ -204,6 +214,19 @@ def _hook_request_removed(original):
 # --- front end ---------------------------------------------------------------------------
 
 
+def _hook_input_processor_init(original):
+    def __init__(self, vllm_config, *args, **kwargs):
+        # Before vLLM's own init (which asks which runner it will be) and before any
+        # worker starts: a steered engine on Model Runner V2 would steer nothing.
+        if SteeringConfig.from_vllm(vllm_config).enabled:
+            from steering.engine.runner_choice import refuse_v2_runner
+
+            refuse_v2_runner(vllm_config)
+        return original(self, vllm_config, *args, **kwargs)
+
+    return __init__
+
+
 def _hook_process_inputs(original):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         from steering.engine.frontend import frontend_of
@@ -221,30 +244,50 @@ def _hook_process_inputs(original):
     return process_inputs
 
 
-def worker_call(worker: Any, op: str, *args: Any) -> Any:
-    """`collective_rpc("steerserve_call", args=(op, ...))`: read the runtime of a worker.
+# --- engine core -------------------------------------------------------------------------
 
-    Installed on vLLM's WorkerBase; the API process uses it for decoding reports and
-    slot gauges. None when steering is off for the engine.
-    """
-    runtime = runtime_of(worker.model_runner)
-    if runtime is None:
-        return None
-    if op == "stats":
-        return runtime.stats()
-    if op == "reports":
-        return runtime.reports_for(*args)
-    if op in ("readouts", "readout_pull"):
-        if runtime.readouts is None:
-            raise ValueError("this engine was started without additional_config.steerserve.readout")
-        if op == "readout_pull":
-            return runtime.readouts.pull(*args)
-        return runtime.readouts.fetch(*args)
-    if op == "captures":
-        if runtime.captures is None:
-            raise ValueError("this engine was started without additional_config.steerserve.capture")
-        return runtime.captures.fetch(*args)
-    raise ValueError(f"steerserve_call: unknown op {op!r}")
+_CAPACITY_ATTR = "_steerserve_capacity"
+
+
+def _capacity_of(core: Any):
+    """The engine's steering capacity (computed once), or None when steering is off."""
+    capacity = core.__dict__.get(_CAPACITY_ATTR, False)
+    if capacity is False:
+        from steering.engine.capacity import Capacity
+        from steering.spec import ModelShape
+
+        config = SteeringConfig.from_vllm(core.vllm_config)
+        shape = ModelShape.from_hf_config(core.vllm_config.model_config.hf_config)
+        capacity = Capacity.of_engine(config, shape) if config.enabled else None
+        core.__dict__[_CAPACITY_ATTR] = capacity
+    return capacity
+
+
+def _hook_preprocess_add_request(original):
+    def preprocess_add_request(self, request, *args, **kwargs):
+        # Raised here, an error fails this request alone (vLLM's request-level error
+        # output; InprocClient raises it to the caller) instead of the engine.
+        capacity = _capacity_of(self)
+        if capacity is not None:
+            from steering.engine.capacity import admit
+
+            admit(getattr(request.sampling_params, "extra_args", None), capacity)
+        return original(self, request, *args, **kwargs)
+
+    return preprocess_add_request
+
+
+def _hook_create_engine_config(original):
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        if SteeringConfig.from_vllm(config).enabled:
+            from steering.engine.worker import check_extension
+
+            parallel = config.parallel_config
+            parallel.worker_extension_cls = check_extension(parallel.worker_extension_cls)
+        return config
+
+    return create_engine_config
 
 
 def install_hooks() -> None:
@@ -253,9 +296,12 @@ def install_hooks() -> None:
     if _installed:
         return
     compat.check_static()
+    from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    _wrap(EngineCore, "preprocess_add_request", _hook_preprocess_add_request)
+    _wrap(InputProcessor, "__init__", _hook_input_processor_init)
     _wrap(InputProcessor, "process_inputs", _hook_process_inputs)
     _wrap(GPUModelRunner, "load_model", _hook_load_model)
     _wrap(GPUModelRunner, "_prepare_inputs", _hook_prepare_inputs)
@@ -264,8 +310,7 @@ def install_hooks() -> None:
     _wrap(GPUModelRunner, "_bookkeeping_sync", _hook_bookkeeping)
     for runner_cls in compat.runner_subclasses_with_own_load_model():
         _wrap(runner_cls, "load_model", _hook_load_model)
-    from vllm.v1.worker.worker_base import WorkerBase
+    from vllm.engine.arg_utils import EngineArgs
 
-    if not hasattr(WorkerBase, WORKER_METHOD):
-        setattr(WorkerBase, WORKER_METHOD, worker_call)
+    _wrap(EngineArgs, "create_engine_config", _hook_create_engine_config)
     _installed = True

@@ -39,9 +39,14 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from steering.engine.frontend import SteeringFrontend, frontend_of
-from steering.engine.hooks import WORKER_METHOD
+from steering.engine.worker import readout_pull_async as worker_readout_pull
+from steering.engine.worker import reports_async as worker_reports
+from steering.engine.worker import stats_async as worker_stats
 
 __all__ = [
+    "worker_readout_pull",
+    "worker_reports",
+    "worker_stats",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
     "CompletionRequest",
@@ -127,12 +132,6 @@ def admit(engine: EngineClient, n: int) -> None:
 
 def engine_errored(engine: EngineClient) -> bool:
     return bool(engine.errored)
-
-
-async def worker_call(engine: EngineClient, op: str, *args: Any) -> Any:
-    """Run `op` on the first worker's steering runtime (see hooks.worker_call)."""
-    results = await engine.collective_rpc(WORKER_METHOD, args=(op, *args))
-    return results[0] if results else None
 
 
 def response_id(raw_request: Any, request: Any, *, chat: bool) -> str:

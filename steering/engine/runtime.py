@@ -41,6 +41,7 @@ class SteeringRuntime:
         self.req_decoding: dict[str, DecodingState] = {}
         self.finished_reports: OrderedDict[str, dict] = OrderedDict()
         self.plan: list[PlannedRow] = []  # this step's rows with layer-reading decoding
+        self.compiled_decoding = False  # contrastive scoring through torch.compile
         self.captures = CaptureBook(tables.stream_all) if tables.stream_all is not None else None
         self.readouts = ReadoutBook(tables.read_out) if tables.read_out is not None else None
 
@@ -61,24 +62,20 @@ class SteeringRuntime:
             if spec is None:
                 try:
                     spec = CompiledSpec.from_payload(payload)
-                except Exception:  # the front end validated it; never take the engine down
-                    log.exception("steerserve: request %s: bad compiled payload, unsteered", req_id)
+                except Exception:  # admitted by the engine core (capacity.admit): a bug
+                    log.exception("steerserve: request %s: bad compiled payload, unsteered "
+                                  "(the engine core admitted it: please report)", req_id)
                     spec = None
                 else:
                     problem = self.tables.misfit(spec)
-                    if problem:
-                        log.error("steerserve: request %s: %s; it runs unsteered", req_id, problem)
+                    if problem:  # likewise; never take the engine down over one request
+                        log.error("steerserve: request %s: %s; it runs unsteered (the engine "
+                                  "core admitted it: please report)", req_id, problem)  # fmt: skip
                         spec = None
                     else:
                         self.specs[key] = spec
             if spec is not None and not spec.affects_kv and not spec.readout:
                 spec = None
-        elif extra.get("steering"):
-            log.warning(
-                "steerserve: request %s carries 'steering' that the front end did not compile "
-                "(was it submitted as a raw EngineCoreRequest?); it runs unsteered",
-                req_id,
-            )
         if spec is not None:
             self.refcount[spec.key] = self.refcount.get(spec.key, 0) + 1
             if spec.readout and self.readouts is not None:

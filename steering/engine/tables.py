@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from steering.compile import NUM_CLASSES, CompiledSpec
+from steering.engine.capacity import Capacity
 
 IDENTITY_SLOT = 0
 
@@ -189,25 +190,17 @@ class SteeringTables:
                 )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
-        """Why a compiled spec cannot go into these tables (the front end compiled it for
-        the same model, so this guards against a mismatched deployment, not user input)."""
-        if spec.hidden_size != self.hidden_size:
-            return f"compiled for hidden size {spec.hidden_size}, the model has {self.hidden_size}"
-        if len(spec.projections) > self.max_proj:
-            return f"{len(spec.projections)} projections, the tables hold {self.max_proj}"
-        if len(spec.readout) > self.max_read:
-            return (f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"
-                    " (readout off?)")  # fmt: skip
-        if spec.uses_heads:
-            ops = spec.heads
-            if self.heads is None:
-                return "uses head interventions, which are off in this engine"
-            if ops.head_dim != self.head_dim or self.heads.stop > ops.num_heads:
-                return (
-                    f"compiled for {ops.num_heads} heads x {ops.head_dim}, this rank holds "
-                    f"heads {self.heads.start}..{self.heads.stop - 1} x {self.head_dim}"
-                )
-        return None
+        """Why a compiled spec cannot go into these tables (the engine core admitted it
+        against the whole model's capacity, so this is this rank's last guard)."""
+        return Capacity(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            max_proj=self.max_proj,
+            max_read=self.max_read,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            decoding=self.capture is not None,
+        ).misfit(spec)
 
     def _write_heads(self, rows: slice, spec: CompiledSpec) -> None:
         assert self.head_scale is not None and self.head_const is not None

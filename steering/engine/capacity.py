@@ -1,0 +1,107 @@
+"""What an engine's steering tables can hold, and the admission check against it.
+
+The front end compiles specs for the model it serves, so a payload that does not fit is a
+mismatched deployment or a request that bypassed the front end (a raw EngineCoreRequest).
+Such a request must fail, never run unsteered: the engine core checks every steered
+request against this capacity as vLLM admits it (`hooks._hook_preprocess_add_request`),
+where an exception fails that one request (vLLM answers it with a request-level error, an
+HTTP 500) and leaves the engine and the other requests running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from steering.compile import PAYLOAD_KEY, CompiledSpec
+from steering.engine.config import SteeringConfig
+from steering.spec import ModelShape
+
+
+class SteeringPayloadRefused(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Capacity:
+    num_layers: int
+    hidden_size: int
+    max_proj: int
+    max_read: int
+    heads: range | None  # query heads held (one TP rank's), None: head ops off
+    head_dim: int
+    decoding: bool
+
+    @classmethod
+    def of_engine(cls, config: SteeringConfig, shape: ModelShape) -> Capacity:
+        """The whole model's capacity (every rank's heads) under these switches."""
+        return cls(
+            num_layers=shape.num_layers,
+            hidden_size=shape.hidden_size,
+            max_proj=config.max_projections,
+            max_read=config.max_readouts if config.readout else 0,
+            heads=range(shape.num_heads) if config.heads else None,
+            head_dim=shape.head_dim,
+            decoding=config.decoding,
+        )
+
+    def misfit(self, spec: CompiledSpec) -> str | None:
+        """Why `spec` cannot go into tables of this capacity, or None."""
+        if spec.hidden_size != self.hidden_size:
+            return f"compiled for hidden size {spec.hidden_size}, the model has {self.hidden_size}"
+        deepest = max(_layers(spec), default=-1)
+        if deepest >= self.num_layers:
+            return f"uses layer {deepest}, the model has {self.num_layers} layers"
+        if len(spec.projections) > self.max_proj:
+            return f"{len(spec.projections)} projections, the tables hold {self.max_proj}"
+        if len(spec.readout) > self.max_read:
+            return (f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"
+                    " (readout off?)")  # fmt: skip
+        if spec.decoding is not None and not self.decoding:
+            return "uses layer-reading decoding, which is off in this engine"
+        if spec.uses_heads:
+            ops = spec.heads
+            if self.heads is None:
+                return "uses head interventions, which are off in this engine"
+            if ops.head_dim != self.head_dim or self.heads.stop > ops.num_heads:
+                return (
+                    f"compiled for {ops.num_heads} heads x {ops.head_dim}, this rank holds "
+                    f"heads {self.heads.start}..{self.heads.stop - 1} x {self.head_dim}"
+                )
+        return None
+
+
+def _layers(spec: CompiledSpec) -> list[int]:
+    out = [int(i) for p in spec.projections for i in p.layers]
+    out += [int(i) for i in spec.const_layers] + [int(i) for i in spec.heads.layers]
+    out += [r.layer for r in spec.readout]
+    if spec.decoding is not None:
+        out += list(spec.decoding.candidates)
+    return out
+
+
+def admit(extra_args: dict[str, Any] | None, capacity: Capacity) -> CompiledSpec | None:
+    """The request's compiled spec if it fits `capacity`; SteeringPayloadRefused if not.
+
+    None for a request without steering. A raw `steering` field that reached the engine is
+    refused too: only the front end's compiled form is applied.
+    """
+    extra = extra_args or {}
+    payload = extra.get(PAYLOAD_KEY)
+    if payload is None:
+        if extra.get("steering"):
+            raise SteeringPayloadRefused(
+                "steerserve: the request carries a 'steering' field that steerserve's front "
+                "end did not compile (submitted as a raw EngineCoreRequest?); it is refused "
+                "rather than run unsteered"
+            )
+        return None
+    try:
+        spec = CompiledSpec.from_payload(payload)
+    except Exception as e:  # any malformed payload: refuse this request, not the engine
+        raise SteeringPayloadRefused(f"steerserve: unreadable steering payload: {e!r}") from e
+    problem = capacity.misfit(spec)
+    if problem:
+        raise SteeringPayloadRefused(f"steerserve: steering payload does not fit this engine: "
+                                     f"{problem}")  # fmt: skip
+    return spec
