@@ -16,6 +16,22 @@ PROMPT = prompt_ids(71, 12)
 GOOD = {"vectors": [{"name": "happy", "scale": 1.0}]}
 
 
+@pytest.fixture(autouse=True)
+def _vllm_reads_the_environment_now():
+    """vLLM caches its environment variables once an engine core has started
+    (`vllm.envs.enable_envs_cache`, called at the end of EngineCore's init), and the
+    session's in-process engines have started one by the time these tests run: the
+    variables these tests set would not be seen. Read them afresh here, cache them again
+    after."""
+    import vllm.envs as envs
+
+    cached = envs._is_envs_cache_enabled()
+    envs.disable_envs_cache()
+    yield
+    if cached:
+        envs.enable_envs_cache()
+
+
 def _config(model_dir):
     """A real VllmConfig of the test model, made on V1 (on CPU vLLM itself refuses to make
     one for V2: "Model Runner V2 requires Triton"; on GPU it would make it)."""
