@@ -6,6 +6,7 @@ exception handlers and its request handling; this module adds:
 - our `POST /v1/chat/completions` and `POST /v1/completions` in front of vLLM's (same
   handlers underneath, plus the `steering` field: `generation.py`),
 - `GET /v1/vectors`, `GET /v1/presets`, `POST /v1/admin/reload`,
+- `GET /v1/steering/capabilities` (what the model and these switches accept),
 - A/B experiments: admin routes, `POST /v1/feedback`, reports (`experiments/routes.py`),
 - OpenAI-shaped 401/413 from our own middleware, steerserve metrics on `/metrics`.
 """
@@ -18,7 +19,7 @@ from starlette.middleware import Middleware
 
 from steering.engine import openai_server as vllm_api
 
-from . import calls, generation, registry_routes
+from . import calls, capabilities, generation, registry_routes
 from .applied import SteeringResolver
 from .errors import APIError, api_error_handler
 from .experiments import routes as experiment_routes
@@ -82,6 +83,7 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
         [
             *generation.router.routes,
             *registry_routes.router.routes,
+            *capabilities.router.routes,
             *experiment_routes.router.routes,
         ],
     )

@@ -25,6 +25,9 @@ slot and class. Inside a layer: masks first (in order), then head-site vectors (
 all head ops act before o_proj, residual ops after the layer. Query masks (target "query")
 scale a head's query inside attention (after its norm and rotary embedding): a per-head
 factor folded by product, applied before the attention kernel.
+
+Expert masks (MoE layers) scale router probabilities: a product of scales per expert, kept
+as its logarithm, a bias on the router logits (-inf for 0), added before the router runs.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 from steering.spec import ModelShape, SteeringSpec, VectorEntry, unit
 
 PAYLOAD_KEY = "steerserve.compiled"
-PAYLOAD_VERSION = 4
+PAYLOAD_VERSION = 5
 
 NEVER = 1 << 62
 WINDOWS: dict[str, tuple[int, int]] = {
@@ -96,6 +99,21 @@ class HeadOps:
         )
 
 
+@dataclass
+class ExpertOps:
+    """Router-logit biases log(scale) per expert (-inf: never routed to), per MoE layer and
+    token class."""
+
+    num_experts: int
+    layers: np.ndarray  # [m] int64
+    bias: np.ndarray  # [m, NUM_CLASSES, num_experts] float32
+
+    @classmethod
+    def identity(cls, num_experts: int = 0) -> ExpertOps:
+        return cls(num_experts, np.zeros(0, dtype=np.int64),
+                   np.zeros((0, NUM_CLASSES, num_experts), dtype=np.float32))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Decoding:
     """What the sampler step does with intermediate layers (spec.DecodingSpec, resolved)."""
@@ -137,6 +155,7 @@ class CompiledSpec:
     # Layer-reading decoding (plain data, see Decoding) or None.
     decoding: Decoding | None = None
     readout: list[Readout] = field(default_factory=list)
+    experts: ExpertOps = field(default_factory=ExpertOps.identity)
 
     @property
     def key(self) -> str:
@@ -157,7 +176,8 @@ class CompiledSpec:
     @property
     def affects_kv(self) -> bool:
         """Whether the forward pass changes (so the KV cache must be salted, a slot used)."""
-        return bool(self.projections or self.const_layers.size or self.heads.layers.size)
+        return bool(self.projections or self.const_layers.size or self.heads.layers.size
+                    or self.experts.layers.size)  # fmt: skip
 
     @property
     def is_identity(self) -> bool:
@@ -198,6 +218,8 @@ class CompiledSpec:
             "decoding": self.decoding.to_payload() if self.decoding else None,
             "readout": [{"layer": r.layer, "prompt": r.prompt,
                          "unit": r.unit.astype(np.float32).tobytes()} for r in self.readout],
+            "experts": {"n": self.experts.num_experts, "layers": self.experts.layers.tolist(),
+                        "bias": self.experts.bias.astype(np.float32).tobytes()},
         }  # fmt: skip
 
     @classmethod
@@ -229,8 +251,11 @@ class CompiledSpec:
         decoding = Decoding.from_payload(payload.get("decoding"))
         readout = [Readout(r["layer"], floats(r["unit"], hidden), r["prompt"])
                    for r in payload.get("readout", ())]  # fmt: skip
+        e = payload["experts"]
+        experts = ExpertOps(e["n"], np.asarray(e["layers"], dtype=np.int64),
+                            floats(e["bias"], len(e["layers"]), NUM_CLASSES, e["n"]))  # fmt: skip
         return cls(payload["fp"], hidden, projections, const_layers, const, heads, decoding,
-                   readout)  # fmt: skip
+                   readout, experts)  # fmt: skip
 
 
 def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
@@ -251,8 +276,25 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
     readout = [Readout(e.layer, e.unit_vector, e.prompt) for e in spec.readout]
     return CompiledSpec(
         spec.fingerprint(), shape.hidden_size, projections, const_layers, const, heads, decoding,
-        readout,
+        readout, _compile_experts(spec, shape),
     )  # fmt: skip
+
+
+def _compile_experts(spec: SteeringSpec, shape: ModelShape) -> ExpertOps:
+    num = max(shape.layer_experts, default=0)
+    if not spec.experts:
+        return ExpertOps.identity(num)
+    classes = _classes([m.positions for m in spec.experts])
+    layers = sorted({m.layer for m in spec.experts})
+    bias = np.zeros((len(layers), NUM_CLASSES, num), dtype=np.float64)
+    with np.errstate(divide="ignore"):  # log(0) = -inf: never routed to
+        for k, layer in enumerate(layers):
+            for c, cls in enumerate(classes):
+                for m in spec.experts:
+                    if m.layer == layer and _covers(WINDOWS[m.positions], cls):
+                        bias[k, c, m.experts] += np.log(m.scale)
+            bias[k, len(classes) :] = bias[k, 0]
+    return ExpertOps(num, np.array(layers, dtype=np.int64), bias.astype(np.float32))
 
 
 def _classes(windows: list[str]) -> tuple[tuple[int, int], ...]:

@@ -7,18 +7,23 @@ so every row's position class comes straight from its position.
 
 Residual entries act on each decoder layer's output (forward hook); head masks and
 site "heads" vectors on the input of each layer's `self_attn.o_proj` (forward pre-hook),
-masks first, then head vectors, in spec order. Query masks scale the query projection's
-output (forward hook on `q_proj`, or on `q_norm` where the model normalises queries per
-head); the rotary embedding is linear, so that equals scaling the rotated query.
+masks first, then head vectors, in spec order. Query masks scale the query where the
+attention function receives it (after the model's q norms, rotary and temperature): the
+model runs HF's eager attention, and its `eager_attention_forward` is wrapped while a
+spec with query masks is active. Layers without `self_attn` (linear attention) have no
+heads.
 
 Decoding (fuse / contrast) is computed from every layer's output, captured by forward
 hooks registered after the steering hooks, and from the stream before each layer's MLP
-(the input of `post_attention_layernorm`), straight from the README's formulas.
+(the input of `pre_feedforward_layernorm` where the family has one, else of
+`post_attention_layernorm`), straight from the README's formulas; the logit lens is
+lm_head(final norm(h)) with the model's final logit soft-capping.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,8 +37,12 @@ class ReferenceModel:
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        # Eager attention: one Python function per family to wrap for query masks.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation="eager"
+        )
         self.model.eval()
+        self.softcap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.shape = ModelShape.from_hf_config(self.model.config)
         self.dtype = dtype
@@ -85,15 +94,6 @@ class ReferenceModel:
                 factor[active.unsqueeze(-1), torch.tensor(mask.heads)] *= mask.scale
         return factor
 
-    def _apply_query(self, spec: SteeringSpec, layer: int, q: torch.Tensor, rel: torch.Tensor):
-        """q: q_proj output [B, T, H*D] or q_norm output [B, T, H, D]."""
-        flat = q.dim() == 3
-        qd = q.to(torch.float64)
-        if flat:
-            qd = qd.unflatten(-1, (self.shape.num_heads, self.shape.head_dim))
-        qd = qd * self._query_factor(spec, layer, rel).unsqueeze(-1)
-        return (qd.flatten(-2) if flat else qd).to(q.dtype)
-
     def _apply_heads(self, spec: SteeringSpec, layer: int, z: torch.Tensor, rel: torch.Tensor):
         """z: o_proj input [..., T, H*D]; returns it with masks then head vectors applied."""
         n, d = self.shape.num_heads, self.shape.head_dim
@@ -124,6 +124,33 @@ class ReferenceModel:
         return zd.flatten(-2).to(z.dtype)
 
     @contextmanager
+    def _queries_scaled(self, spec: SteeringSpec, prompt_len: int):
+        """Wrap each attention module's eager attention function: query [B, H, T, D] times
+        the layer's query factor, then the family's own function."""
+        modules = {sys.modules[type(m.self_attn).__module__] for m in self._attention_layers()}
+        originals = {mod: mod.eager_attention_forward for mod in modules}
+
+        def wrap(original):
+            def attention(module, query, *args, **kwargs):
+                rel = torch.arange(query.shape[2]) - prompt_len
+                factor = self._query_factor(spec, module.layer_idx, rel)  # [T, H]
+                scaled = query.double() * factor.T.unsqueeze(0).unsqueeze(-1)
+                return original(module, scaled.to(query.dtype), *args, **kwargs)
+
+            return attention
+
+        for mod, original in originals.items():
+            mod.eager_attention_forward = wrap(original)
+        try:
+            yield
+        finally:
+            for mod, original in originals.items():
+                mod.eager_attention_forward = original
+
+    def _attention_layers(self):
+        return [m for m in self.model.model.layers if hasattr(m, "self_attn")]
+
+    @contextmanager
     def steered(self, spec: SteeringSpec | None, prompt_len: int):
         """Hooks on each decoder layer's output for one unpadded sequence."""
         handles = []
@@ -143,20 +170,16 @@ class ReferenceModel:
                 rel = torch.arange(z.shape[-2]) - prompt_len
                 return (self._apply_heads(spec, i, z, rel), *args[1:])
 
-            def query_hook(mod, args, output, i=i):
-                rel = torch.arange(output.shape[1]) - prompt_len
-                return self._apply_query(spec, i, output, rel)
-
             if residual:
                 handles.append(module.register_forward_hook(hook))
-            if heads:
+            if heads and hasattr(module, "self_attn"):
                 handles.append(module.self_attn.o_proj.register_forward_pre_hook(pre_hook))
-            if query:
-                attn = module.self_attn
-                q_site = attn.q_norm if hasattr(attn, "q_norm") else attn.q_proj
-                handles.append(q_site.register_forward_hook(query_hook))
         try:
-            yield
+            if query:
+                with self._queries_scaled(spec, prompt_len):
+                    yield
+            else:
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -214,15 +237,25 @@ class ReferenceModel:
                     before[i] = args[0][0]
 
                 handles.append(module.register_forward_hook(out_hook))
-                handles.append(module.post_attention_layernorm.register_forward_pre_hook(mid_hook))
+                mid = getattr(module, "pre_feedforward_layernorm", None)
+                mid = module.post_attention_layernorm if mid is None else mid
+                handles.append(mid.register_forward_pre_hook(mid_hook))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
+    def _lens(self, h: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        """The model's logits of stream h: lm_head(final norm(h)), soft-capped as the model's
+        own head does (Gemma 2)."""
+        logits = self.model.lm_head(self.model.model.norm(h) if norm else h)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
     def _layer_logp(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.model.lm_head(self.model.model.norm(h)).float(), dim=-1)
+        return torch.log_softmax(self._lens(h).float(), dim=-1)
 
     @staticmethod
     def _jsd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -248,15 +281,15 @@ class ReferenceModel:
         for r in rows:
             scores = []
             for c in d.candidates:
-                p = torch.softmax(self.model.lm_head(self.model.model.norm(after[c][r])), -1)
-                q = torch.softmax(self.model.lm_head(self.model.model.norm(before[c][r])), -1)
+                p = torch.softmax(self._lens(after[c][r]), -1)
+                q = torch.softmax(self._lens(before[c][r]), -1)
                 m = 0.5 * (p + q)
                 kl1 = F.kl_div(torch.log(p), m, reduction="none").mean(-1)
                 kl2 = F.kl_div(torch.log(q), m, reduction="none").mean(-1)
                 scores.append(float(0.5 * (kl1 + kl2)))
             layer = d.candidates[min(range(len(scores)), key=scores.__getitem__)]
             self.last_contrast_layers.append(layer)
-            raw = torch.log_softmax(self.model.lm_head(after[layer][r]).float(), dim=-1)
+            raw = torch.log_softmax(self._lens(after[layer][r], norm=False).float(), dim=-1)
             out[r] = self._plausible(final[r], d.alpha, final[r] + raw)
         return out
 

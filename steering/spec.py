@@ -34,6 +34,10 @@ Site = Literal["residual", "heads"]
 Positions = Literal["all", "prompt", "generated", "last_prompt", "from_last_prompt"]
 
 
+# Layer types (HF config `layer_types`) whose layers have no attention heads.
+HEADLESS_LAYER_TYPES = frozenset({"linear_attention", "mamba", "conv"})
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What validation needs to know of the served model."""
@@ -44,24 +48,70 @@ class ModelShape:
     num_heads: int  # query heads (head masks and head-site vectors index these)
     num_kv_heads: int
     head_dim: int
+    # Layers with attention heads (None: every layer); hybrid models' linear-attention
+    # layers have none.
+    attention_layers: tuple[int, ...] | None = None
+    # Routed experts of each layer (0: a dense MLP); empty for a dense model.
+    layer_experts: tuple[int, ...] = ()
+    experts_per_token: int = 0  # the router's top-k
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
         text = getattr(config, "get_text_config", lambda: config)()
         archs = getattr(config, "architectures", None) or [type(config).__name__]
         heads = int(text.num_attention_heads)
+        num_layers = int(text.num_hidden_layers)
         return cls(
             architecture=archs[0],
-            num_layers=int(text.num_hidden_layers),
+            num_layers=num_layers,
             hidden_size=int(text.hidden_size),
             num_heads=heads,
             num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
             head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
+            attention_layers=_attention_layers(text, num_layers),
+            layer_experts=_layer_experts(text, num_layers),
+            experts_per_token=int(getattr(text, "num_experts_per_tok", None) or 0),
         )
 
     def width(self, site: str) -> int:
         """Length of a vector at `site`: the residual stream, or o_proj's input (H*D)."""
         return self.hidden_size if site == "residual" else self.num_heads * self.head_dim
+
+    def has_heads(self, layer: int) -> bool:
+        return self.attention_layers is None or layer in self.attention_layers
+
+    def experts_of(self, layer: int) -> int:
+        return self.layer_experts[layer] if self.layer_experts else 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, n in enumerate(self.layer_experts) if n]
+
+
+def _attention_layers(text: Any, num_layers: int) -> tuple[int, ...] | None:
+    types = getattr(text, "layer_types", None) or []
+    headless = {i for i, t in enumerate(types) if t in HEADLESS_LAYER_TYPES}
+    return tuple(i for i in range(num_layers) if i not in headless) if headless else None
+
+
+def _layer_experts(text: Any, num_layers: int) -> tuple[int, ...]:
+    """Experts per layer by the config's own sparsity rules (as vLLM's model code reads them:
+    Qwen's `mlp_only_layers` and `decoder_sparse_step`, Llama 4's `interleave_moe_layer_step`)."""
+    num = int(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0)
+    if not num:
+        return ()
+    dense = set(getattr(text, "mlp_only_layers", None) or [])
+    step = int(getattr(text, "decoder_sparse_step", None) or 1)
+    interleave = getattr(text, "interleave_moe_layer_step", None)
+    if interleave is not None:
+        step = int(interleave)
+        if step <= 0:
+            return ()
+
+    def sparse(i: int) -> bool:
+        return i not in dense and (i + 1) % step == 0
+
+    return tuple(num if sparse(i) else 0 for i in range(num_layers))
 
 
 class VectorSource(Protocol):
@@ -123,6 +173,26 @@ def _layer_in_range(cls: type, layer: int, info: ValidationInfo) -> int:
     ctx = _context(info)
     if ctx is not None:
         _check_layer(layer, ctx)
+    return layer
+
+
+def _check_has_heads(layer: int, ctx: SpecContext) -> None:
+    if not ctx.shape.has_heads(layer):
+        raise _fail(
+            "no_heads",
+            "layer {layer} has no attention heads in this model (a linear-attention layer); "
+            "attention layers: {layers}",
+            layer=layer,
+            layers=list(ctx.shape.attention_layers or ()),
+        )
+
+
+def _attention_layer(cls: type, layer: int, info: ValidationInfo) -> int:
+    """Field validator of a head mask's `layer`: in range, with attention heads."""
+    ctx = _context(info)
+    if ctx is not None:
+        _check_layer(layer, ctx)
+        _check_has_heads(layer, ctx)
     return layer
 
 
@@ -306,6 +376,8 @@ class VectorEntry(BaseModel):
             )
         resolved = {}
         for layer in layers:
+            if self.site == "heads":
+                _check_has_heads(layer, ctx)
             vec = np.array(source[layer], dtype=np.float32)
             # Inline floats were checked by pydantic; float32 can still overflow to inf.
             if not np.isfinite(vec).all():
@@ -354,7 +426,7 @@ class HeadMask(BaseModel):
     target: Literal["output", "query"] = "output"
     positions: Positions = "all"
 
-    _layer_range = field_validator("layer")(_layer_in_range)
+    _layer_range = field_validator("layer")(_attention_layer)
 
     @field_validator("heads")
     @classmethod
@@ -374,6 +446,64 @@ def lfd_layers(num_layers: int) -> list[int]:
     """LFD's default candidates: its code uses decoder layers 16, 18, ..., 30 (1-based) of
     32-layer models, i.e. every other layer output from N/2 to N-2; here 0-based."""
     return list(range(num_layers // 2 - 1, num_layers - 2, 2)) or [num_layers - 2]
+
+
+def _moe_layer(cls: type, layer: int, info: ValidationInfo) -> int:
+    """Field validator of an expert mask's `layer`: in range, with routed experts."""
+    ctx = _context(info)
+    if ctx is not None:
+        _check_layer(layer, ctx)
+        if not ctx.shape.experts_of(layer):
+            raise _fail(
+                "no_experts",
+                "layer {layer} has no routed experts in this model; MoE layers: {layers}",
+                layer=layer,
+                layers=ctx.shape.moe_layers,
+            )
+    return layer
+
+
+class ExpertMask(BaseModel):
+    """Scale the router probability of some experts at one MoE layer, for the tokens in
+    `positions`: their router logits shift by log(scale) before the model's own routing
+    (top-k, softmax, renormalisation) runs, so 0 means never routed to, and for softmax
+    routers (Mixtral, Qwen MoE, GPT-OSS) the others are renormalised as the router does."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    layer: int
+    experts: list[int]
+    scale: float = 0.0
+    positions: Positions = "all"
+
+    _layer_range = field_validator("layer")(_moe_layer)
+
+    @field_validator("scale")
+    @classmethod
+    def _non_negative(cls, scale: float) -> float:
+        if scale < 0:
+            raise _fail("scale_range", "must be >= 0 (a factor on router probabilities)")
+        return scale
+
+    @field_validator("experts")
+    @classmethod
+    def _expert_list(cls, experts: list[int], info: ValidationInfo) -> list[int]:
+        if not experts:
+            raise _fail("empty_experts", "must name at least one expert")
+        if len(set(experts)) != len(experts):
+            raise _fail("duplicate_experts", "lists an expert more than once")
+        ctx = _context(info)
+        layer = info.data.get("layer")
+        if ctx is not None and layer is not None:
+            n = ctx.shape.experts_of(layer)
+            bad = [e for e in experts if not 0 <= e < n]
+            if bad:
+                raise _fail(
+                    "expert_range",
+                    "expert(s) {bad} out of range: layer {layer} has {n} experts (0..{last})",
+                    bad=bad, layer=layer, n=n, last=n - 1,
+                )  # fmt: skip
+        return sorted(experts)
 
 
 class DecodingSpec(BaseModel):
@@ -539,8 +669,32 @@ class SteeringSpec(BaseModel):
     preset: str | None = None
     vectors: list[VectorEntry] = []
     heads: list[HeadMask] = []
+    experts: list[ExpertMask] = []
     decoding: DecodingSpec | None = None
     readout: list[ReadoutEntry] = []
+
+    @field_validator("experts")
+    @classmethod
+    def _experts_left(cls, masks: list[ExpertMask], info: ValidationInfo) -> list[ExpertMask]:
+        """Each MoE layer keeps at least top-k experts a token can be routed to."""
+        ctx = _context(info)
+        if ctx is None:
+            return masks
+        if len(masks) > ctx.max_head_masks:
+            raise _fail("too_many", "at most {n} expert masks per request (got {got})",
+                        n=ctx.max_head_masks, got=len(masks))  # fmt: skip
+        off: dict[int, set[int]] = {}
+        for m in masks:
+            if m.scale == 0.0:
+                off.setdefault(m.layer, set()).update(m.experts)
+        k = ctx.shape.experts_per_token
+        for layer, gone in sorted(off.items()):
+            left = ctx.shape.experts_of(layer) - len(gone)
+            if left < k:
+                raise _fail("too_few_experts", "layer {layer} would keep {left} expert(s) with "
+                            "scale > 0, fewer than the {k} each token is routed to",
+                            layer=layer, left=left, k=k)  # fmt: skip
+        return masks
 
     @field_validator("readout")
     @classmethod
@@ -595,6 +749,8 @@ class SteeringSpec(BaseModel):
                 h.update(e.resolved[layer].tobytes())
         for m in self.heads:
             h.update(repr(("mask", m.layer, m.heads, m.scale, m.target, m.positions)).encode())
+        for m in self.experts:
+            h.update(repr(("experts", m.layer, m.experts, m.scale, m.positions)).encode())
         return h.hexdigest()[:32]
 
 
@@ -668,6 +824,7 @@ def compose(
         preset=then.preset if then.preset is not None else first.preset,
         vectors=[*first.vectors, *then.vectors],
         heads=[*first.heads, *then.heads],
+        experts=[*first.experts, *then.experts],
         decoding=then.decoding if then.decoding is not None else first.decoding,
         readout=[*first.readout, *then.readout],
     )
@@ -675,6 +832,7 @@ def compose(
         for name, have, limit in (
             ("vectors", len(merged.vectors), ctx.max_vectors),
             ("heads", len(merged.heads), ctx.max_head_masks),
+            ("experts", len(merged.experts), ctx.max_head_masks),
             ("readout", len(merged.readout), ctx.max_readouts),
         ):
             if have > limit:

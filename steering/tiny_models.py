@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Every other family steerserve verifies (tests/test_families.py), each with its own
+# features switched on at the Llama test model's size.
+FAMILIES = ("llama3", "mistral", "qwen3_moe", "mixtral", "gemma2", "gemma3", "gemma4", "phi3",
+            "olmo2", "gpt_oss", "qwen3_5", "llama4")  # fmt: skip
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -116,6 +120,69 @@ def build_tokenizer(out_dir: Path, vocab_size: int, seed: int):
     return fast
 
 
+def _llama3_rope() -> dict:
+    # Llama 3.x's frequency-dependent rope scaling, with a short original context so that
+    # the scaled band covers the test prompts' positions.
+    return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+
+
+def _family_config(spec: TinySpec, common: dict):
+    """The HF config of one family: its own features on, sized like the Llama test model."""
+    import transformers as hf
+
+    moe = dict(num_local_experts=4, num_experts_per_tok=2)
+    arch = spec.arch
+    if arch == "llama3":
+        return hf.LlamaConfig(head_dim=spec.head_dim, rope_parameters=_llama3_rope(), **common)
+    if arch == "mistral":
+        return hf.MistralConfig(head_dim=spec.head_dim, sliding_window=None, **common)
+    if arch == "qwen3_moe":
+        # Every layer sparse but the last (mlp_only_layers): both MLP kinds in one model.
+        return hf.Qwen3MoeConfig(head_dim=spec.head_dim, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=64, norm_topk_prob=True,
+                                 mlp_only_layers=[spec.num_layers - 1], **common)  # fmt: skip
+    if arch == "mixtral":
+        return hf.MixtralConfig(head_dim=spec.head_dim, sliding_window=None, **moe, **common)
+    if arch == "gemma2":
+        # Sliding/global alternation, soft-capped attention and final logits, tied scaled
+        # embeddings, (1 + w) norms around both sublayers.
+        return hf.Gemma2Config(head_dim=spec.head_dim, query_pre_attn_scalar=spec.head_dim,
+                               sliding_window=16, final_logit_softcapping=30.0,
+                               attn_logit_softcapping=50.0, **common)  # fmt: skip
+    if arch == "gemma3":
+        return hf.Gemma3TextConfig(head_dim=spec.head_dim, query_pre_attn_scalar=spec.head_dim,
+                                   sliding_window=16, sliding_window_pattern=2,
+                                   final_logit_softcapping=None, **common)  # fmt: skip
+    if arch == "gemma4":
+        return hf.Gemma4TextConfig(head_dim=spec.head_dim, sliding_window=16,
+                                   layer_types=["sliding_attention", "full_attention"]
+                                   * (spec.num_layers // 2),
+                                   hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+                                   per_layer_config={}, **common)  # fmt: skip
+    if arch == "phi3":
+        return hf.Phi3Config(**dict(common, num_attention_heads=2, num_key_value_heads=2))
+    if arch == "olmo2":
+        return hf.Olmo2Config(**common)
+    if arch == "gpt_oss":
+        return hf.GptOssConfig(head_dim=spec.head_dim, sliding_window=16, **moe,
+                               layer_types=["sliding_attention", "full_attention"]
+                               * (spec.num_layers // 2), **common)  # fmt: skip
+    if arch == "qwen3_5":
+        # Hybrid: three linear-attention (Gated DeltaNet) layers per full-attention layer.
+        return hf.Qwen3_5TextConfig(head_dim=spec.head_dim, linear_key_head_dim=32,
+                                    linear_value_head_dim=32, linear_num_key_heads=2,
+                                    linear_num_value_heads=4,
+                                    layer_types=["linear_attention"] * 3 + ["full_attention"],
+                                    **common)  # fmt: skip
+    if arch == "llama4":
+        return hf.Llama4TextConfig(head_dim=spec.head_dim, intermediate_size_mlp=256,
+                                   num_local_experts=4, num_experts_per_tok=1,
+                                   interleave_moe_layer_step=2, no_rope_layer_interval=4,
+                                   attention_chunk_size=128, **common)  # fmt: skip
+    return None
+
+
 def _config(spec: TinySpec, tokenizer):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -144,7 +211,12 @@ def _config(spec: TinySpec, tokenizer):
         return Qwen2Config(tie_word_embeddings=True, **common)
     if spec.arch == "qwen3":
         return Qwen3Config(head_dim=spec.head_dim, **common)
-    raise ValueError(f"unknown tiny architecture {spec.arch!r}; expected one of {ARCHITECTURES}")
+    config = _family_config(spec, common)
+    if config is None:
+        raise ValueError(
+            f"unknown tiny architecture {spec.arch!r}; expected one of {ARCHITECTURES + FAMILIES}"
+        )
+    return config
 
 
 def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:

@@ -458,3 +458,28 @@ def test_vectors_and_presets_routes(server):
     p = httpx.get(f"{server}/v1/presets", timeout=30).json()
     assert p == {"object": "list", "data": [], "default": None}
     assert json.loads(httpx.get(f"{server}/health", timeout=30).text or "{}") == {}
+
+
+def test_capabilities_describe_the_model_and_build_a_valid_spec(server):
+    doc = httpx.get(f"{server}/v1/steering/capabilities").json()
+    assert doc["architecture"] == "LlamaForCausalLM" and doc["verified_architecture"]
+    assert (doc["num_layers"], doc["hidden_size"], doc["num_heads"], doc["num_kv_heads"]) == (
+        4, 128, 4, 2)  # fmt: skip
+    assert [layer["attention_heads"] for layer in doc["layers"]] == [4, 4, 4, 4]
+    assert all(layer["experts"] == 0 for layer in doc["layers"])
+    fields = doc["fields"]
+    assert fields["vectors"]["widths"] == {"residual": 128, "heads": 256}
+    assert fields["decoding"]["modes"] == ["fuse", "contrast", "lfd"]
+    assert fields["readout"]["max_entries"] >= 1
+    # A spec built from the document alone is accepted, and steers.
+    last = fields["heads"]["layers"][-1]
+    spec = {
+        "vectors": [{"data": {str(last): [0.5] * fields["vectors"]["widths"]["residual"]}}],
+        "heads": [{"layer": last, "heads": [doc["num_heads"] - 1], "scale": 0.0}],
+    }
+    _, _, steered = complete(client(server), spec)
+    _, _, plain = complete(client(server))
+    assert steered != plain
+    bad = {"heads": [{"layer": doc["num_layers"], "heads": [0]}]}
+    with pytest.raises(openai.BadRequestError, match="out of range"):
+        complete(client(server), bad)

@@ -31,6 +31,7 @@ class Capacity:
     heads: range | None  # query heads held (one TP rank's), None: head ops off
     head_dim: int
     decoding: bool
+    num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
 
     @classmethod
     def of_engine(cls, config: SteeringConfig, shape: ModelShape) -> Capacity:
@@ -43,6 +44,7 @@ class Capacity:
             heads=range(shape.num_heads) if config.heads else None,
             head_dim=shape.head_dim,
             decoding=config.decoding,
+            num_experts=max(shape.layer_experts, default=0),
         )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
@@ -57,6 +59,9 @@ class Capacity:
         if len(spec.readout) > self.max_read:
             return (f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"
                     " (readout off?)")  # fmt: skip
+        if spec.experts.layers.size and spec.experts.num_experts != self.num_experts:
+            return (f"compiled for {spec.experts.num_experts} experts per layer, the model has "
+                    f"{self.num_experts}")  # fmt: skip
         if spec.decoding is not None and not self.decoding:
             return "uses layer-reading decoding, which is off in this engine"
         if spec.uses_heads:
@@ -74,7 +79,7 @@ class Capacity:
 def _layers(spec: CompiledSpec) -> list[int]:
     out = [int(i) for p in spec.projections for i in p.layers]
     out += [int(i) for i in spec.const_layers] + [int(i) for i in spec.heads.layers]
-    out += [r.layer for r in spec.readout]
+    out += [r.layer for r in spec.readout] + [int(i) for i in spec.experts.layers]
     if spec.decoding is not None:
         out += list(spec.decoding.candidates)
     return out

@@ -119,6 +119,7 @@ def check_static() -> None:
         )
     _check_head_site()
     _check_decoding()
+    _check_architectures()
 
 
 def _check_runner_choice() -> None:
@@ -236,6 +237,44 @@ def _check_head_site() -> None:
         _require(
             "self.num_heads = self.total_num_heads // tp_size" in init,
             f"{attn.__name__} shards query heads as total_num_heads // tp_size",
+        )
+
+
+# The decoder layer of each verified family (architectures.py finds sites by structure; this
+# pins that each family's layer keeps vLLM's layer protocol).
+FAMILY_LAYERS = (
+    ("llama", "LlamaDecoderLayer"),
+    ("qwen2", "Qwen2DecoderLayer"),
+    ("qwen3", "Qwen3DecoderLayer"),
+    ("qwen3_moe", "Qwen3MoeDecoderLayer"),
+    ("mixtral", "MixtralDecoderLayer"),
+    ("gemma2", "Gemma2DecoderLayer"),
+    ("gemma3", "Gemma3DecoderLayer"),
+    ("gemma4", "Gemma4DecoderLayer"),
+    ("gpt_oss", "TransformerBlock"),
+    ("llama4", "Llama4DecoderLayer"),
+)
+
+
+def _check_architectures() -> None:
+    """What architectures.py relies on: the attention kernel and MoE runner types, and each
+    family's decoder layer taking positions, hidden_states and residual."""
+    import importlib
+
+    from vllm.model_executor.layers import attention, fused_moe
+
+    _require(isinstance(getattr(attention, "Attention", None), type), "layers.attention.Attention")
+    runner = getattr(fused_moe, "MoERunner", None)
+    _require(isinstance(runner, type), "layers.fused_moe.MoERunner")
+    _require(
+        "self.moe_config = moe_config" in inspect.getsource(runner.__init__),
+        "MoERunner.moe_config (its num_experts)",
+    )
+    for module, name in FAMILY_LAYERS:
+        layer = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name)
+        _require(
+            {"positions", "hidden_states", "residual"} <= set(_params(layer.forward)),
+            f"{name}.forward(positions, hidden_states, residual)",
         )
 
 

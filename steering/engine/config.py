@@ -54,13 +54,16 @@ class SteeringConfig:
     # the batch), so it is opt-in like decoding. Off: specs with `readout` are refused.
     readout: bool = False
     max_readouts: int = 4
+    # Steer an architecture that is mapped but not verified against the oracle here
+    # (architectures.MAPPED_NOT_VERIFIED names why each is not): at the user's own risk.
+    allow_unverified: bool = False
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> SteeringConfig:
         extra = getattr(vllm_config, "additional_config", None) or {}
         mine = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
         known = ("enabled", "vectors_dir", "max_projections", "heads", "decoding", "capture",
-                 "readout", "max_readouts")  # fmt: skip
+                 "readout", "max_readouts", "allow_unverified")  # fmt: skip
         unknown = set(mine) - set(known)
         if unknown:
             raise ValueError(
@@ -87,4 +90,5 @@ class SteeringConfig:
             capture=bool(mine.get("capture", False)),
             readout=bool(mine.get("readout", False)),
             max_readouts=max_readouts,
+            allow_unverified=bool(mine.get("allow_unverified", False)),
         )

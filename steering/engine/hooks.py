@@ -5,7 +5,8 @@ Each hook does its part around vLLM's original method, and does nothing
 when the extension is disabled for that engine (`config.py`), so a disabled engine runs
 plain vLLM code. `compat.py` checks every internal touched here.
 
-    InputProcessor.__init__            refuse a steered engine that would run Model Runner V2
+    InputProcessor.__init__            refuse a steered engine of an unverified architecture
+                                       (architectures.py) or on Model Runner V2
     InputProcessor.process_inputs      validate + compile the spec, salt the prefix cache
     EngineCore.preprocess_add_request  refuse a payload the tables cannot hold (capacity.py)
     <Runner>.load_model                allocate tables, swap decoder layers
@@ -91,6 +92,7 @@ def _after_load_model(runner: Any) -> None:
         get_tensor_model_parallel_world_size,
     )
 
+    from steering.engine.architectures import refuse_unverified
     from steering.engine.layers import install
     from steering.engine.runtime import SteeringRuntime
     from steering.engine.tables import SteeringTables, local_heads
@@ -98,6 +100,7 @@ def _after_load_model(runner: Any) -> None:
 
     compat.check_runner(runner)
     shape = ModelShape.from_hf_config(runner.model_config.hf_config)
+    refuse_unverified(runner.vllm_config)
     heads = None
     if config.heads:
         rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
@@ -117,8 +120,9 @@ def _after_load_model(runner: Any) -> None:
         capture=config.decoding,
         stream_all=config.capture,
         max_read=config.max_readouts if config.readout else 0,
+        num_experts=max(shape.layer_experts, default=0),
     )
-    n = install(runner.get_model(), tables, shape.architecture, mid_layers)
+    n = install(runner.get_model(), tables, shape, mid_layers)
     _mark_compile_cache(runner.vllm_config, config)
     runtime = SteeringRuntime(tables, runner.max_num_reqs)
     # Contrastive scoring is torch.compile'd when the model is (enforce_eager: eager too).
@@ -219,8 +223,10 @@ def _hook_input_processor_init(original):
         # Before vLLM's own init (which asks which runner it will be) and before any
         # worker starts: a steered engine on Model Runner V2 would steer nothing.
         if SteeringConfig.from_vllm(vllm_config).enabled:
+            from steering.engine.architectures import refuse_unverified
             from steering.engine.runner_choice import refuse_v2_runner
 
+            refuse_unverified(vllm_config)
             refuse_v2_runner(vllm_config)
         return original(self, vllm_config, *args, **kwargs)
 

@@ -11,33 +11,27 @@ attributes, constant for the single Dynamo trace.
 So within layer i: query masks (inside attention), head ops (before o_proj), then the rest
 of the layer, then residual ops.
 
-Llama/Qwen-style layers return `(hidden, residual)` with the residual add deferred into the
+Most families' layers return `(hidden, residual)` with the residual add deferred into the
 next fused add-RMSNorm, so the stream after layer i is `hidden + residual`; the delta goes
-into `residual`, which keeps the fused norm (and TP all-reduce fusion) intact.
+into `residual`, which keeps the fused norm (and TP all-reduce fusion) intact. Layers that
+return `(stream, None)` (Gemma 4) get the delta on the stream. Where each site is, per
+family, is `architectures.py`'s business.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
-
 import torch
 from torch import nn
 
+from steering.engine.architectures import (
+    UnsupportedModelError,
+    check_against_shape,
+    check_heads,
+    map_model,
+)
 from steering.engine.tables import SteeringTables
 
-log = logging.getLogger(__name__)
-
-# Architectures whose decoder layers were checked against the reference oracle.
-VERIFIED_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
-)
-
 _STEERED: dict[tuple[type, object], type] = {}
-
-
-class UnsupportedModelError(RuntimeError):
-    pass
 
 
 def apply_residual_ops(
@@ -117,9 +111,15 @@ def capture_rows(buffer: torch.Tensor, sample_idx: torch.Tensor, stream: torch.T
 def _steered_layer_forward(self, *args, **kwargs):
     hidden, residual = self._steerserve_base.forward(self, *args, **kwargs)
     tables, layer = self._steerserve_tables, self._steerserve_layer
-    residual = apply_residual_ops(tables, layer, hidden, residual)
+    if residual is None:  # the layer returned the stream itself (Gemma 4)
+        zero = torch.zeros_like(hidden)
+        hidden = apply_residual_ops(tables, layer, hidden, zero) + hidden
+        stream = hidden
+    else:
+        residual = apply_residual_ops(tables, layer, hidden, residual)
+        stream = None
     if tables.reads_stream:  # the stream after this layer, formed once for its readers
-        stream = hidden + residual
+        stream = hidden + residual if stream is None else stream
         if tables.capture is not None:
             capture_rows(tables.capture[layer], tables.sample_idx, stream)
         if tables.stream_all is not None:
@@ -129,13 +129,31 @@ def _steered_layer_forward(self, *args, **kwargs):
     return hidden, residual
 
 
-def _steered_post_attention_norm_forward(self, x, residual=None):
-    # Llama/Qwen: post_attention_layernorm(hidden, residual) adds the attention output into
-    # the stream and returns (normed, stream): the stream before the MLP.
-    out = self._steerserve_base.forward(self, x, residual)
+def _steered_mid_norm_forward(self, x, *args, **kwargs):
+    # The norm that opens the MLP half: a fused add-norm norm(hidden, residual) adds the
+    # attention output into the stream and returns (normed, stream); a plain one (Gemma 4)
+    # takes the stream itself.
+    out = self._steerserve_base.forward(self, x, *args, **kwargs)
+    stream = out[1] if isinstance(out, tuple) else x
     tables = self._steerserve_tables
-    capture_rows(tables.capture_mid[self._steerserve_layer], tables.sample_idx, out[1])
+    capture_rows(tables.capture_mid[self._steerserve_layer], tables.sample_idx, stream)
     return out
+
+
+def apply_expert_ops(tables: SteeringTables, layer: int, logits: torch.Tensor) -> torch.Tensor:
+    """logits[t] += expert_bias[slot, class] (log of the expert masks' scales; 0 = identity),
+    before the model's own routing reads them."""
+    assert tables.expert_bias is not None
+    bias = tables.expert_bias[layer].index_select(0, tables.tok_const[: logits.shape[0]])
+    return logits + bias.to(logits.dtype)
+
+
+def _steered_router_forward(self, *args, **kwargs):
+    out = self._steerserve_base.forward(self, *args, **kwargs)
+    tables, layer = self._steerserve_tables, self._steerserve_layer
+    if isinstance(out, tuple):  # (logits, bias) from linear layers that return their bias
+        return (apply_expert_ops(tables, layer, out[0]), *out[1:])
+    return apply_expert_ops(tables, layer, out)
 
 
 def _steered_o_proj_forward(self, input_, *args, **kwargs):
@@ -167,87 +185,28 @@ def _swap(module: nn.Module, forward, layer: int, tables: SteeringTables) -> Non
     module._steerserve_tables = tables
 
 
-def head_modules(
-    layer: nn.Module, index: int, tables: SteeringTables
-) -> tuple[nn.Module, nn.Module]:
-    """The layer's attention kernel module and o_proj, after checking that they see this
-    rank's heads as the tables do."""
-    attn = getattr(layer, "self_attn", None)
-    kernel, o_proj = getattr(attn, "attn", None), getattr(attn, "o_proj", None)
-    if not isinstance(kernel, nn.Module) or not isinstance(o_proj, nn.Module):
-        raise UnsupportedModelError(
-            f"layer {index} ({type(layer).__name__}): no self_attn.attn / self_attn.o_proj; "
-            "head interventions need the Llama/Qwen attention layout (disable them with "
-            "additional_config.steerserve.heads=false)"
-        )
-    assert tables.heads is not None
-    n, d = len(tables.heads), tables.head_dim
-    checks = {
-        "self_attn (num_heads, head_dim)": ((attn.num_heads, attn.head_dim), (n, d)),
-        "attn (num_heads, head_size)": ((kernel.num_heads, kernel.head_size), (n, d)),
-        "o_proj input width": (o_proj.input_size_per_partition, n * d),
-    }
-    wrong = {name: seen for name, (seen, want) in checks.items() if seen != want}
-    if wrong:
-        raise UnsupportedModelError(
-            f"layer {index}: {wrong} on this rank; expected {n} heads x {d} "
-            f"(heads {tables.heads.start}..{tables.heads.stop - 1} of the model)"
-        )
-    return kernel, o_proj
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a vLLM causal LM (`model.model.layers`)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: no `model.layers` ModuleList; steering needs the "
-            "Llama/Qwen decoder layout"
-        )
-    return layers
-
-
-def check_layer_protocol(layer: nn.Module) -> None:
-    """Layers must take (positions, hidden_states, residual) and return (hidden, residual)."""
-    params = list(inspect.signature(type(layer).forward).parameters)
-    if params[1:4] != ["positions", "hidden_states", "residual"]:
-        raise UnsupportedModelError(
-            f"{type(layer).__name__}.forward{tuple(params)}: expected "
-            "(self, positions, hidden_states, residual) returning (hidden, residual)"
-        )
-
-
-def install(
-    model: nn.Module, tables: SteeringTables, architecture: str, mid_layers: range = range(0)
-) -> int:
-    """Swap every local decoder layer (and its o_proj, with head tables) to its steered
-    subclass; returns how many layers."""
-    layers = decoder_layers(model)
-    real = [(i, m) for i, m in enumerate(layers) if type(m).__name__ != "PPMissingLayer"]
-    if not real:
-        raise UnsupportedModelError("no decoder layers on this rank")
-    for _, layer in real:
-        check_layer_protocol(layer)
-    heads = (
-        [head_modules(layer, i, tables) for i, layer in real] if tables.heads is not None else []
-    )
-    if architecture not in VERIFIED_ARCHITECTURES:
-        log.warning(
-            "steerserve: %s is not among the verified architectures %s; its decoder layers "
-            "follow the Llama protocol, steering them anyway",
-            architecture,
-            sorted(VERIFIED_ARCHITECTURES),
-        )
-    tables.first_layer = real[0][0]
-    for i, layer in real:
-        _swap(layer, _steered_layer_forward, i, tables)
-    for (i, _), (kernel, o_proj) in zip(real, heads, strict=False):
-        _swap(kernel, _steered_attn_forward, i, tables)
-        _swap(o_proj, _steered_o_proj_forward, i, tables)
-    if tables.capture is not None:
-        for i, layer in real:
-            if i in mid_layers:
-                _swap(layer.post_attention_layernorm, _steered_post_attention_norm_forward, i,
-                      tables)  # fmt: skip
-    return len(real)
+def install(model: nn.Module, tables: SteeringTables, shape, mid_layers: range = range(0)) -> int:
+    """Swap every local decoder layer (and, with head tables, its attention kernel and
+    o_proj) to its steered subclass; returns how many layers."""
+    amap = map_model(model, shape.architecture)
+    check_against_shape(amap, shape)
+    if tables.heads is not None:
+        for sites in amap.layers:
+            if sites.has_heads:
+                check_heads(sites, len(tables.heads), tables.head_dim, tables.heads)
+    tables.first_layer = amap.layers[0].index
+    for sites in amap.layers:
+        _swap(sites.layer, _steered_layer_forward, sites.index, tables)
+        if tables.heads is not None and sites.has_heads:
+            _swap(sites.kernel, _steered_attn_forward, sites.index, tables)
+            _swap(sites.o_proj, _steered_o_proj_forward, sites.index, tables)
+        if tables.expert_bias is not None and sites.router is not None:
+            _swap(sites.router, _steered_router_forward, sites.index, tables)
+        if tables.capture is not None and sites.index in mid_layers:
+            if sites.mid_norm is None:
+                raise UnsupportedModelError(
+                    f"layer {sites.index}: no norm opening the MLP half, so no stream before "
+                    "the MLP for layer-fused decoding (disable it: decoding=false)"
+                )
+            _swap(sites.mid_norm, _steered_mid_norm_forward, sites.index, tables)
+    return len(amap.layers)

@@ -44,6 +44,8 @@ class SteeringTables:
     head_scale [layers, slots * NUM_CLASSES, H_local]        per-head factor (1 = identity)
     head_const [layers, slots * NUM_CLASSES, H_local * D]    per-head constant (o_proj input)
     query_scale [layers, slots * NUM_CLASSES, H_local]       per-head query factor (1 = identity)
+    expert_bias [layers, slots * NUM_CLASSES, experts]       router-logit bias (0 = identity),
+                                                             MoE models only (float32)
 
     sample_idx [max_rows]                    token index of each batch row's sampled row (int64)
     capture    [layers, max_rows, hidden]    residual stream after each layer, sampled rows
@@ -72,6 +74,7 @@ class SteeringTables:
         capture: bool = False,
         stream_all: bool = False,
         max_read: int = 0,
+        num_experts: int = 0,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -100,6 +103,13 @@ class SteeringTables:
                 num_layers, rows, len(heads) * head_dim, dtype=dtype, device=device
             )
             self.query_scale = torch.ones_like(self.head_scale)
+        self.num_experts = num_experts
+        self.expert_bias: torch.Tensor | None = None
+        if num_experts:
+            rows = num_slots * NUM_CLASSES
+            self.expert_bias = torch.zeros(
+                num_layers, rows, num_experts, dtype=torch.float32, device=device
+            )
         self.sample_idx: torch.Tensor | None = None
         self.capture: torch.Tensor | None = None
         self.capture_mid: torch.Tensor | None = None
@@ -146,7 +156,7 @@ class SteeringTables:
         heads = (self.head_scale, self.head_const, self.query_scale)
         capture = (self.sample_idx, self.capture, self.capture_mid, self.stream_all,
                    self.read_units, self.read_out)  # fmt: skip
-        tensors = (self.units, self.const, *heads, *capture, *self._per_token)
+        tensors = (self.units, self.const, *heads, self.expert_bias, *capture, *self._per_token)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def publish(self, num_tokens: int) -> None:
@@ -182,6 +192,12 @@ class SteeringTables:
             self.const[layers, rows] = data
         if self.heads is not None:
             self._write_heads(rows, spec)
+        if self.expert_bias is not None:
+            self.expert_bias[:, rows].zero_()
+            ops = spec.experts
+            if ops.layers.size:
+                layers = torch.from_numpy(ops.layers).to(self.device)
+                self.expert_bias[layers, rows] = torch.from_numpy(ops.bias).to(self.device)
         if self.read_units is not None:
             self.read_units[:, slot].zero_()
             for k, r in enumerate(spec.readout):
@@ -200,6 +216,7 @@ class SteeringTables:
             heads=self.heads,
             head_dim=self.head_dim,
             decoding=self.capture is not None,
+            num_experts=self.num_experts,
         ).misfit(spec)
 
     def _write_heads(self, rows: slice, spec: CompiledSpec) -> None:

@@ -1,0 +1,80 @@
+"""What the served model and the server's switches accept: `GET /v1/steering/capabilities`.
+
+Clients (and the playground) build valid specs from it: layers, widths, which layers have
+attention heads (none for linear-attention layers) and experts, and which spec fields and
+values this engine takes. Everything here comes from the same ModelShape and SteeringConfig
+that validation uses, so a spec built from it passes validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from steering.engine.architectures import refusal
+from steering.engine.config import SteeringConfig
+from steering.spec import Op, Positions, Site, SpecContext, dola_buckets, lfd_layers
+
+
+def describe(model: str, context: SpecContext, config: SteeringConfig | None) -> dict[str, Any]:
+    """The capabilities document; `config` None means steering is off for the engine."""
+    shape = context.shape
+    layers = [
+        {
+            "index": i,
+            "attention_heads": shape.num_heads if shape.has_heads(i) else 0,
+            "kv_heads": shape.num_kv_heads if shape.has_heads(i) else 0,
+            "experts": shape.experts_of(i),
+        }
+        for i in range(shape.num_layers)
+    ]
+    doc: dict[str, Any] = {
+        "object": "steering.capabilities",
+        "model": model,
+        "architecture": shape.architecture,
+        "verified_architecture": refusal(shape.architecture) is None,
+        "steering_enabled": config is not None,
+        "num_layers": shape.num_layers,
+        "hidden_size": shape.hidden_size,
+        "num_heads": shape.num_heads,
+        "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "head_site_width": shape.width("heads"),
+        "layers": layers,
+    }
+    if config is None:
+        doc["fields"] = {}
+        return doc
+    heads = shape.width("heads")
+    fields: dict[str, Any] = {
+        "vectors": {
+            "sites": list(get_args(Site)) if config.heads else ["residual"],
+            "ops": [op for op in get_args(Op) if config.heads or op != "mix"],
+            "positions": list(get_args(Positions)),
+            "max_entries": context.max_vectors,
+            "max_projections": config.max_projections,
+            "widths": {"residual": shape.hidden_size, "heads": heads},
+            "max_inline_floats": context.max_inline_floats,
+        },
+        "heads": None,
+        "decoding": None,
+        "readout": None,
+    }
+    if config.heads:
+        fields["heads"] = {
+            "layers": [i for i in range(shape.num_layers) if shape.has_heads(i)],
+            "num_heads": shape.num_heads,
+            "targets": ["output", "query"],
+            "positions": list(get_args(Positions)),
+            "max_entries": context.max_head_masks,
+        }
+    if config.decoding:
+        fields["decoding"] = {
+            "modes": ["fuse", "contrast", "lfd"],
+            "layers": list(range(shape.num_layers - 1)),
+            "buckets": dola_buckets(shape.num_layers),
+            "lfd_default_layers": lfd_layers(shape.num_layers),
+        }
+    if config.readout:
+        fields["readout"] = {"max_entries": config.max_readouts}
+    doc["fields"] = fields
+    return doc

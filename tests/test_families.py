@@ -1,0 +1,55 @@
+"""Every family steerserve maps, checked against the oracle in a process of its own
+(tests/family_check.py: a tiny random model, a steered and a plain engine, the reference).
+
+Per intervention kind: the greedy tokens agree with the reference and the max |Δ log-prob| is
+within 1e-4; every spec in one batch equals each alone; an unsteered request is bit-identical
+to plain vLLM. Families that vLLM's CPU build cannot run, or runs differently from HF, are
+checked as far as they go (architectures.MAPPED_NOT_VERIFIED says why).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from steering.tiny_models import ARCHITECTURES, FAMILIES
+
+TOL = 1e-4
+HERE = Path(__file__).resolve().parent
+RUNNABLE = [f for f in ARCHITECTURES + FAMILIES if f not in ("olmo2", "qwen3_5")]
+# Plain vLLM 0.32.0-cpu itself is not batch-invariant on these (tests/family_check.py
+# measures it): steering cannot be more invariant than the model it runs in.
+VLLM_BATCH_VARIANT = {"llama4": 1e-5}
+# vLLM's own model differs from HF's by more than TOL unsteered: the kinds are held to the
+# unsteered difference (x2) instead, and the family is not on the verified list.
+VLLM_DIFFERS_FROM_HF = {"gpt_oss"}
+
+
+def _check(family: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{family}.json"
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "family_check.py"), family, "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("family", RUNNABLE)
+def test_family_matches_the_reference(family, tmp_path):
+    r = _check(family, tmp_path)
+    assert all(r["tokens_match"].values()), f"{family}: greedy tokens differ: {r['tokens_match']}"
+    if family in VLLM_DIFFERS_FROM_HF:
+        assert r["unsteered_error"] > TOL  # else it belongs on the verified list
+        bound = 2 * r["unsteered_error"]
+    else:
+        assert r["unsteered_error"] <= TOL
+        bound = TOL
+    worst = {k: e for k, e in r["errors"].items() if e > bound}
+    assert not worst, f"{family}: max |engine - reference| over {bound:.1e}: {worst}"
+    assert r["invariance_max_diff"] <= VLLM_BATCH_VARIANT.get(family, 0.0), r["not_invariant"]
+    assert r["bit_identical"], f"{family}: an unsteered request differs from plain vLLM"
