@@ -13,6 +13,7 @@ the requests of "distinct-specs-all-layers": the alternative users have today.
 
     python benchmarks/throughput.py                  # the ~100M model, batches 1-64
     python benchmarks/throughput.py --smoke          # seconds, tiny model (run by the tests)
+    python benchmarks/throughput.py --moe            # the ~100M MoE model (MOE_SCENARIOS)
     python benchmarks/throughput.py --gpu --model DIR   # CUDA: compiled, CUDA graphs on
 
 Writes JSON, a markdown table (.md) and a plot (.png) to benchmarks/results/.
@@ -35,11 +36,21 @@ from benchmarks import in_process  # noqa: E402, F401 (before numpy, torch and v
 import numpy as np  # noqa: E402
 
 from benchmarks import recording  # noqa: E402
-from steering.tiny_models import BENCH_SPEC, TinySpec, build_tiny_model  # noqa: E402
+from steering.tiny_models import (  # noqa: E402
+    BENCH_MOE_SPEC,
+    BENCH_SPEC,
+    TinySpec,
+    build_tiny_model,
+    tiny_spec,
+)
 
 DECODING_SCENARIOS = ("fuse-fixed", "contrast-high")
 READOUT_SCENARIOS = ("distinct-readouts",)
 HF_SCENARIOS = ("hf-hooks",)
+# On the MoE benchmark model (--moe): residual and head steering as on the dense model, and
+# router steering.
+MOE_SCENARIOS = ("plain", "unsteered", "distinct-specs-all-layers", "distinct-head-masks",
+                 "distinct-expert-masks", "distinct-experts-and-vectors")  # fmt: skip
 SCENARIOS = (
     "plain",
     "unsteered",
@@ -68,6 +79,8 @@ DESCRIPTIONS = {
     "contrast-high": 'contrastive decoding, "high" bucket',
     "distinct-readouts": "reading 2 distinct directions per request",
     "hf-hooks": "HF transformers + hooks, distinct vectors, all layers",
+    "distinct-expert-masks": "a distinct expert masked out per request and MoE layer",
+    "distinct-experts-and-vectors": "distinct expert masks and residual vectors, all layers",
 }
 
 
@@ -105,6 +118,18 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
             return [{"layer": i, "heads": pair} for i, pair in enumerate(pairs)]
 
         return [{"heads": masks()} for _ in range(n)]
+    if scenario in ("distinct-expert-masks", "distinct-experts-and-vectors"):
+        from steering.spec import ModelShape
+
+        shape = ModelShape.from_hf_config(cfg)
+
+        def experts() -> list[dict]:
+            return [{"layer": i, "experts": [int(rng.integers(shape.experts_of(i)))]}
+                    for i in shape.moe_layers]  # fmt: skip
+
+        if scenario == "distinct-expert-masks":
+            return [{"experts": experts()} for _ in range(n)]
+        return [{"experts": experts(), **spec(int(s))} for s in rng.integers(1, 1 << 30, size=n)]
     if scenario == "fuse-fixed":
         # Layer Fused Decoding with a fixed layer: one extra lm_head row per request.
         return [{"decoding": {"mode": "fuse", "layer": num_layers * 2 // 3, "weight": 0.5}}] * n
@@ -140,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
     p.add_argument("--gpu", action="store_true", help="CUDA defaults (CUDA graphs on)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--scenarios", default=None, help="default: every scenario of the model")
     p.add_argument(
         "--max-projections",
         type=int,
@@ -148,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="additional_config.steerserve.max_projections of the steered engine",
     )
     p.add_argument("--smoke", action="store_true", help="tiny model, few tokens: seconds")
+    p.add_argument("--moe", action="store_true",
+                   help="the ~100M MoE model and MOE_SCENARIOS (unless --scenarios is given)")
     p.add_argument("--out", help="JSON results path (default: benchmarks/results/<stamp>.json)")
     args = p.parse_args(argv)
 
@@ -156,7 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.dtype, args.eager = "float32", True
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
     cache = ROOT / ".cache" / "models"
-    spec = TinySpec() if args.smoke else BENCH_SPEC
+    if args.moe:
+        spec = tiny_spec("qwen3_moe") if args.smoke else BENCH_MOE_SPEC
+    else:
+        spec = TinySpec() if args.smoke else BENCH_SPEC
+    if args.scenarios is None:
+        args.scenarios = ",".join(MOE_SCENARIOS if args.moe else SCENARIOS)
     model = Path(args.model) if args.model else build_tiny_model(cache / spec.slug, spec)
 
     import torch

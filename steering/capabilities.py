@@ -56,9 +56,18 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
             "max_inline_floats": context.max_inline_floats,
         },
         "heads": None,
+        "experts": None,
         "decoding": None,
         "readout": None,
     }
+    if shape.moe_layers:
+        fields["experts"] = {
+            "layers": shape.moe_layers,
+            "num_experts": max(shape.layer_experts),
+            "experts_per_token": shape.experts_per_token,
+            "positions": list(get_args(Positions)),
+            "max_entries": context.max_head_masks,
+        }
     if config.heads:
         fields["heads"] = {
             "layers": [i for i in range(shape.num_layers) if shape.has_heads(i)],

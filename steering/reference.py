@@ -11,7 +11,9 @@ masks first, then head vectors, in spec order. Query masks scale the query where
 attention function receives it (after the model's q norms, rotary and temperature): the
 model runs HF's eager attention, and its `eager_attention_forward` is wrapped while a
 spec with query masks is active. Layers without `self_attn` (linear attention) have no
-heads.
+heads. Expert masks add log(scale) to the router logits: while the router of a masked layer
+runs, `torch.nn.functional.linear` returns its logits plus the mask's bias (every HF router
+computes its logits with F.linear on its own weight), then the family's routing goes on.
 
 Decoding (fuse / contrast) is computed from every layer's output, captured by forward
 hooks registered after the steering hooks, and from the stream before each layer's MLP
@@ -22,6 +24,7 @@ lm_head(final norm(h)) with the model's final logit soft-capping.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Sequence
@@ -147,6 +150,56 @@ class ReferenceModel:
             for mod, original in originals.items():
                 mod.eager_attention_forward = original
 
+    def _expert_bias(self, spec: SteeringSpec, layer: int, rel: torch.Tensor, n: int):
+        """[T, n] router-logit bias of the layer's expert masks (float64, -inf for 0)."""
+        bias = torch.zeros(rel.shape[0], n, dtype=torch.float64)
+        for m in spec.experts:
+            if m.layer == layer:
+                active = self._window(m.positions, rel).nonzero(as_tuple=True)[0]
+                bias[active.unsqueeze(-1), torch.tensor(m.experts)] += math.log(m.scale) if (
+                    m.scale > 0) else -math.inf  # fmt: skip
+        return bias
+
+    def _router_of(self, layer: torch.nn.Module) -> torch.nn.Module:
+        for block in ("mlp", "feed_forward", "block_sparse_moe"):
+            for name in ("gate", "router"):
+                router = getattr(getattr(layer, block, None), name, None)
+                if isinstance(router, torch.nn.Module) and hasattr(router, "weight"):
+                    return router
+        raise ValueError(f"{type(layer).__name__}: no MoE router")
+
+    @contextmanager
+    def _routers_biased(self, spec: SteeringSpec, prompt_len: int):
+        import torch.nn.functional as F
+
+        linear = F.linear
+        handles = []
+        for i in sorted({m.layer for m in spec.experts}):
+            router = self._router_of(self.model.model.layers[i])
+
+            def biased(x, weight, bias=None, router=router, i=i):
+                out = linear(x, weight, bias)
+                if weight is router.weight:
+                    rel = torch.arange(out.shape[-2]) - prompt_len
+                    out = (out.double() + self._expert_bias(spec, i, rel, out.shape[-1])).to(
+                        out.dtype)  # fmt: skip
+                return out
+
+            handles.append((router, biased))
+        previous = F.linear
+
+        def dispatch(x, weight, bias=None):
+            for router, biased in handles:
+                if weight is router.weight:
+                    return biased(x, weight, bias)
+            return previous(x, weight, bias)
+
+        F.linear = dispatch
+        try:
+            yield
+        finally:
+            F.linear = previous
+
     def _attention_layers(self):
         return [m for m in self.model.model.layers if hasattr(m, "self_attn")]
 
@@ -175,10 +228,11 @@ class ReferenceModel:
             if heads and hasattr(module, "self_attn"):
                 handles.append(module.self_attn.o_proj.register_forward_pre_hook(pre_hook))
         try:
-            if query:
-                with self._queries_scaled(spec, prompt_len):
-                    yield
-            else:
+            with contextlib.ExitStack() as stack:
+                if query:
+                    stack.enter_context(self._queries_scaled(spec, prompt_len))
+                if spec is not None and spec.experts:
+                    stack.enter_context(self._routers_biased(spec, prompt_len))
                 yield
         finally:
             for handle in handles:

@@ -54,6 +54,10 @@ class TinySpec:
     max_position_embeddings: int = 1024
     # Embedding rows beyond the tokenizer's (benchmarks want a realistic 32k-row lm_head).
     model_vocab_size: int | None = None
+    # MoE families (qwen3_moe, mixtral, gpt_oss, llama4): routed experts, top-k, expert width.
+    num_experts: int = 4
+    experts_per_token: int = 2
+    moe_intermediate_size: int = 64
     seed: int = 0
     # Wider than HF's 0.02 so that logits are peaked: greedy choices then do not hinge on
     # near-ties, which keeps token-level comparisons between implementations meaningful.
@@ -74,6 +78,25 @@ BENCH_SPEC = TinySpec(
     num_kv_heads=12,
     head_dim=64,
     intermediate_size=2048,
+    model_vocab_size=32000,
+    max_position_embeddings=2048,
+    initializer_range=0.02,
+)
+
+
+# The ~100M-parameter MoE benchmark model (issue 19): Qwen3-MoE layout, 8 experts, top-2,
+# every layer sparse but the last; 108M parameters with lm_head.
+BENCH_MOE_SPEC = TinySpec(
+    arch="qwen3_moe",
+    hidden_size=512,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=64,
+    intermediate_size=2048,
+    num_experts=8,
+    experts_per_token=2,
+    moe_intermediate_size=768,
     model_vocab_size=32000,
     max_position_embeddings=2048,
     initializer_range=0.02,
@@ -131,7 +154,7 @@ def _family_config(spec: TinySpec, common: dict):
     """The HF config of one family: its own features on, sized like the Llama test model."""
     import transformers as hf
 
-    moe = dict(num_local_experts=4, num_experts_per_tok=2)
+    moe = dict(num_local_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token)
     arch = spec.arch
     if arch == "llama3":
         return hf.LlamaConfig(head_dim=spec.head_dim, rope_parameters=_llama3_rope(), **common)
@@ -139,8 +162,10 @@ def _family_config(spec: TinySpec, common: dict):
         return hf.MistralConfig(head_dim=spec.head_dim, sliding_window=None, **common)
     if arch == "qwen3_moe":
         # Every layer sparse but the last (mlp_only_layers): both MLP kinds in one model.
-        return hf.Qwen3MoeConfig(head_dim=spec.head_dim, num_experts=4, num_experts_per_tok=2,
-                                 moe_intermediate_size=64, norm_topk_prob=True,
+        return hf.Qwen3MoeConfig(head_dim=spec.head_dim, num_experts=spec.num_experts,
+                                 num_experts_per_tok=spec.experts_per_token,
+                                 moe_intermediate_size=spec.moe_intermediate_size,
+                                 norm_topk_prob=True,
                                  mlp_only_layers=[spec.num_layers - 1], **common)  # fmt: skip
     if arch == "mixtral":
         return hf.MixtralConfig(head_dim=spec.head_dim, sliding_window=None, **moe, **common)
@@ -177,7 +202,7 @@ def _family_config(spec: TinySpec, common: dict):
                                     **common)  # fmt: skip
     if arch == "llama4":
         return hf.Llama4TextConfig(head_dim=spec.head_dim, intermediate_size_mlp=256,
-                                   num_local_experts=4, num_experts_per_tok=1,
+                                   num_local_experts=spec.num_experts, num_experts_per_tok=1,
                                    interleave_moe_layer_step=2, no_rope_layer_interval=4,
                                    attention_chunk_size=128, **common)  # fmt: skip
     return None

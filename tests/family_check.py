@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from steering.tiny_models import build_tiny_model, tiny_spec  # noqa: E402
 
 KINDS = ("add", "ablate", "clamp", "head_mask", "query_mask", "head_vector", "fuse",
-         "contrast", "readout")  # fmt: skip
+         "contrast", "readout", "experts", "experts_vectors")  # fmt: skip
 MAX_TOKENS = 6
 PROMPT = np.random.default_rng(7).integers(10, 500, size=20).tolist()
 
@@ -48,7 +48,21 @@ def specs(shape) -> dict[str, dict]:
     h, w = shape.hidden_size, shape.width("heads")
     attn = [i for i in range(shape.num_layers) if shape.has_heads(i)]
     a1, a2 = attn[min(1, len(attn) - 1)], attn[-1]
+    moe = shape.moe_layers
+    experts = {}
+    if moe:
+        m0, m1 = moe[0], moe[-1]
+        masks = [{"layer": m0, "experts": [0], "scale": 0.0},
+                 {"layer": m1, "experts": [1, 2], "scale": 3.0, "positions": "generated"},
+                 {"layer": m1, "experts": [3], "scale": 0.25}]
+        experts = {
+            "experts": {"experts": masks},
+            # Router steering composed with vectors and a head mask (no peer composes them).
+            "experts_vectors": {"experts": masks[:1], "vectors": [{"data": {"1": _vec(8, h)}}],
+                                "heads": [{"layer": a1, "heads": [0], "scale": 0.0}]},
+        }
     return {
+        **experts,
         "add": {"vectors": [{"data": {"1": _vec(1, h)}, "scale": 1.0}]},
         "ablate": {"vectors": [{"data": {"1": _vec(2, h), "2": _vec(2, h)}, "op": "ablate"}]},
         "clamp": {"vectors": [{"data": {"2": _vec(3, h)}, "op": "clamp", "value": 6.0,
@@ -125,11 +139,13 @@ def check(family: str, model_dir: Path, compiled: bool = False) -> dict:
     path = build_tiny_model(model_dir, tiny_spec(family))
     ref = ReferenceModel(path)
     result: dict = {"family": family, "architecture": ref.shape.architecture, "errors": {},
-                    "tokens_match": {}, "effect_errors": {}, "compiled": compiled}  # fmt: skip
+                    "tokens_match": {}, "effect_errors": {}, "effects": {},
+                    "compiled": compiled}  # fmt: skip
     raws = specs(ref.shape)
+    kinds = [k for k in KINDS if k in raws]
     llm = _engine(path, compiled, steered=True)
     solo = {}
-    for kind in KINDS:
+    for kind in kinds:
         raw = raws[kind]
         wants_prompt = "decoding" not in raw  # vLLM's prompt log-probs are pre-decoding
         [run] = _run(llm, [raw], [wants_prompt])
@@ -155,19 +171,21 @@ def check(family: str, model_dir: Path, compiled: bool = False) -> dict:
         # from HF's (GPT-OSS on CPU), so a steering error still shows.
         engine_plain = _score_plain(llm, run["tokens"])
         ref_plain = ref.score(PROMPT, run["tokens"], None)
+        # That it did something (so the comparisons above can fail).
+        result["effects"][kind] = _max_err(run["lps"], engine_plain)
         result["effect_errors"][kind] = _max_err(
             np.subtract(run["lps"], engine_plain), np.subtract(scored, ref_plain)
         )
     # Every spec in one batch beside an unsteered request: each row as it was alone.
-    batch = _run(llm, [raws[k] for k in KINDS] + [None], [False] * (len(KINDS) + 1))
+    batch = _run(llm, [raws[k] for k in kinds] + [None], [False] * (len(kinds) + 1))
     result["not_invariant"] = [
-        k for k, b in zip(KINDS, batch, strict=False)
+        k for k, b in zip(kinds, batch, strict=False)
         if (b["tokens"], b["lps"]) != (solo[k]["tokens"], solo[k]["lps"])
     ]  # fmt: skip
     result["invariant"] = not result["not_invariant"]
     result["invariance_max_diff"] = max(
         _max_err(b["lps"], solo[k]["lps"]) if b["tokens"] == solo[k]["tokens"] else np.inf
-        for k, b in zip(KINDS, batch, strict=False)
+        for k, b in zip(kinds, batch, strict=False)
     )
     [unsteered] = _run(llm, [None], [True])
     lp = ref.logprobs(PROMPT, len(PROMPT), None)
@@ -193,10 +211,11 @@ def table(results: list[dict]) -> str:
             rows.append(f"| {r['family']} | " + " | ".join("—" for _ in KINDS)
                         + f" | — | — ({r['skipped']}) |")  # fmt: skip
             continue
-        cells = [f"{r['errors'][k]:.1e}" + ("" if r["tokens_match"][k] else " (tokens differ)")
-                 for k in KINDS]  # fmt: skip
-        rows.append(f"| {r['family']} | " + " | ".join(cells)
-                    + f" | {'yes' if r['invariant'] else 'NO'}"
+        cells = ["—" if k not in r["errors"] else f"{r['errors'][k]:.1e}"
+                 + ("" if r["tokens_match"][k] else " (tokens differ)") for k in KINDS]  # fmt: skip
+        invariant = ("yes" if r["invariant"] else
+                     f"within {r['invariance_max_diff']:.0e} (plain vLLM varies too)")  # fmt: skip
+        rows.append(f"| {r['family']} | " + " | ".join(cells) + f" | {invariant}"
                     + f" | {'bit-identical' if r['bit_identical'] else 'NO'} |")  # fmt: skip
     return "\n".join(rows)
 
@@ -209,10 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table", type=Path, help="print the table of the results in this folder")
     args = p.parse_args(argv)
     if args.table is not None:
-        from steering.tiny_models import FAMILIES
+        from steering.tiny_models import ARCHITECTURES, FAMILIES
 
-        found = [json.loads((args.table / f"{f}.json").read_text()) for f in FAMILIES
-                 if (args.table / f"{f}.json").exists()]  # fmt: skip
+        paths = [args.table / f"{f}.json" for f in ARCHITECTURES + FAMILIES]
+        found = [json.loads(p.read_text()) for p in paths if p.exists()]
         print(table(found))
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -104,3 +104,49 @@ def test_verified_and_mapped_lists_are_disjoint_and_every_refusal_says_how_to_se
         why = refusal(arch)
         assert why is not None and "STEERSERVE_DISABLE=1" in why and arch in why
     assert refusal("LlamaForCausalLM") is None
+
+
+def test_expert_masks_are_validated_against_the_moe_layers(family_dirs):
+    shape = _shape(family_dirs["qwen3_moe"])  # 4 experts, top-2, layers 0-2 sparse
+    ctx = SpecContext(shape)
+    ok = parse_spec({"experts": [{"layer": 0, "experts": [3, 1], "scale": 0.0},
+                                 {"layer": 2, "experts": [0], "scale": 2.0,
+                                  "positions": "generated"}]}, ctx)  # fmt: skip
+    assert ok.experts[0].experts == [1, 3]
+    assert ok.fingerprint() != parse_spec({"experts": [{"layer": 0, "experts": [1]}]},
+                                          ctx).fingerprint()  # fmt: skip
+    for raw, words in (
+        ({"layer": 3, "experts": [0]}, r"experts\[0\]\.layer: layer 3 has no routed experts"),
+        ({"layer": 0, "experts": [4]}, r"expert\(s\) \[4\] out of range: layer 0 has 4"),
+        ({"layer": 0, "experts": [0], "scale": -1.0}, "must be >= 0"),
+        ({"layer": 0, "experts": [1, 2, 3]}, "would keep 1 expert.*fewer than the 2"),
+        ({"layer": 0, "experts": []}, "at least one expert"),
+        ({"layer": 0, "experts": [1], "scale": float("nan")}, "finite"),
+    ):
+        with pytest.raises(SpecError, match=words):
+            parse_spec({"experts": [raw]}, ctx)
+    dense = SpecContext(_shape(family_dirs["olmo2"]))
+    with pytest.raises(SpecError, match="no routed experts.*MoE layers: \\[\\]"):
+        parse_spec({"experts": [{"layer": 0, "experts": [0]}]}, dense)
+    doc = describe("tiny", ctx, SteeringConfig())
+    experts = doc["fields"]["experts"]
+    assert (experts["layers"], experts["num_experts"], experts["experts_per_token"]) == (
+        [0, 1, 2], 4, 2)  # fmt: skip
+
+
+def test_expert_masks_compile_to_router_biases(family_dirs):
+    from steering.compile import NUM_CLASSES, CompiledSpec, compile_spec
+
+    shape = _shape(family_dirs["qwen3_moe"])
+    spec = parse_spec({"experts": [{"layer": 1, "experts": [2], "scale": 0.0},
+                                   {"layer": 1, "experts": [2, 3], "scale": 4.0,
+                                    "positions": "generated"}]}, SpecContext(shape))  # fmt: skip
+    compiled = compile_spec(spec, shape)
+    assert compiled.affects_kv and compiled.experts.layers.tolist() == [1]
+    bias = compiled.experts.bias[0]
+    assert bias.shape == (NUM_CLASSES, 4)
+    assert np.isneginf(bias[:, 2]).all()  # 0 wins over any factor
+    np.testing.assert_allclose(bias[2, 3], np.log(4.0))  # generated tokens only
+    assert bias[0, 3] == 0.0 and bias[1, 3] == 0.0 and not bias[:, :2].any()
+    back = CompiledSpec.from_payload(compiled.to_payload())
+    np.testing.assert_array_equal(back.experts.bias, compiled.experts.bias)

@@ -18,12 +18,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.capture_throughput import SCENARIOS as CAPTURE_SCENARIOS  # noqa: E402
 from benchmarks.readout_http import CONDITIONS as READOUT_CONDITIONS  # noqa: E402
 from benchmarks.serving import CONDITIONS as SERVING_CONDITIONS  # noqa: E402
-from benchmarks.throughput import SCENARIOS  # noqa: E402
+from benchmarks.throughput import MOE_SCENARIOS, SCENARIOS  # noqa: E402
 
 
-def _smoke(script: str, out: Path) -> dict:
+def _smoke(script: str, out: Path, *flags: str) -> dict:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out",
-                        str(out)], capture_output=True, text=True, timeout=900)  # fmt: skip
+                        str(out), *flags], capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -36,6 +36,13 @@ def test_throughput_smoke(tmp_path):
     assert all(r["tok_per_s"] > 0 and len(r["runs_s"]) == 1 for r in rows.values())
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
     assert "HF transformers + hooks" in (tmp_path / "smoke.md").read_text()
+
+
+def test_moe_throughput_smoke(tmp_path):
+    """--moe: the MoE scenarios (expert masks included) on the tiny Qwen3-MoE model."""
+    result = _smoke("throughput.py", tmp_path / "moe.json", "--moe")
+    assert {r["scenario"] for r in result["results"]} == set(MOE_SCENARIOS)
+    assert "expert" in (tmp_path / "moe.md").read_text()
 
 
 def test_serving_smoke(tmp_path):

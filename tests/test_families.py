@@ -1,7 +1,8 @@
 """Every family steerserve maps, checked against the oracle in a process of its own
 (tests/family_check.py: a tiny random model, a steered and a plain engine, the reference).
 
-Per intervention kind: the greedy tokens agree with the reference and the max |Δ log-prob| is
+Per intervention kind (expert masks on MoE families): it changes the log-probs, the greedy
+tokens agree with the reference and the max |Δ log-prob| is
 within 1e-4; every spec in one batch equals each alone; an unsteered request is bit-identical
 to plain vLLM. Families that vLLM's CPU build cannot run, or runs differently from HF, are
 checked as far as they go (architectures.MAPPED_NOT_VERIFIED says why).
@@ -49,6 +50,8 @@ def test_family_matches_the_reference(family, tmp_path):
     else:
         assert r["unsteered_error"] <= TOL
         bound = TOL
+    inert = {k: e for k, e in r["effects"].items() if e <= 1e-3}
+    assert not inert, f"{family}: interventions without effect on the log-probs: {inert}"
     worst = {k: e for k, e in r["errors"].items() if e > bound}
     assert not worst, f"{family}: max |engine - reference| over {bound:.1e}: {worst}"
     assert r["invariance_max_diff"] <= VLLM_BATCH_VARIANT.get(family, 0.0), r["not_invariant"]
