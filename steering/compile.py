@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
 import numpy as np
 
 from steering.spec import ModelShape, SteeringSpec, VectorEntry, unit
@@ -222,8 +224,15 @@ class CompiledSpec:
                         "bias": self.experts.bias.astype(np.float32).tobytes()},
         }  # fmt: skip
 
+    def to_wire(self) -> bytes:
+        """The payload as one msgpack blob: what rides in `extra_args`. vLLM deep-copies
+        a request's params once per request; a blob is copied by reference, a dict of
+        lists walked element by element."""
+        return msgspec.msgpack.encode(self.to_payload())
+
     @classmethod
-    def from_payload(cls, payload: dict) -> CompiledSpec:
+    def from_payload(cls, payload: dict | bytes) -> CompiledSpec:
+        payload = read_payload(payload)
         if payload.get("v") != PAYLOAD_VERSION:
             raise ValueError(f"compiled steering payload version {payload.get('v')!r} unsupported")
         hidden = payload["hidden"]
@@ -256,6 +265,15 @@ class CompiledSpec:
                             floats(e["bias"], len(e["layers"]), NUM_CLASSES, e["n"]))  # fmt: skip
         return cls(payload["fp"], hidden, projections, const_layers, const, heads, decoding,
                    readout, experts)  # fmt: skip
+
+
+def read_payload(payload: Any) -> dict:
+    """A payload as a dict: the msgpack blob of `to_wire`, or a dict already."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        payload = msgspec.msgpack.decode(payload)
+    if not isinstance(payload, dict):
+        raise ValueError(f"compiled steering payload must be a mapping, got {type(payload)}")
+    return payload
 
 
 def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:

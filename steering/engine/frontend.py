@@ -143,7 +143,7 @@ class SteeringFrontend:
         """The params vLLM should see: the raw spec replaced by the compiled payload.
 
         vLLM deep-copies `extra_args` per request (and serialises it to every worker); a raw
-        inline spec is thousands of Python floats, the payload a few byte strings.
+        inline spec is thousands of Python floats, the payload one msgpack blob.
         The caller's object is left untouched (it may be shared across prompts).
         """
         if not isinstance(params, SamplingParams) or not params.extra_args:
@@ -152,7 +152,7 @@ class SteeringFrontend:
             return params
         rest = {k: v for k, v in params.extra_args.items() if k != SPEC_KEY}
         if compiled is not None:
-            rest[PAYLOAD_KEY] = compiled.to_payload()
+            rest[PAYLOAD_KEY] = compiled.to_wire()
         engine_params = copy.copy(params)
         engine_params.extra_args = rest or None
         return engine_params

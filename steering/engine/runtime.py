@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from steering.compile import NUM_CLASSES, PAYLOAD_KEY, CompiledSpec, Decoding, token_class
+from steering.compile import (
+    NUM_CLASSES,
+    PAYLOAD_KEY,
+    CompiledSpec,
+    Decoding,
+    read_payload,
+    token_class,
+)
 from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
 from steering.engine.capture import CaptureBook
 from steering.engine.decoding import DecodingState, PlannedRow
@@ -36,6 +43,9 @@ class SteeringRuntime:
         self.refcount: dict[str, int] = {}
         self.specs: dict[str, CompiledSpec] = {}
         self.row_slot = np.zeros(max_rows, dtype=np.int64)
+        # The previous step's request ids and whether any was steered (prepare_step).
+        self._prev_req_ids: list[str] | None = None
+        self._prev_steered = False
         self.step = 0
         self._dirty = 0  # tokens [0, _dirty) may hold non-identity slots from an earlier step
         self.req_decoding: dict[str, DecodingState] = {}
@@ -53,6 +63,13 @@ class SteeringRuntime:
         if self.captures is not None and CAPTURE_KEY in extra:
             self.captures.register(req_id, extra[CAPTURE_KEY], request.num_prompt_tokens)
         payload = extra.get(PAYLOAD_KEY)
+        if payload is not None:
+            try:
+                payload = read_payload(payload)
+            except Exception:  # admitted by the engine core (capacity.admit): a bug
+                log.exception("steerserve: request %s: unreadable payload, unsteered (the "
+                              "engine core admitted it: please report)", req_id)  # fmt: skip
+                payload = None
         spec = None
         if payload is not None and payload.get("decoding") and self.tables.capture is not None:
             self.req_decoding[req_id] = DecodingState(Decoding.from_payload(payload["decoding"]))
@@ -106,6 +123,7 @@ class SteeringRuntime:
         }
 
     def release(self, req_id: str) -> None:
+        self._prev_req_ids = None
         if self.captures is not None:
             self.captures.release(req_id)
         if self.readouts is not None:
@@ -145,16 +163,24 @@ class SteeringRuntime:
         self.step += 1
         n = len(req_ids)
         row_slot = self.row_slot[:n]
-        steered = False
-        for i, rid in enumerate(req_ids):
-            spec = self.req_spec.get(rid, _UNSEEN)
-            if spec is _UNSEEN:
-                spec = self._register(rid, requests.get(rid))
-            if spec is None:
-                row_slot[i] = IDENTITY_SLOT
-            else:
-                row_slot[i] = self.bank.acquire(spec, self.step)
-                steered = True
+        if req_ids == self._prev_req_ids:
+            # The same rows as last step (most decode steps): their slots are still loaded
+            # (slots only change in acquire), so mark them used without the per-row walk.
+            steered = self._prev_steered
+            if steered:
+                self.bank.touch(row_slot, self.step)
+        else:
+            steered = False
+            for i, rid in enumerate(req_ids):
+                spec = self.req_spec.get(rid, _UNSEEN)
+                if spec is _UNSEEN:
+                    spec = self._register(rid, requests.get(rid))
+                if spec is None:
+                    row_slot[i] = IDENTITY_SLOT
+                else:
+                    row_slot[i] = self.bank.acquire(spec, self.step)
+                    steered = True
+            self._prev_req_ids, self._prev_steered = list(req_ids), steered
 
         t = self.tables
         written = 0

@@ -277,6 +277,11 @@ class SlotBank:
         self.last_used[slot] = step
         return slot
 
+    def touch(self, row_slots: np.ndarray, step: int) -> None:
+        """Mark the slots of these rows used at `step` (rows on the identity slot skipped:
+        it is never a victim)."""
+        self.last_used[row_slots[row_slots != IDENTITY_SLOT]] = step
+
     def release(self, key: str) -> None:
         slot = self.slot_of.get(key)
         if slot is not None:
