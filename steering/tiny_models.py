@@ -190,9 +190,11 @@ def _family_config(spec: TinySpec, common: dict):
     if arch == "olmo2":
         return hf.Olmo2Config(**common)
     if arch == "gpt_oss":
+        # vLLM's GPT-OSS hard-codes the released models' norm eps (1e-5) whatever the
+        # config says.
+        layers = ["sliding_attention", "full_attention"] * (spec.num_layers // 2)
         return hf.GptOssConfig(head_dim=spec.head_dim, sliding_window=16, **moe,
-                               layer_types=["sliding_attention", "full_attention"]
-                               * (spec.num_layers // 2), **common)  # fmt: skip
+                               layer_types=layers, **dict(common, rms_norm_eps=1e-5))  # fmt: skip
     if arch == "qwen3_5":
         # Hybrid: three linear-attention (Gated DeltaNet) layers per full-attention layer.
         return hf.Qwen3_5TextConfig(head_dim=spec.head_dim, linear_key_head_dim=32,
