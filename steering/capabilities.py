@@ -44,15 +44,15 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
     if config is None:
         doc["fields"] = {}
         return doc
-    heads = shape.width("heads")
+    positions = list(get_args(Positions))
     fields: dict[str, Any] = {
         "vectors": {
             "sites": list(get_args(Site)) if config.heads else ["residual"],
             "ops": [op for op in get_args(Op) if config.heads or op != "mix"],
-            "positions": list(get_args(Positions)),
+            "positions": positions,
             "max_entries": context.max_vectors,
             "max_projections": config.max_projections,
-            "widths": {"residual": shape.hidden_size, "heads": heads},
+            "widths": {"residual": shape.hidden_size, "heads": shape.width("heads")},
             "max_inline_floats": context.max_inline_floats,
         },
         "heads": None,
@@ -63,17 +63,17 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
     if shape.moe_layers:
         fields["experts"] = {
             "layers": shape.moe_layers,
-            "num_experts": max(shape.layer_experts),
+            "num_experts": shape.num_experts,
             "experts_per_token": shape.experts_per_token,
-            "positions": list(get_args(Positions)),
+            "positions": positions,
             "max_entries": context.max_head_masks,
         }
     if config.heads:
         fields["heads"] = {
-            "layers": [i for i in range(shape.num_layers) if shape.has_heads(i)],
+            "layers": shape.head_layers,
             "num_heads": shape.num_heads,
             "targets": ["output", "query"],
-            "positions": list(get_args(Positions)),
+            "positions": positions,
             "max_entries": context.max_head_masks,
         }
     if config.decoding:

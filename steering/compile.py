@@ -299,7 +299,7 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
 
 
 def _compile_experts(spec: SteeringSpec, shape: ModelShape) -> ExpertOps:
-    num = max(shape.layer_experts, default=0)
+    num = shape.num_experts
     if not spec.experts:
         return ExpertOps.identity(num)
     classes = _classes([m.positions for m in spec.experts])

@@ -172,33 +172,25 @@ class ReferenceModel:
     def _routers_biased(self, spec: SteeringSpec, prompt_len: int):
         import torch.nn.functional as F
 
+        # The masked layers, by their router's weight: F.linear is called with it.
+        layer_of = {id(self._router_of(self.model.model.layers[i]).weight): i
+                    for i in {m.layer for m in spec.experts}}  # fmt: skip
         linear = F.linear
-        handles = []
-        for i in sorted({m.layer for m in spec.experts}):
-            router = self._router_of(self.model.model.layers[i])
 
-            def biased(x, weight, bias=None, router=router, i=i):
-                out = linear(x, weight, bias)
-                if weight is router.weight:
-                    rel = torch.arange(out.shape[-2]) - prompt_len
-                    out = (out.double() + self._expert_bias(spec, i, rel, out.shape[-1])).to(
-                        out.dtype)  # fmt: skip
+        def biased(x, weight, bias=None):
+            out = linear(x, weight, bias)
+            layer = layer_of.get(id(weight))
+            if layer is None:
                 return out
+            rel = torch.arange(out.shape[-2]) - prompt_len
+            return (out.double() + self._expert_bias(spec, layer, rel, out.shape[-1])).to(
+                out.dtype)  # fmt: skip
 
-            handles.append((router, biased))
-        previous = F.linear
-
-        def dispatch(x, weight, bias=None):
-            for router, biased in handles:
-                if weight is router.weight:
-                    return biased(x, weight, bias)
-            return previous(x, weight, bias)
-
-        F.linear = dispatch
+        F.linear = biased
         try:
             yield
         finally:
-            F.linear = previous
+            F.linear = linear
 
     def _attention_layers(self):
         return [m for m in self.model.model.layers if hasattr(m, "self_attn")]

@@ -87,6 +87,16 @@ class ModelShape:
     def moe_layers(self) -> list[int]:
         return [i for i, n in enumerate(self.layer_experts) if n]
 
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0: a dense model)."""
+        return max(self.layer_experts, default=0)
+
+    @property
+    def head_layers(self) -> list[int]:
+        """Layers with attention heads."""
+        return [i for i in range(self.num_layers) if self.has_heads(i)]
+
 
 def _attention_layers(text: Any, num_layers: int) -> tuple[int, ...] | None:
     types = getattr(text, "layer_types", None) or []
@@ -183,7 +193,7 @@ def _check_has_heads(layer: int, ctx: SpecContext) -> None:
             "layer {layer} has no attention heads in this model (a linear-attention layer); "
             "attention layers: {layers}",
             layer=layer,
-            layers=list(ctx.shape.attention_layers or ()),
+            layers=ctx.shape.head_layers,
         )
 
 

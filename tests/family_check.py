@@ -46,7 +46,7 @@ def _vec(seed: int, width: int, norm: float = 8.0) -> list[float]:
 def specs(shape) -> dict[str, dict]:
     """One spec per kind; head kinds use the model's attention layers (hybrids lack some)."""
     h, w = shape.hidden_size, shape.width("heads")
-    attn = [i for i in range(shape.num_layers) if shape.has_heads(i)]
+    attn = shape.head_layers
     a1, a2 = attn[min(1, len(attn) - 1)], attn[-1]
     moe = shape.moe_layers
     experts = {}

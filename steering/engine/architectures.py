@@ -20,7 +20,8 @@ Sites are found by structure, on the loaded model, the same way for every family
     experts          `mlp.experts` (vLLM's MoERunner) and its router (`gate` or `router`,
                      whose output is the router logits); none in dense layers
     logit lens       the final norm `model.model.norm`, then the model's own `compute_logits`
-                     (tied or not, Gemma's final soft-capping included)
+                     (tied or not, Gemma's final soft-capping included), as decoding.py reads
+                     them
 
 Which architectures are served steered is a verified list: each family in it is checked
 against the oracle (`tests/test_families.py`); any other architecture is refused at start-up
@@ -122,13 +123,7 @@ class LayerSites:
 
 @dataclass(frozen=True)
 class ArchitectureMap:
-    architecture: str
     layers: list[LayerSites]  # this rank's real layers (pipeline stages hold a slice)
-    final_norm: nn.Module | None
-
-    @property
-    def head_layers(self) -> list[int]:
-        return [s.index for s in self.layers if s.has_heads]
 
 
 def _attention_kernel_type() -> type:
@@ -199,7 +194,7 @@ def _experts_of(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     return None, None
 
 
-def map_model(model: nn.Module, architecture: str) -> ArchitectureMap:
+def map_model(model: nn.Module) -> ArchitectureMap:
     """Find every steering site of this rank's layers; raise UnsupportedModelError if the
     model does not have the structure steering relies on."""
     layers = decoder_layers(model)
@@ -212,8 +207,7 @@ def map_model(model: nn.Module, architecture: str) -> ArchitectureMap:
         kernel, o_proj = _attention_of(layer)
         experts, router = _experts_of(layer)
         sites.append(LayerSites(i, layer, kernel, o_proj, _mid_norm_of(layer), experts, router))
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    return ArchitectureMap(architecture, sites, norm if isinstance(norm, nn.Module) else None)
+    return ArchitectureMap(sites)
 
 
 def check_against_shape(amap: ArchitectureMap, shape) -> None:

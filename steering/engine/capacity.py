@@ -44,7 +44,7 @@ class Capacity:
             heads=range(shape.num_heads) if config.heads else None,
             head_dim=shape.head_dim,
             decoding=config.decoding,
-            num_experts=max(shape.layer_experts, default=0),
+            num_experts=shape.num_experts,
         )
 
     def misfit(self, spec: CompiledSpec) -> str | None:

@@ -35,13 +35,14 @@ _STEERED: dict[tuple[type, object], type] = {}
 
 
 def apply_residual_ops(
-    tables: SteeringTables, layer: int, hidden: torch.Tensor, residual: torch.Tensor
+    tables: SteeringTables, layer: int, hidden: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:
     """The layer's steering as one affine map (see compile.py): projections, then constant.
 
     residual <- residual - gain * <h, u> u   for each projection, in order (h = hidden+residual)
     residual <- residual + const[slot, class]
 
+    `hidden` None: the layer returned the stream itself, which is `residual` here.
     Identical tensor ops for every row and step: rows on the identity slot have zero gains
     and a zero constant and come out bit-identical. Dot products accumulate in float32.
     """
@@ -49,7 +50,7 @@ def apply_residual_ops(
     if tables.max_proj:
         units = tables.units[layer].index_select(0, tables.tok_slot[:num_tokens])
         gains = tables.tok_gain[:num_tokens]
-        stream = (hidden + residual).float()
+        stream = (residual if hidden is None else hidden + residual).float()
         for k in range(tables.max_proj):
             u = units[:, k].float()
             delta = (gains[:, k] * (stream * u).sum(dim=-1)).unsqueeze(-1) * u
@@ -111,10 +112,8 @@ def capture_rows(buffer: torch.Tensor, sample_idx: torch.Tensor, stream: torch.T
 def _steered_layer_forward(self, *args, **kwargs):
     hidden, residual = self._steerserve_base.forward(self, *args, **kwargs)
     tables, layer = self._steerserve_tables, self._steerserve_layer
-    if residual is None:  # the layer returned the stream itself (Gemma 4)
-        zero = torch.zeros_like(hidden)
-        hidden = apply_residual_ops(tables, layer, hidden, zero) + hidden
-        stream = hidden
+    if residual is None:  # the layer returned the stream itself (Gemma 4): steer it as such
+        hidden = stream = apply_residual_ops(tables, layer, None, hidden)
     else:
         residual = apply_residual_ops(tables, layer, hidden, residual)
         stream = None
@@ -188,7 +187,7 @@ def _swap(module: nn.Module, forward, layer: int, tables: SteeringTables) -> Non
 def install(model: nn.Module, tables: SteeringTables, shape, mid_layers: range = range(0)) -> int:
     """Swap every local decoder layer (and, with head tables, its attention kernel and
     o_proj) to its steered subclass; returns how many layers."""
-    amap = map_model(model, shape.architecture)
+    amap = map_model(model)
     check_against_shape(amap, shape)
     if tables.heads is not None:
         for sites in amap.layers:

@@ -43,9 +43,8 @@ class SteeringRuntime:
         self.refcount: dict[str, int] = {}
         self.specs: dict[str, CompiledSpec] = {}
         self.row_slot = np.zeros(max_rows, dtype=np.int64)
-        # The previous step's request ids and whether any was steered (prepare_step).
+        # The previous step's request ids (prepare_step); row_slot still holds their slots.
         self._prev_req_ids: list[str] | None = None
-        self._prev_steered = False
         self.step = 0
         self._dirty = 0  # tokens [0, _dirty) may hold non-identity slots from an earlier step
         self.req_decoding: dict[str, DecodingState] = {}
@@ -166,7 +165,7 @@ class SteeringRuntime:
         if req_ids == self._prev_req_ids:
             # The same rows as last step (most decode steps): their slots are still loaded
             # (slots only change in acquire), so mark them used without the per-row walk.
-            steered = self._prev_steered
+            steered = bool((row_slot != IDENTITY_SLOT).any())
             if steered:
                 self.bank.touch(row_slot, self.step)
         else:
@@ -180,7 +179,7 @@ class SteeringRuntime:
                 else:
                     row_slot[i] = self.bank.acquire(spec, self.step)
                     steered = True
-            self._prev_req_ids, self._prev_steered = list(req_ids), steered
+            self._prev_req_ids = list(req_ids)
 
         t = self.tables
         written = 0
