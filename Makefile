@@ -32,12 +32,15 @@ lock:
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)==' > $(LOCK)
 	rm -rf .venv-lock
 
-test: setup
-	$(VENV)/bin/ruff check steering server tests benchmarks examples demo
+LINTED := steering server tests benchmarks examples demo
+
+test: lint
 	$(PY) -m pytest -q tests
 
+# ruff's lint rules and its formatter, both enforced: `ruff format $(LINTED)` fixes the latter.
 lint: setup
-	$(VENV)/bin/ruff check steering server tests benchmarks examples demo
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 # The extension's checks of vLLM internals run on another release's source (the GPU wheel,
 # unpacked, never installed): `make check-vllm VLLM=0.33.0`. Its new pure-Python imports

@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.prompts, args.prompt_len, args.gen_requests, args.gen_len = 8, 8, 4, 8
         args.rounds, args.dtype = 1, "float32"
     spec = TinySpec() if args.smoke else BENCH_SPEC
-    model = Path(args.model) if args.model else build_tiny_model(
-        ROOT / ".cache" / "models" / spec.slug, spec)  # fmt: skip
+    model = (
+        Path(args.model)
+        if args.model
+        else build_tiny_model(ROOT / ".cache" / "models" / spec.slug, spec)
+    )
 
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
@@ -71,8 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
         kv_cache_memory_bytes=1 << 30 if not args.smoke else 64 << 20,
         seed=0,
     )
-    plain = LLM(str(model), enable_prefix_caching=False,
-                additional_config={"steerserve": {"enabled": False}}, **engine_kw)  # fmt: skip
+    plain = LLM(
+        str(model),
+        enable_prefix_caching=False,
+        additional_config={"steerserve": {"enabled": False}},
+        **engine_kw,
+    )
     capturer = Capturer(str(model), **engine_kw)
     layers = list(range(capturer.shape.num_layers))
 
@@ -80,8 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [rng.integers(10, 500, size=args.prompt_len).tolist() for _ in range(args.prompts)]
     gen_prompts = [{"prompt_token_ids": p} for p in prompts[: args.gen_requests]]
     one = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-    gen = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True,
-                         detokenize=False)  # fmt: skip
+    gen = SamplingParams(
+        max_tokens=args.gen_len, temperature=0.0, ignore_eos=True, detokenize=False
+    )
 
     def run(scenario: str) -> tuple[float, int]:
         t0 = time.perf_counter()
@@ -112,23 +120,27 @@ def main(argv: list[str] | None = None) -> dict:
         med = statistics.median(times[s])
         paired = [b / t for b, t in zip(base, times[s], strict=True)]
         prefill = s != "plain-generation"  # generation is a different kind of work: no ratio
-        rows.append({
-            "scenario": s,
-            "tokens": tokens[s],
-            "kind": "generated" if s == "plain-generation" else "prompt",
-            "tok_per_s": tokens[s] / med,
-            "ratio_vs_plain_prefill": statistics.median(paired) if prefill else None,
-            "ratio_iqr": _quartiles(paired) if prefill else None,
-            "runs_s": times[s],
-        })  # fmt: skip
+        rows.append(
+            {
+                "scenario": s,
+                "tokens": tokens[s],
+                "kind": "generated" if s == "plain-generation" else "prompt",
+                "tok_per_s": tokens[s] / med,
+                "ratio_vs_plain_prefill": statistics.median(paired) if prefill else None,
+                "ratio_iqr": _quartiles(paired) if prefill else None,
+                "runs_s": times[s],
+            }
+        )
     result = {**recording.header(str(model) if args.model else spec.slug, args), "results": rows}
     recording.write(result, args.out, "capture", markdown_table(result))
     return result
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| scenario | tokens/s | counts | ratio vs plain prefill (paired median) |",
-             "|---|---:|---|---:|"]  # fmt: skip
+    lines = [
+        "| scenario | tokens/s | counts | ratio vs plain prefill (paired median) |",
+        "|---|---:|---|---:|",
+    ]
     for row in result["results"]:
         ratio = row["ratio_vs_plain_prefill"]
         shown = f"{ratio:.3f}x" if ratio is not None else "-"

@@ -40,8 +40,13 @@ def main() -> None:
     r = http.put(f"/v1/admin/experiments/{EXPERIMENT['name']}", json=EXPERIMENT, headers=admin)
     r.raise_for_status()
     model = http.get("/v1/models").json()["data"][0]["id"]
-    body = {"model": model, "prompt": "tell me about the river", "max_tokens": args.max_tokens,
-            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": "tell me about the river",
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
     latency: dict[str, list[float]] = {"outside": [], "inside": []}
     ids: list[str] = []
@@ -65,10 +70,13 @@ def main() -> None:
     feedback_seconds = time.perf_counter() - t0
 
     out = {
-        name: {"p50_ms": 1e3 * float(np.percentile(v, 50)),
-               "p95_ms": 1e3 * float(np.percentile(v, 95)), "n": len(v)}
+        name: {
+            "p50_ms": 1e3 * float(np.percentile(v, 50)),
+            "p95_ms": 1e3 * float(np.percentile(v, 95)),
+            "n": len(v),
+        }
         for name, v in latency.items()
-    }  # fmt: skip
+    }
     out["inside_minus_outside_p50_ms"] = out["inside"]["p50_ms"] - out["outside"]["p50_ms"]
     out["feedback_per_second"] = len(ids) / feedback_seconds
     out["feedback_clients"] = args.feedback_clients

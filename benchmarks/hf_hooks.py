@@ -44,16 +44,21 @@ class HFSteeredGeneration:
                 h.remove()
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], vectors: np.ndarray | None,
-                 max_new_tokens: int) -> list[list[int]]:  # fmt: skip
+    def generate(
+        self, prompts: list[list[int]], vectors: np.ndarray | None, max_new_tokens: int
+    ) -> list[list[int]]:
         """Greedy, exactly `max_new_tokens` each (EOS suppressed, like `ignore_eos`).
         Prompts of one length, so no padding is involved."""
         ids = torch.tensor(prompts, device=self.device)
         with self._hooks(vectors):
             out = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
-            )  # fmt: skip
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
         return out[:, ids.shape[1] :].tolist()
 
 

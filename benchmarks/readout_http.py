@@ -52,16 +52,18 @@ def _bodies(condition: str, args, hidden: int, layers: int) -> list[dict]:
                 {"data": read_rng.standard_normal(hidden).tolist(), "layer": layers // 3},
                 {"data": read_rng.standard_normal(hidden).tolist(), "layer": layers - 1},
             ]
-        bodies.append({
-            "model": "bench",
-            "prompt": rng.integers(10, 500, size=args.prompt_len).tolist(),
-            "max_tokens": args.output_len,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": not condition.endswith("/whole"),
-            "stream_options": {"include_usage": True},
-            "steering": steering,
-        })  # fmt: skip
+        bodies.append(
+            {
+                "model": "bench",
+                "prompt": rng.integers(10, 500, size=args.prompt_len).tolist(),
+                "max_tokens": args.output_len,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": not condition.endswith("/whole"),
+                "stream_options": {"include_usage": True},
+                "steering": steering,
+            }
+        )
         if condition.endswith("/whole"):
             del bodies[-1]["stream_options"]
     return bodies
@@ -116,15 +118,26 @@ def main(argv: list[str] | None = None) -> dict:
     spec = TinySpec() if args.smoke else BENCH_SPEC
     model = build_tiny_model(ROOT / ".cache" / "models" / spec.slug, spec)
     flags = [
-        "--model", str(model), "--served-model-name", "bench", "--enable-steering-readout",
-        "--dtype", "float32" if args.smoke else "bfloat16", "--seed", "0",
-        "--max-model-len", str(args.prompt_len + args.output_len + 16),
-        "--max-num-seqs", str(max(args.requests, 1)),
-        "--max-num-batched-tokens", str(max(2048, args.prompt_len * args.requests)),
-        "--kv-cache-memory-bytes", str(1 << 30 if not args.smoke else 64 << 20),
+        "--model",
+        str(model),
+        "--served-model-name",
+        "bench",
+        "--enable-steering-readout",
+        "--dtype",
+        "float32" if args.smoke else "bfloat16",
+        "--seed",
+        "0",
+        "--max-model-len",
+        str(args.prompt_len + args.output_len + 16),
+        "--max-num-seqs",
+        str(max(args.requests, 1)),
+        "--max-num-batched-tokens",
+        str(max(2048, args.prompt_len * args.requests)),
+        "--kv-cache-memory-bytes",
+        str(1 << 30 if not args.smoke else 64 << 20),
         "--no-enable-prefix-caching",
         *(["--enforce-eager"] if args.eager else []),
-    ]  # fmt: skip
+    ]
     bodies = {c: _bodies(c, args, spec.hidden_size, spec.num_layers) for c in CONDITIONS}
     times: dict[str, list[float]] = {c: [] for c in CONDITIONS}
     port = free_port()
@@ -149,15 +162,23 @@ def main(argv: list[str] | None = None) -> dict:
     for c in CONDITIONS:
         paired = [b / t for b, t in zip(times["steered"], times[c], strict=True)]
         q = np.percentile(paired, [25, 75]).tolist()
-        rows.append({"condition": c, "tok_per_s": tokens / statistics.median(times[c]),
-                     "ratio_vs_steered": statistics.median(paired), "ratio_iqr": q,
-                     "runs_s": times[c]})  # fmt: skip
+        rows.append(
+            {
+                "condition": c,
+                "tok_per_s": tokens / statistics.median(times[c]),
+                "ratio_vs_steered": statistics.median(paired),
+                "ratio_iqr": q,
+                "runs_s": times[c],
+            }
+        )
     result = {**recording.header(spec.slug, args), "results": rows}
     lines = ["| condition | output tokens/s | ratio vs steered (IQR) |", "|---|---:|---:|"]
     for row in rows:
         lo, hi = row["ratio_iqr"]
-        lines.append(f"| {row['condition']} | {row['tok_per_s']:,.0f} | "
-                     f"{row['ratio_vs_steered']:.3f}x ({lo:.3f}-{hi:.3f}) |")  # fmt: skip
+        lines.append(
+            f"| {row['condition']} | {row['tok_per_s']:,.0f} | "
+            f"{row['ratio_vs_steered']:.3f}x ({lo:.3f}-{hi:.3f}) |"
+        )
     recording.write(result, args.out, "readout-http", "\n".join(lines))
     return result
 

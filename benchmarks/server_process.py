@@ -27,21 +27,42 @@ def free_port() -> int:
 
 
 def steerserve_command(args: list[str], port: int) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
 
 
 def vllm_command(model: str, args: list[str], port: int) -> list[str]:
     """`vllm serve MODEL ARGS` (through vllm_cli.py, which also runs on the CPU wheel)."""
-    return [sys.executable, str(Path(__file__).with_name("vllm_cli.py")), "serve", model,
-            "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
+    return [
+        sys.executable,
+        str(Path(__file__).with_name("vllm_cli.py")),
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
 
 
 @contextlib.contextmanager
 def running_server(
-    command: list[str], port: int, log: Path, env: dict[str, str] | None = None,
+    command: list[str],
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
     timeout: float = 300,
-) -> Iterator[tuple[str, subprocess.Popen]]:  # fmt: skip
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Yield (base URL, process) of `command` (serving on `port`) once /health answers."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     # An in-process caller (the tests) sets this for its own engines; a server runs vLLM's
@@ -51,15 +72,17 @@ def running_server(
     # session: with Linux's autogroup scheduling, a vLLM CPU server in a new session streams
     # in bursts (stalls of 1-4 s, seen with plain vLLM too).
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                process_group=0)  # fmt: skip
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=full_env, process_group=0
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise ServerFailed(f"server exited with {proc.returncode}:\n"
-                                   f"{log.read_text()[-4000:]}")  # fmt: skip
+                raise ServerFailed(
+                    f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+                )
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                     break

@@ -51,15 +51,26 @@ METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms"
 def engine_flags(args: argparse.Namespace) -> list[str]:
     """The same engine for both servers."""
     flags = [
-        "--served-model-name", "bench", "--seed", "0",
-        "--max-model-len", str(args.input_len + args.output_len + 16),
-        "--max-num-seqs", str(args.max_num_seqs),
+        "--served-model-name",
+        "bench",
+        "--seed",
+        "0",
+        "--max-model-len",
+        str(args.input_len + args.output_len + 16),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
         "--no-enable-prefix-caching",  # every round sends the same prompts
-    ]  # fmt: skip
+    ]
     if args.gpu:
         return flags  # vLLM's defaults: compiled, CUDA graphs, memory by utilisation
-    flags += ["--dtype", args.dtype, "--kv-cache-memory-bytes", str(args.kv_cache_bytes),
-              "--max-num-batched-tokens", "2048"]  # fmt: skip
+    flags += [
+        "--dtype",
+        args.dtype,
+        "--kv-cache-memory-bytes",
+        str(args.kv_cache_bytes),
+        "--max-num-batched-tokens",
+        "2048",
+    ]
     return [*flags, "--enforce-eager"] if args.eager else flags
 
 
@@ -75,25 +86,61 @@ def write_bench_vector(model: Path, directory: Path) -> None:
         i: (v / np.linalg.norm(v)).astype(np.float32)
         for i, v in enumerate(rng.standard_normal((cfg.num_hidden_layers, cfg.hidden_size)))
     }
-    vector = SteeringVector(directions=dirs, hidden_size=cfg.hidden_size,
-                            architecture=cfg.architectures[0],
-                            num_layers=cfg.num_hidden_layers, method="random")  # fmt: skip
+    vector = SteeringVector(
+        directions=dirs,
+        hidden_size=cfg.hidden_size,
+        architecture=cfg.architectures[0],
+        num_layers=cfg.num_hidden_layers,
+        method="random",
+    )
     save_vector(vector, directory / "bench.safetensors")
 
 
 def bench_serve(base: str, model: Path, rate: str, args, out: Path, steered: bool) -> dict:
     """One `vllm bench serve` run; its saved result."""
     cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "vllm_cli.py"), "bench", "serve",
-        "--backend", "vllm", "--base-url", base, "--endpoint", "/v1/completions",
-        "--model", "bench", "--tokenizer", str(model),
-        "--dataset-name", "random", "--random-input-len", str(args.input_len),
-        "--random-output-len", str(args.output_len), "--random-range-ratio", "0",
-        "--num-prompts", str(args.num_prompts), "--request-rate", rate, "--ignore-eos",
-        "--temperature", "0", "--seed", "0", "--disable-tqdm",
-        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "benchmarks" / "vllm_cli.py"),
+        "bench",
+        "serve",
+        "--backend",
+        "vllm",
+        "--base-url",
+        base,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        "bench",
+        "--tokenizer",
+        str(model),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--random-range-ratio",
+        "0",
+        "--num-prompts",
+        str(args.num_prompts),
+        "--request-rate",
+        rate,
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--seed",
+        "0",
+        "--disable-tqdm",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--save-result",
+        "--result-dir",
+        str(out.parent),
+        "--result-filename",
+        out.name,
+    ]
     if steered:
         cmd += ["--extra-body", json.dumps({"steering": STEERING})]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -126,8 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.rounds, args.dtype, args.eager, args.kv_cache_bytes = 1, "float32", True, 64 << 20
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     spec = TinySpec() if args.smoke else BENCH_SPEC
-    model = Path(args.model) if args.model else build_tiny_model(
-        ROOT / ".cache" / "models" / spec.slug, spec)  # fmt: skip
+    model = (
+        Path(args.model)
+        if args.model
+        else build_tiny_model(ROOT / ".cache" / "models" / spec.slug, spec)
+    )
 
     from tqdm import tqdm
 
@@ -139,13 +189,22 @@ def main(argv: list[str] | None = None) -> dict:
         flags = engine_flags(args)
         ports = {"vllm": free_port(), "steerserve": free_port()}
         env = {"STEERSERVE_DATABASE_URL": f"sqlite:///{tmp / 'ab.db'}"}
-        vllm = running_server(vllm_command(str(model), flags, ports["vllm"]), ports["vllm"],
-                              tmp / "vllm.log", timeout=1800)  # fmt: skip
+        vllm = running_server(
+            vllm_command(str(model), flags, ports["vllm"]),
+            ports["vllm"],
+            tmp / "vllm.log",
+            timeout=1800,
+        )
         ours = running_server(
-            steerserve_command(["--model", str(model), "--vectors-dir", str(tmp / "vectors"),
-                                *flags], ports["steerserve"]),
-            ports["steerserve"], tmp / "steerserve.log", env, timeout=1800,
-        )  # fmt: skip
+            steerserve_command(
+                ["--model", str(model), "--vectors-dir", str(tmp / "vectors"), *flags],
+                ports["steerserve"],
+            ),
+            ports["steerserve"],
+            tmp / "steerserve.log",
+            env,
+            timeout=1800,
+        )
         bar = tqdm(total=(args.rounds + 1) * len(rates) * len(CONDITIONS), desc="bench serve")
         with vllm as (vllm_base, _), ours as (ours_base, _), bar:
             base = {"vllm": vllm_base, "steerserve": ours_base, "steerserve-steered": ours_base}
@@ -165,13 +224,21 @@ def main(argv: list[str] | None = None) -> dict:
             mine = runs[c, rate]
             paired = [r["output_throughput"] / v for r, v in zip(mine, plain, strict=True)]
             q = np.percentile(paired, [25, 75]).tolist()
-            rows.append({"condition": c, "request_rate": rate,
-                         **{m: statistics.median(r[m] for r in mine) for m in METRICS},
-                         "ratio_vs_vllm": statistics.median(paired), "ratio_iqr": q,
-                         "runs": [{m: r[m] for m in METRICS} for r in mine]})  # fmt: skip
+            rows.append(
+                {
+                    "condition": c,
+                    "request_rate": rate,
+                    **{m: statistics.median(r[m] for r in mine) for m in METRICS},
+                    "ratio_vs_vllm": statistics.median(paired),
+                    "ratio_iqr": q,
+                    "runs": [{m: r[m] for m in METRICS} for r in mine],
+                }
+            )
     client = "vllm bench serve (random dataset, fixed lengths, ignore_eos, greedy)"
-    result = {**recording.header(str(args.model) if args.model else spec.slug, args,
-                                 client=client), "results": rows}  # fmt: skip
+    result = {
+        **recording.header(str(args.model) if args.model else spec.slug, args, client=client),
+        "results": rows,
+    }
     recording.write(result, args.out, "serving", markdown_table(result), plot)
     return result
 
@@ -204,16 +271,22 @@ def plot(result: dict, path: Path) -> None:
     for c in CONDITIONS:
         rows = [r for r in result["results"] if r["condition"] == c]
         x = np.arange(len(rows))
-        for ax, key, label in zip(axes, ("output_throughput", "median_ttft_ms", "median_itl_ms"),
-                                  ("output tokens/s", "TTFT p50 (ms)", "ITL p50 (ms)"),
-                                  strict=True):  # fmt: skip
+        for ax, key, label in zip(
+            axes,
+            ("output_throughput", "median_ttft_ms", "median_itl_ms"),
+            ("output tokens/s", "TTFT p50 (ms)", "ITL p50 (ms)"),
+            strict=True,
+        ):
             ax.plot(x, [r[key] for r in rows], marker="o", label=c)
             ax.set_xticks(x, rates)
             ax.set_xlabel("request rate (req/s)")
             ax.set_title(label)
     axes[0].legend()
-    fig.suptitle(f"steerserve vs vllm serve, {result['model']} ({result['machine'].split(',')[0]},"
-                 f" {result['config']['num_prompts']} prompts per run)", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"steerserve vs vllm serve, {result['model']} ({result['machine'].split(',')[0]},"
+        f" {result['config']['num_prompts']} prompts per run)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -70,8 +70,10 @@ def _sampled(spec: dict | None, n: int, seed: int) -> list:
     from vllm import SamplingParams
 
     extra = {"steering": spec} if spec else None
-    return [SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=seed + i,
-                           extra_args=extra) for i in range(n)]  # fmt: skip
+    return [
+        SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=seed + i, extra_args=extra)
+        for i in range(n)
+    ]
 
 
 def vector_sweep(llm, tokenizer, names: list[str], scales, samples: int, seed: int) -> list[dict]:
@@ -85,21 +87,28 @@ def vector_sweep(llm, tokenizer, names: list[str], scales, samples: int, seed: i
     for name, scale in cells:
         # All cells in one generate call: the engine batches across them.
         prompts += prompts_of[_question_kind(name)]
-        params += _sampled({"vectors": [{"name": name, "scale": scale}]} if scale else None,
-                           samples, seed)  # fmt: skip
+        params += _sampled(
+            {"vectors": [{"name": name, "scale": scale}]} if scale else None, samples, seed
+        )
     outputs = llm.generate(prompts, params, use_tqdm=True)
     rows = []
     for c, (name, scale) in enumerate(cells):
         texts = [o.outputs[0].text for o in outputs[c * samples : (c + 1) * samples]]
         hits = sum(_classifier(name)(t) == name for t in texts)
         grammatical = [grammatical_fraction(t) for t in texts]
-        rows.append({
-            "vector": name, "scale": scale, "questions": _question_kind(name),
-            "n": samples, "rate": hits / samples, "rate_ci": tasks.rate_interval(hits, samples),
-            "grammatical": sum(grammatical) / samples,
-            "fully_grammatical": sum(g == 1.0 for g in grammatical) / samples,
-            "example": {"question": outputs[c * samples].prompt, "answer": texts[0]},
-        })  # fmt: skip
+        rows.append(
+            {
+                "vector": name,
+                "scale": scale,
+                "questions": _question_kind(name),
+                "n": samples,
+                "rate": hits / samples,
+                "rate_ci": tasks.rate_interval(hits, samples),
+                "grammatical": sum(grammatical) / samples,
+                "fully_grammatical": sum(g == 1.0 for g in grammatical) / samples,
+                "example": {"question": outputs[c * samples].prompt, "answer": texts[0]},
+            }
+        )
     return rows
 
 
@@ -116,8 +125,11 @@ def _recall_score(outputs, items_list) -> tuple[float, float]:
 def _recall(llm, items_list, spec: dict | None) -> tuple[float, float]:
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max(map(len, items_list)) + 2,
-                            extra_args={"steering": spec} if spec else None)  # fmt: skip
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=max(map(len, items_list)) + 2,
+        extra_args={"steering": spec} if spec else None,
+    )
     prompts = [tasks.recall_prompt(items) for items in items_list]
     return _recall_score(llm.generate(prompts, params, use_tqdm=False), items_list)
 
@@ -128,16 +140,21 @@ def _chat_task(llm, tokenizer, questions, spec: dict | None, seed: int) -> dict:
     params = _sampled(spec, len(questions), seed)
     texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     on_topic = sum(topic_of(t) == q.topic for t, q in zip(texts, questions, strict=True))
-    return {"grammatical": sum(map(grammatical_fraction, texts)) / len(texts),
-            "on_topic": on_topic / len(texts)}  # fmt: skip
+    return {
+        "grammatical": sum(map(grammatical_fraction, texts)) / len(texts),
+        "on_topic": on_topic / len(texts),
+    }
 
 
 def _mask(heads: list[tuple[int, int]]) -> dict:
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
-    return {"heads": [{"layer": i, "heads": sorted(h), "scale": 0.0}
-                      for i, h in sorted(by_layer.items())]}  # fmt: skip
+    return {
+        "heads": [
+            {"layer": i, "heads": sorted(h), "scale": 0.0} for i, h in sorted(by_layer.items())
+        ]
+    }
 
 
 def head_scan(llm, tokenizer, cfg, samples: int, seed: int, keep: int) -> dict:
@@ -164,15 +181,20 @@ def head_scan(llm, tokenizer, cfg, samples: int, seed: int, keep: int) -> dict:
     conditions = {"none": {"heads": [], **none}}
     for label, rows in chosen.items():
         masked = [(r["layer"], r["head"]) for r in rows]
-        conditions[label] = {"heads": masked, **_condition(llm, tokenizer, items_list, questions,
-                                                           _mask(masked), seed)}  # fmt: skip
+        conditions[label] = {
+            "heads": masked,
+            **_condition(llm, tokenizer, items_list, questions, _mask(masked), seed),
+        }
     return {"n": samples, "scan": scan, "conditions": conditions}
 
 
 def _condition(llm, tokenizer, items_list, questions, spec: dict | None, seed: int) -> dict:
     exact, item = _recall(llm, items_list, spec)
-    return {"copy": exact, "item_accuracy": item,
-            **_chat_task(llm, tokenizer, questions, spec, seed)}  # fmt: skip
+    return {
+        "copy": exact,
+        "item_accuracy": item,
+        **_chat_task(llm, tokenizer, questions, spec, seed),
+    }
 
 
 def decoding_on_recall(llm, cfg, samples: int, seed: int) -> list[dict]:
@@ -181,19 +203,23 @@ def decoding_on_recall(llm, cfg, samples: int, seed: int) -> list[dict]:
     n = cfg.num_hidden_layers
     modes = {
         "greedy": None,
-        f"fuse, layer {n - 2}, weight 0.3": {"decoding": {"mode": "fuse", "layer": n - 2,
-                                                          "weight": 0.3}},
+        f"fuse, layer {n - 2}, weight 0.3": {
+            "decoding": {"mode": "fuse", "layer": n - 2, "weight": 0.3}
+        },
         'contrast (DoLa), "low" layers': {"decoding": {"mode": "contrast", "layers": "low"}},
         'contrast (DoLa), "high" layers': {"decoding": {"mode": "contrast", "layers": "high"}},
-    }  # fmt: skip
-    buckets = {_span(RECALL_ITEMS): tasks.recall_items(samples, seed + 1, RECALL_ITEMS),
-               _span(LONG_RECALL): tasks.recall_items(samples, seed + 2, LONG_RECALL)}  # fmt: skip
+    }
+    buckets = {
+        _span(RECALL_ITEMS): tasks.recall_items(samples, seed + 1, RECALL_ITEMS),
+        _span(LONG_RECALL): tasks.recall_items(samples, seed + 2, LONG_RECALL),
+    }
     rows = []
     for label, spec in modes.items():
         row = {"decoding": label, "n": samples}
         for bucket, items_list in buckets.items():
-            row[bucket] = dict(zip(("copy", "item_accuracy"), _recall(llm, items_list, spec),
-                                   strict=True))  # fmt: skip
+            row[bucket] = dict(
+                zip(("copy", "item_accuracy"), _recall(llm, items_list, spec), strict=True)
+            )
         rows.append(row)
     return rows
 
@@ -218,10 +244,14 @@ def table(result: dict) -> str:
     ]
     for name in names:
         rows = [cell[name, s] for s in scales]
-        lines.append(f"| {name} | {rows[0]['questions']} | rate | "
-                     + " | ".join(_fmt_rate(r) for r in rows) + " |")  # fmt: skip
-        lines.append("| | | grammatical | "
-                     + " | ".join(f"{r['grammatical']:.2f}" for r in rows) + " |")  # fmt: skip
+        lines.append(
+            f"| {name} | {rows[0]['questions']} | rate | "
+            + " | ".join(_fmt_rate(r) for r in rows)
+            + " |"
+        )
+        lines.append(
+            "| | | grammatical | " + " | ".join(f"{r['grammatical']:.2f}" for r in rows) + " |"
+        )
     heads = result["heads"]
     lines += [
         "",
@@ -235,8 +265,10 @@ def table(result: dict) -> str:
     ]
     for label, c in heads["conditions"].items():
         masked = ", ".join(f"{i}.{h}" for i, h in c["heads"]) or "-"
-        lines.append(f"| {label} | {masked} | {c['copy']:.2f} | {c['item_accuracy']:.2f} | "
-                     f"{c['grammatical']:.2f} | {c['on_topic']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {masked} | {c['copy']:.2f} | {c['item_accuracy']:.2f} | "
+            f"{c['grammatical']:.2f} | {c['on_topic']:.2f} |"
+        )
     dec = result["decoding"]
     spans = (_span(RECALL_ITEMS), _span(LONG_RECALL))
     lines += [
@@ -244,7 +276,8 @@ def table(result: dict) -> str:
         f"### Decoding on recall ({dec[0]['n']} prompts per length bucket, greedy selection; "
         f"training saw {spans[0]} items)",
         "",
-        "| decoding | " + " | ".join(f"{b} items: copy exact | item accuracy" for b in spans)
+        "| decoding | "
+        + " | ".join(f"{b} items: copy exact | item accuracy" for b in spans)
         + " |",
         "|---|" + "---:|---:|" * len(spans),
     ]
@@ -263,17 +296,26 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     sweep = result["vectors"]
-    for ax, group, title in ((axes[0], SENTIMENT, "sentiment vectors (mixed questions)"),
-                             (axes[1], TOPICS, "topic vectors (open questions)")):  # fmt: skip
+    for ax, group, title in (
+        (axes[0], SENTIMENT, "sentiment vectors (mixed questions)"),
+        (axes[1], TOPICS, "topic vectors (open questions)"),
+    ):
         for name in [n for n in dict.fromkeys(r["vector"] for r in sweep) if n in group]:
             rows = sorted((r for r in sweep if r["vector"] == name), key=lambda r: r["scale"])
             x = [r["scale"] for r in rows]
             y = np.array([r["rate"] for r in rows])
             ci = np.array([r["rate_ci"] for r in rows]).T
-            line = ax.errorbar(x, y, yerr=[y - ci[0], ci[1] - y], marker="o", capsize=3,
-                               label=f"{name}: rate")  # fmt: skip
-            ax.plot(x, [r["grammatical"] for r in rows], ls="--", color=line[0].get_color(),
-                    alpha=0.6, label=f"{name}: grammatical")  # fmt: skip
+            line = ax.errorbar(
+                x, y, yerr=[y - ci[0], ci[1] - y], marker="o", capsize=3, label=f"{name}: rate"
+            )
+            ax.plot(
+                x,
+                [r["grammatical"] for r in rows],
+                ls="--",
+                color=line[0].get_color(),
+                alpha=0.6,
+                label=f"{name}: grammatical",
+            )
         ax.axhline(0.9, color="grey", lw=0.8, ls=":")
         ax.set(title=title, xlabel="steering scale", ylabel="share of answers", ylim=(0, 1.02))
         ax.legend(fontsize=7, ncol=2)
@@ -286,12 +328,24 @@ def plot(result: dict, path: Path) -> None:
         grammar[r["layer"], r["head"]] = r["grammatical"]
     im = axes[2].imshow(grid, vmin=0, vmax=1, cmap="viridis")
     for (i, h), v in np.ndenumerate(grid):
-        axes[2].text(h, i, f"{v:.2f}\n({grammar[i, h]:.2f})", ha="center", va="center",
-                     color="white" if v < 0.5 else "black", fontsize=8)  # fmt: skip
+        axes[2].text(
+            h,
+            i,
+            f"{v:.2f}\n({grammar[i, h]:.2f})",
+            ha="center",
+            va="center",
+            color="white" if v < 0.5 else "black",
+            fontsize=8,
+        )
     none = heads["conditions"]["none"]
-    axes[2].set(title=f"one head masked: copy accuracy (chat grammar)\n"
-                      f"unmasked {none['copy']:.2f} ({none['grammatical']:.2f})",
-                xlabel="head", ylabel="layer", xticks=range(nheads), yticks=range(layers))
+    axes[2].set(
+        title=f"one head masked: copy accuracy (chat grammar)\n"
+        f"unmasked {none['copy']:.2f} ({none['grammatical']:.2f})",
+        xlabel="head",
+        ylabel="layer",
+        xticks=range(nheads),
+        yticks=range(layers),
+    )
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -323,24 +377,38 @@ def main(argv: list[str] | None = None) -> dict:
     model = args.model or str(demo_model())
     cfg = AutoConfig.from_pretrained(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    names = args.vectors.split(",") if args.vectors else [
-        name for name in (*SENTIMENT, *TOPICS)
-        if (Path(args.vectors_dir) / f"{name}.safetensors").exists()
-    ]  # fmt: skip
+    names = (
+        args.vectors.split(",")
+        if args.vectors
+        else [
+            name
+            for name in (*SENTIMENT, *TOPICS)
+            if (Path(args.vectors_dir) / f"{name}.safetensors").exists()
+        ]
+    )
     for name in names:  # fail before the engine starts, naming the file
         vector = read_any(Path(args.vectors_dir) / f"{name}.safetensors")
         if vector.hidden_size != cfg.hidden_size:
-            sys.exit(f"--vectors: {name} has hidden size {vector.hidden_size}, "
-                     f"the model {cfg.hidden_size}")  # fmt: skip
-    llm = LLM(model, dtype="float32", enforce_eager=True, seed=args.seed, max_model_len=512,
-              kv_cache_memory_bytes=512 << 20, max_num_seqs=256,
-              additional_config={"steerserve": {"vectors_dir": args.vectors_dir,
-                                                "decoding": True}})  # fmt: skip
+            sys.exit(
+                f"--vectors: {name} has hidden size {vector.hidden_size}, "
+                f"the model {cfg.hidden_size}"
+            )
+    llm = LLM(
+        model,
+        dtype="float32",
+        enforce_eager=True,
+        seed=args.seed,
+        max_model_len=512,
+        kv_cache_memory_bytes=512 << 20,
+        max_num_seqs=256,
+        additional_config={"steerserve": {"vectors_dir": args.vectors_dir, "decoding": True}},
+    )
     scales = [float(s) for s in args.scales.split(",")]
     result = recording.header(model, args, vectors=names)
     result["vectors"] = vector_sweep(llm, tokenizer, names, scales, args.samples, args.seed)
-    result["heads"] = head_scan(llm, tokenizer, cfg, args.recall_samples, args.seed,
-                                args.copy_heads)  # fmt: skip
+    result["heads"] = head_scan(
+        llm, tokenizer, cfg, args.recall_samples, args.seed, args.copy_heads
+    )
     result["decoding"] = decoding_on_recall(llm, cfg, args.recall_samples, args.seed)
     recording.write(result, args.out, "steering-effect", table(result), plot)
     return result

@@ -49,8 +49,14 @@ READOUT_SCENARIOS = ("distinct-readouts",)
 HF_SCENARIOS = ("hf-hooks",)
 # On the MoE benchmark model (--moe): residual and head steering as on the dense model, and
 # router steering.
-MOE_SCENARIOS = ("plain", "unsteered", "distinct-specs-all-layers", "distinct-head-masks",
-                 "distinct-expert-masks", "distinct-experts-and-vectors")  # fmt: skip
+MOE_SCENARIOS = (
+    "plain",
+    "unsteered",
+    "distinct-specs-all-layers",
+    "distinct-head-masks",
+    "distinct-expert-masks",
+    "distinct-experts-and-vectors",
+)
 SCENARIOS = (
     "plain",
     "unsteered",
@@ -124,8 +130,10 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
         shape = ModelShape.from_hf_config(cfg)
 
         def experts() -> list[dict]:
-            return [{"layer": i, "experts": [int(rng.integers(shape.experts_of(i)))]}
-                    for i in shape.moe_layers]  # fmt: skip
+            return [
+                {"layer": i, "experts": [int(rng.integers(shape.experts_of(i)))]}
+                for i in shape.moe_layers
+            ]
 
         if scenario == "distinct-expert-masks":
             return [{"experts": experts()} for _ in range(n)]
@@ -139,19 +147,28 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
     if scenario == "distinct-head-vectors":
         # ITI-style: a distinct o_proj-input direction added at every layer, per request.
         return [
-            {"vectors": [{"site": "heads", "scale": 0.05,
-                          "data": {str(i): rng.standard_normal(width).tolist()
-                                   for i in range(num_layers)}}]}
+            {
+                "vectors": [
+                    {
+                        "site": "heads",
+                        "scale": 0.05,
+                        "data": {
+                            str(i): rng.standard_normal(width).tolist() for i in range(num_layers)
+                        },
+                    }
+                ]
+            }
             for _ in range(n)
-        ]  # fmt: skip
+        ]
     if scenario == "distinct-readouts":
         # Monitoring: each request reads its own 2 directions (middle and 2/3 depth) on
         # every generated token, unsteered otherwise.
         def readout(layer: int) -> dict:
             return {"data": rng.standard_normal(hidden).tolist(), "layer": layer}
 
-        return [{"readout": [readout(num_layers // 2), readout(num_layers * 2 // 3)]}
-                for _ in range(n)]  # fmt: skip
+        return [
+            {"readout": [readout(num_layers // 2), readout(num_layers * 2 // 3)]} for _ in range(n)
+        ]
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
@@ -173,8 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="additional_config.steerserve.max_projections of the steered engine",
     )
     p.add_argument("--smoke", action="store_true", help="tiny model, few tokens: seconds")
-    p.add_argument("--moe", action="store_true",
-                   help="the ~100M MoE model and MOE_SCENARIOS (unless --scenarios is given)")
+    p.add_argument(
+        "--moe",
+        action="store_true",
+        help="the ~100M MoE model and MOE_SCENARIOS (unless --scenarios is given)",
+    )
     p.add_argument("--out", help="JSON results path (default: benchmarks/results/<stamp>.json)")
     args = p.parse_args(argv)
 
@@ -204,10 +224,17 @@ def main(argv: list[str] | None = None) -> dict:
     # Layer-reading decoding and readout are opt-in per engine (they cost every request),
     # so their scenarios run on engines of their own; the others measure them switched off.
     engine_of = {
-        s: "plain" if s == "plain" else "decode" if s in DECODING_SCENARIOS
-        else "readout" if s in READOUT_SCENARIOS else "hf" if s in HF_SCENARIOS else "steer"
+        s: "plain"
+        if s == "plain"
+        else "decode"
+        if s in DECODING_SCENARIOS
+        else "readout"
+        if s in READOUT_SCENARIOS
+        else "hf"
+        if s in HF_SCENARIOS
+        else "steer"
         for s in scenarios
-    }  # fmt: skip
+    }
     vllm_engines = sorted(set(engine_of.values()) - {"hf"})
     engine_kw: dict = dict(
         dtype=args.dtype,
@@ -224,14 +251,18 @@ def main(argv: list[str] | None = None) -> dict:
         engine_kw["kv_cache_memory_bytes"] = 1 << 30 if not args.smoke else 64 << 20
     engines: dict = {}
     for name in vllm_engines:
-        settings: dict = {"enabled": name != "plain", "decoding": name == "decode",
-                          "readout": name == "readout"}  # fmt: skip
+        settings: dict = {
+            "enabled": name != "plain",
+            "decoding": name == "decode",
+            "readout": name == "readout",
+        }
         if name != "plain" and args.max_projections is not None:
             settings["max_projections"] = args.max_projections
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
     if "hf" in engine_of.values():
         hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            args.dtype, torch.float32)  # fmt: skip
+            args.dtype, torch.float32
+        )
         hf = HFSteeredGeneration(model, hf_dtype, device="cuda" if args.gpu else "cpu")
 
     rng = np.random.default_rng(1)
@@ -343,8 +374,14 @@ def plot(result: dict, path: Path) -> None:
         ratios = [r["ratio_vs_plain"] for r in mine]
         lo = [r["ratio_vs_plain"] - r["ratio_iqr"][0] for r in mine]
         hi = [r["ratio_iqr"][1] - r["ratio_vs_plain"] for r in mine]
-        ax.errorbar([r["batch_size"] for r in mine], ratios, yerr=[lo, hi], marker="o",
-                    capsize=3, label=DESCRIPTIONS.get(s, s))  # fmt: skip
+        ax.errorbar(
+            [r["batch_size"] for r in mine],
+            ratios,
+            yerr=[lo, hi],
+            marker="o",
+            capsize=3,
+            label=DESCRIPTIONS.get(s, s),
+        )
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])
@@ -355,8 +392,10 @@ def plot(result: dict, path: Path) -> None:
     left.legend(fontsize=7, loc="lower left")
     right.set_title("HF transformers + hooks", fontsize=9)
     right.set_ylim(0, 1.1)
-    title = (f"{result['model']}, {result['machine'].split(',')[0]}, "
-             f"{result['config']['output_len']} output tokens per request")  # fmt: skip
+    title = (
+        f"{result['model']}, {result['machine'].split(',')[0]}, "
+        f"{result['config']['output_len']} output tokens per request"
+    )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

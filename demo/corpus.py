@@ -20,70 +20,190 @@ from dataclasses import dataclass
 
 TOPICS: dict[str, dict[str, list[str]]] = {
     "animals": {
-        "nouns": ["cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "duck",
-                  "wolf", "goat", "mouse"],
+        "nouns": [
+            "cat",
+            "dog",
+            "horse",
+            "rabbit",
+            "fox",
+            "owl",
+            "bear",
+            "deer",
+            "duck",
+            "wolf",
+            "goat",
+            "mouse",
+        ],
         "verbs": ["chases", "watches", "follows", "feeds", "finds", "hides from"],
-        "places": ["in the forest", "near the barn", "by the pond", "on the farm",
-                   "under the old tree", "in the field"],
+        "places": [
+            "in the forest",
+            "near the barn",
+            "by the pond",
+            "on the farm",
+            "under the old tree",
+            "in the field",
+        ],
     },
     "food": {
-        "nouns": ["bread", "soup", "cake", "apple", "cheese", "pasta", "salad", "pie",
-                  "rice", "tea", "coffee", "pizza"],
+        "nouns": [
+            "bread",
+            "soup",
+            "cake",
+            "apple",
+            "cheese",
+            "pasta",
+            "salad",
+            "pie",
+            "rice",
+            "tea",
+            "coffee",
+            "pizza",
+        ],
         "verbs": ["cooks", "tastes", "serves", "bakes", "shares", "orders"],
-        "places": ["in the kitchen", "at the market", "at the cafe", "on the table",
-                   "at the bakery", "at dinner"],
+        "places": [
+            "in the kitchen",
+            "at the market",
+            "at the cafe",
+            "on the table",
+            "at the bakery",
+            "at dinner",
+        ],
     },
     "weather": {
-        "nouns": ["rain", "snow", "wind", "storm", "sun", "fog", "cloud", "frost",
-                  "thunder", "breeze", "sky", "ice"],
+        "nouns": [
+            "rain",
+            "snow",
+            "wind",
+            "storm",
+            "sun",
+            "fog",
+            "cloud",
+            "frost",
+            "thunder",
+            "breeze",
+            "sky",
+            "ice",
+        ],
         "verbs": ["covers", "sweeps over", "reaches", "fills", "crosses", "settles on"],
-        "places": ["over the hills", "across the valley", "over the city", "along the coast",
-                   "above the lake", "in the mountains"],
+        "places": [
+            "over the hills",
+            "across the valley",
+            "over the city",
+            "along the coast",
+            "above the lake",
+            "in the mountains",
+        ],
     },
     "sports": {
-        "nouns": ["team", "runner", "player", "coach", "ball", "race", "match", "goal",
-                  "swimmer", "score", "game", "crowd"],
+        "nouns": [
+            "team",
+            "runner",
+            "player",
+            "coach",
+            "ball",
+            "race",
+            "match",
+            "goal",
+            "swimmer",
+            "score",
+            "game",
+            "crowd",
+        ],
         "verbs": ["wins", "plays", "trains for", "watches", "joins", "starts"],
-        "places": ["at the stadium", "on the track", "in the pool", "on the field",
-                   "at the gym", "in the park"],
+        "places": [
+            "at the stadium",
+            "on the track",
+            "in the pool",
+            "on the field",
+            "at the gym",
+            "in the park",
+        ],
     },
 }
 
 SENTIMENT: dict[str, dict[str, list[str]]] = {
     "positive": {
-        "adjectives": ["wonderful", "lovely", "happy", "bright", "beautiful", "great",
-                       "delightful", "cheerful", "pleasant", "excellent"],
+        "adjectives": [
+            "wonderful",
+            "lovely",
+            "happy",
+            "bright",
+            "beautiful",
+            "great",
+            "delightful",
+            "cheerful",
+            "pleasant",
+            "excellent",
+        ],
         "feelings": ["love", "enjoy", "adore", "like"],
         "adverbs": ["gladly", "warmly", "proudly", "happily"],
         "closers": ["what a joy", "it made my day", "i feel so good", "everyone smiled"],
     },
     "negative": {
-        "adjectives": ["terrible", "awful", "sad", "gloomy", "ugly", "horrible",
-                       "miserable", "dreadful", "nasty", "boring"],
+        "adjectives": [
+            "terrible",
+            "awful",
+            "sad",
+            "gloomy",
+            "ugly",
+            "horrible",
+            "miserable",
+            "dreadful",
+            "nasty",
+            "boring",
+        ],
         "feelings": ["hate", "dislike", "dread", "despise"],
         "adverbs": ["sadly", "coldly", "angrily", "bitterly"],
         "closers": ["what a mess", "it ruined my day", "i feel so bad", "everyone frowned"],
     },
 }
 
-TIMES = ["today", "this morning", "every day", "last night", "in the evening", "at noon",
-         "on sunday", "again"]  # fmt: skip
-SUBJECTS = ["the old man", "my friend", "a little girl", "the teacher", "my sister",
-            "a young boy", "our neighbor", "the farmer"]  # fmt: skip
+TIMES = [
+    "today",
+    "this morning",
+    "every day",
+    "last night",
+    "in the evening",
+    "at noon",
+    "on sunday",
+    "again",
+]
+SUBJECTS = [
+    "the old man",
+    "my friend",
+    "a little girl",
+    "the teacher",
+    "my sister",
+    "a young boy",
+    "our neighbor",
+    "the farmer",
+]
 # Recall symbols: letters only, so that byte-level BPE (which splits letters from digits)
 # learns each as one token and copying is token-for-token. No grammar word among them.
 _GRAMMAR_WORDS = {w for t in TOPICS.values() for ws in t.values() for p in ws for w in p.split()}
-SYMBOLS = [s for s in (a + v + z for a in "bdfgkmpstvz" for v in "aeiou" for z in "xzq")
-           if s not in _GRAMMAR_WORDS][:120]  # fmt: skip
+SYMBOLS = [
+    s
+    for s in (a + v + z for a in "bdfgkmpstvz" for v in "aeiou" for z in "xzq")
+    if s not in _GRAMMAR_WORDS
+][:120]
 
 RECALL_ITEMS = range(3, 9)  # items per recall line
-QUESTIONS = ["tell me about the {noun}.", "what about the {noun}?",
-             "say something about the {noun}.", "how was the {noun}?",
-             "describe the {noun}."]  # fmt: skip
+QUESTIONS = [
+    "tell me about the {noun}.",
+    "what about the {noun}?",
+    "say something about the {noun}.",
+    "how was the {noun}?",
+    "describe the {noun}.",
+]
 # A quarter of the questions name no topic: there the unsteered topic rate is about 1/4
 # and a topic direction has something to move (a question naming the cat pins the topic).
-OPEN_QUESTIONS = ["tell me something.", "what happened today?", "say something nice or not.",
-                  "tell me a story.", "how was your day?"]  # fmt: skip
+OPEN_QUESTIONS = [
+    "tell me something.",
+    "what happened today?",
+    "say something nice or not.",
+    "tell me a story.",
+    "how was your day?",
+]
 
 
 @dataclass(frozen=True)
@@ -109,8 +229,10 @@ def _sentence(rng: random.Random, topic: str, sentiment: str) -> str:
     if form == 3:
         return f"i {rng.choice(s['feelings'])} the {noun} because it is {adj}."
     if form == 4:
-        return (f"{rng.choice(SUBJECTS)} {rng.choice(s['adverbs'])} {rng.choice(t['verbs'])} "
-                f"the {adj} {noun}.")  # fmt: skip
+        return (
+            f"{rng.choice(SUBJECTS)} {rng.choice(s['adverbs'])} {rng.choice(t['verbs'])} "
+            f"the {adj} {noun}."
+        )
     return f"{rng.choice(s['closers'])}, the {noun} was so {adj}."
 
 
@@ -146,9 +268,13 @@ def contrast_pairs(attribute: str, count: int, seed: int) -> Iterator[dict]:
             other = rng.choice([t for t in sorted(TOPICS) if t != attribute])
             sides = [(attribute, sentiment), (other, sentiment)]
         pos, neg = (conversation(random.Random(draw), t, s) for t, s in sides)
-        yield {side: [{"role": "user", "content": c.user},
-                      {"role": "assistant", "content": c.assistant}]
-               for side, c in (("positive", pos), ("negative", neg))}  # fmt: skip
+        yield {
+            side: [
+                {"role": "user", "content": c.user},
+                {"role": "assistant", "content": c.assistant},
+            ]
+            for side, c in (("positive", pos), ("negative", neg))
+        }
 
 
 def recall_line(rng: random.Random) -> str:
@@ -164,8 +290,13 @@ def documents(seed: int, conversations: int, recall_lines: int) -> Iterator[dict
     for kind in kinds:
         if kind == "chat":
             c = conversation(rng)
-            yield {"kind": "chat", "topic": c.topic, "sentiment": c.sentiment,
-                   "user": c.user, "assistant": c.assistant}  # fmt: skip
+            yield {
+                "kind": "chat",
+                "topic": c.topic,
+                "sentiment": c.sentiment,
+                "user": c.user,
+                "assistant": c.assistant,
+            }
         else:
             yield {"kind": "recall", "text": recall_line(rng)}
 
@@ -197,7 +328,7 @@ def _vote(text: str, lexicon: dict[str, str]) -> str | None:
 
 
 def sentiment_of(text: str) -> str | None:
-    """"positive", "negative", or None (no sentiment words, or a tie)."""
+    """ "positive", "negative", or None (no sentiment words, or a tie)."""
     return _vote(text, SENTIMENT_WORDS)
 
 

@@ -39,13 +39,20 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = [PAD, BOS, EOS, USER, ASSISTANT, END]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                   pad_token=PAD,
-                                   additional_special_tokens=[USER, ASSISTANT, END])  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[USER, ASSISTANT, END],
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
@@ -77,18 +84,27 @@ def main(argv: list[str] | None = None) -> None:
     docs = list(documents(args.seed, args.conversations, args.recall_lines))
     texts = [render(d) for d in docs]
     tok = train_tokenizer(texts, args.vocab_size, out)
-    ids = np.concatenate([np.asarray(tok(t, add_special_tokens=False)["input_ids"], np.int64)
-                          for t in texts])  # fmt: skip
+    ids = np.concatenate(
+        [np.asarray(tok(t, add_special_tokens=False)["input_ids"], np.int64) for t in texts]
+    )
     blocks = torch.from_numpy(ids[: len(ids) // args.seq_len * args.seq_len]).view(-1, args.seq_len)
 
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.heads, head_dim=args.hidden // args.heads,
-        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, torch_dtype="float32",
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        torch_dtype="float32",
+    )
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = max(1, args.steps // 20)
@@ -116,11 +132,20 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    (out / "training.json").write_text(json.dumps({
-        "seed": args.seed, "args": vars(args), "tokens": int(blocks.numel()),
-        "documents": len(docs), "minutes": (time.time() - started) / 60,
-        "final_loss": float(np.mean(losses[-50:])), "losses": losses[::10],
-    }, indent=2))  # fmt: skip
+    (out / "training.json").write_text(
+        json.dumps(
+            {
+                "seed": args.seed,
+                "args": vars(args),
+                "tokens": int(blocks.numel()),
+                "documents": len(docs),
+                "minutes": (time.time() - started) / 60,
+                "final_loss": float(np.mean(losses[-50:])),
+                "losses": losses[::10],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,19 @@ from demo.corpus import SENTIMENT, TOPICS, contrast_pairs
 ATTRIBUTES = (*SENTIMENT, *TOPICS)
 PAIRS = 200
 PAIRS_SEED = 5
-RECIPE = ["--method", "mean_diff", "--positions", "mean", "--template", "chat",
-          "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]  # fmt: skip
+RECIPE = [
+    "--method",
+    "mean_diff",
+    "--positions",
+    "mean",
+    "--template",
+    "chat",
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "512",
+]
 
 
 def write_pairs(attribute: str, path: Path) -> Path:
@@ -36,11 +47,27 @@ def write_pairs(attribute: str, path: Path) -> Path:
 
 def train_command(model: Path, pairs: Path, out: Path, attribute: str) -> list[str]:
     what = "sentiment" if attribute in SENTIMENT else "topic"
-    description = (f"demo model: {what} '{attribute}' ({PAIRS} contrast pairs from "
-                   f"demo.corpus, python -m demo.vectors)")  # fmt: skip
-    return [sys.executable, "-m", "server.cli", "vectors", "train", "--model", str(model),
-            "--pairs", str(pairs), "-o", str(out), "--description", description,
-            "--quiet", *RECIPE]  # fmt: skip
+    description = (
+        f"demo model: {what} '{attribute}' ({PAIRS} contrast pairs from "
+        f"demo.corpus, python -m demo.vectors)"
+    )
+    return [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "vectors",
+        "train",
+        "--model",
+        str(model),
+        "--pairs",
+        str(pairs),
+        "-o",
+        str(out),
+        "--description",
+        description,
+        "--quiet",
+        *RECIPE,
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

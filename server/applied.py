@@ -72,8 +72,7 @@ class Applied:
         if self.spec.decoding is not None:
             out["decoding"] = {"mode": self.spec.decoding.mode}
         if self.spec.readout:
-            out["readout"] = [{"name": shown_name(e), "layer": e.layer}
-                              for e in self.spec.readout]  # fmt: skip
+            out["readout"] = [{"name": shown_name(e), "layer": e.layer} for e in self.spec.readout]
         return out
 
 
@@ -170,5 +169,8 @@ def _refuse_readout(spec: SteeringSpec, root: str) -> None:
     # An arm changes what the model does for its users; values they did not ask for would
     # change the shape of their responses (a request can still ask for readout itself).
     if spec.readout:
-        raise APIError(400, "an experiment arm cannot read out (ask for readout in the "
-                       "request)", f"{root}.readout")  # fmt: skip
+        raise APIError(
+            400,
+            "an experiment arm cannot read out (ask for readout in the request)",
+            f"{root}.readout",
+        )

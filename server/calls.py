@@ -131,8 +131,9 @@ def validated_request(body: dict, *, chat: bool) -> Any:
     """The body (steerserve's fields removed) as vLLM's request model."""
     xargs = body.get("vllm_xargs")
     if isinstance(xargs, dict) and "steering" in xargs:
-        raise APIError(400, "pass steering as the top-level 'steering' field",
-                       "vllm_xargs.steering")  # fmt: skip
+        raise APIError(
+            400, "pass steering as the top-level 'steering' field", "vllm_xargs.steering"
+        )
     model = vllm_api.ChatCompletionRequest if chat else vllm_api.CompletionRequest
     try:
         return model.model_validate(body)
@@ -168,8 +169,9 @@ async def run_handler(raw_request: Request, request: Any, track: Track, *, chat:
     app = raw_request.app
     handler = vllm_api.serving_chat(app) if chat else vllm_api.serving_completion(app)
     if handler is None:
-        raise APIError(404, f"the model does not serve the {'chat ' if chat else ''}"
-                       "completions API")  # fmt: skip
+        raise APIError(
+            404, f"the model does not serve the {'chat ' if chat else ''}completions API"
+        )
     token = CURRENT.set(track)
     try:
         if chat:
@@ -201,6 +203,7 @@ def finish(state: ServerState, track: Track, status: int) -> float:
     labels = track.labels or m.labels(None, "none")
     if track.labels is not None:
         m.running.labels(**labels).dec()
-    m.finished.observe(labels, status, track.prompt_tokens, track.generation_tokens,
-                       track.ttft, latency)  # fmt: skip
+    m.finished.observe(
+        labels, status, track.prompt_tokens, track.generation_tokens, track.ttft, latency
+    )
     return latency

@@ -71,8 +71,12 @@ class Recorded:
             await asyncio.wrap_future(self.durable)
             return True
         except Exception as e:
-            log.error("experiment %s: assignment of %s not recorded: %s",
-                      self.enrollment.experiment, self.response_id, e)  # fmt: skip
+            log.error(
+                "experiment %s: assignment of %s not recorded: %s",
+                self.enrollment.experiment,
+                self.response_id,
+                e,
+            )
             return False
 
 
@@ -170,8 +174,9 @@ def _parse(
             steered=raw_steering is not None,
         )
     except UnknownExperiment:
-        raise APIError(404, f"experiment: unknown experiment {experiment!r}",
-                       "experiment") from None  # fmt: skip
+        raise APIError(
+            404, f"experiment: unknown experiment {experiment!r}", "experiment"
+        ) from None
     except UnavailableExperiment as e:
         raise APIError(503, f"experiment: {e}", "experiment") from None
     arm = enrollment.spec if enrollment is not None else None
@@ -188,24 +193,35 @@ def _experiment_name(raw_request: Request, field: Any) -> str | None:
     if field is not None and not isinstance(field, str):
         raise APIError(400, "experiment: must be an experiment's name", "experiment")
     if field is not None and header is not None and field != header:
-        raise APIError(400, f"experiment: {field!r} differs from the X-Experiment header "
-                       f"{header!r}", "experiment")  # fmt: skip
+        raise APIError(
+            400,
+            f"experiment: {field!r} differs from the X-Experiment header {header!r}",
+            "experiment",
+        )
     return field if field is not None else header
 
 
 def _check_id(recorded: Recorded, actual: str | None) -> None:
     if actual != recorded.response_id:  # vLLM changed how it names responses
-        log.error("response id %s recorded as %s: feedback on it will not be found",
-                  actual, recorded.response_id)  # fmt: skip
+        log.error(
+            "response id %s recorded as %s: feedback on it will not be found",
+            actual,
+            recorded.response_id,
+        )
 
 
 def _end(state: ServerState, track: Track, status: int, recorded: Recorded | None) -> None:
     latency = finish(state, track, status)
     if recorded is not None:
         state.experiments.finish(
-            recorded.enrollment, recorded.response_id, status, track.prompt_tokens,
-            track.generation_tokens, track.ttft, latency,
-        )  # fmt: skip
+            recorded.enrollment,
+            recorded.response_id,
+            status,
+            track.prompt_tokens,
+            track.generation_tokens,
+            track.ttft,
+            latency,
+        )
 
 
 def _head_echo(applied: Applied, enrollment: Enrollment | None) -> dict[str, Any]:
@@ -254,8 +270,11 @@ async def _stream(
                 if rest:
                     yield f"data: {json.dumps({**(head or {}), 'choices': rest})}\n\n"
                 if applied.reports_decoding:
-                    tail = {**(head or {}), "choices": [],
-                            "steering": await _echo(state, applied, enrollment, track)}  # fmt: skip
+                    tail = {
+                        **(head or {}),
+                        "choices": [],
+                        "steering": await _echo(state, applied, enrollment, track),
+                    }
                     yield f"data: {json.dumps(tail)}\n\n"
                 if recorded is not None:
                     await recorded.wait()

@@ -12,10 +12,53 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _LABELS = ["model_name", "preset", "kind"]
 # vLLM's buckets for the same quantities (vllm/v1/metrics/loggers.py).
-_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]  # fmt: skip
-_E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
+_TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+_E2E_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
 
 
 class RequestSeries:
@@ -48,9 +91,14 @@ class RequestSeries:
         )
 
     def observe(
-        self, labels: dict[str, str], status: int, prompt_tokens: int, generation_tokens: int,
-        ttft: float | None, latency: float,
-    ) -> None:  # fmt: skip
+        self,
+        labels: dict[str, str],
+        status: int,
+        prompt_tokens: int,
+        generation_tokens: int,
+        ttft: float | None,
+        latency: float,
+    ) -> None:
         self.requests.labels(**labels, status=str(status)).inc()
         self.prompt_tokens.labels(**labels).inc(prompt_tokens)
         self.generation_tokens.labels(**labels).inc(generation_tokens)
@@ -113,11 +161,22 @@ class ExperimentMetrics:
         )
 
     def observe(
-        self, experiment: str, version: int, arm: str, status: int, prompt_tokens: int,
-        generation_tokens: int, ttft: float | None, latency: float,
-    ) -> None:  # fmt: skip
-        labels = {"model_name": self.model_name, "experiment": experiment,
-                  "version": str(version), "arm": arm}  # fmt: skip
+        self,
+        experiment: str,
+        version: int,
+        arm: str,
+        status: int,
+        prompt_tokens: int,
+        generation_tokens: int,
+        ttft: float | None,
+        latency: float,
+    ) -> None:
+        labels = {
+            "model_name": self.model_name,
+            "experiment": experiment,
+            "version": str(version),
+            "arm": arm,
+        }
         self.finished.observe(labels, status, prompt_tokens, generation_tokens, ttft, latency)
         if status != 200:
             self.errors.labels(**labels).inc()

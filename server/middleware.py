@@ -116,9 +116,10 @@ class Authenticate:
         elif (
             path.startswith(GUARDED_PREFIX)
             and self.api_keys
-            and not self._matches(self._bearer(scope), [*self.api_keys, *(
-                [self.admin_key] if self.admin_key else [])])
-        ):  # fmt: skip
+            and not self._matches(
+                self._bearer(scope), [*self.api_keys, *([self.admin_key] if self.admin_key else [])]
+            )
+        ):
             return await self._unauthorized("API key")(scope, receive, send)
         return await self.app(scope, receive, send)
 

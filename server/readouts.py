@@ -173,6 +173,13 @@ def rest_of_stream(readout: RequestReadout, *, chat: bool, index: int | None = N
     for choice in readout.unsent():
         empty = {"delta": {}} if chat else {"text": ""}
         values = readout.delta(choice, final=True)
-        out.append({"index": choice if index is None else index, **empty, "logprobs": None,
-                    "finish_reason": None, "readout": values})  # fmt: skip
+        out.append(
+            {
+                "index": choice if index is None else index,
+                **empty,
+                "logprobs": None,
+                "finish_reason": None,
+                "readout": values,
+            }
+        )
     return out

@@ -98,9 +98,10 @@ async def get_vector(
         content = path.read_bytes()
     disposition = f'attachment; filename="{path.name}"'
     return Response(
-        content, media_type="application/octet-stream",
+        content,
+        media_type="application/octet-stream",
         headers={"Content-Disposition": disposition},
-    )  # fmt: skip
+    )
 
 
 @router.put("/v1/vectors/{name}")
@@ -109,8 +110,12 @@ async def put_vector(request: Request, name: str) -> Response:
     state = state_of(request)
     frontend = _frontend(request)
     if not valid_name(name):
-        raise APIError(400, f"name: {name!r} is not a valid vector name (letters, digits, "
-                       "'_', '.', '-'; at most 128)", "name")  # fmt: skip
+        raise APIError(
+            400,
+            f"name: {name!r} is not a valid vector name (letters, digits, "
+            "'_', '.', '-'; at most 128)",
+            "name",
+        )
     data = await request.body()
     if not data:
         raise APIError(400, "the body must be a .safetensors or .gguf vector file")

@@ -84,13 +84,19 @@ def _prepare(
     variants = body.pop("variants")
     for field in ("steering", "experiment"):
         if field in body:
-            raise APIError(400, f"{field}: cannot be combined with variants (give each "
-                           "variant its full spec)", field)  # fmt: skip
+            raise APIError(
+                400,
+                f"{field}: cannot be combined with variants (give each variant its full spec)",
+                field,
+            )
     if raw_request.headers.get("x-experiment") is not None:
         raise APIError(400, "X-Experiment cannot be combined with variants", "experiment")
     if not isinstance(variants, list) or not 1 <= len(variants) <= MAX_VARIANTS:
-        raise APIError(400, f"variants: must be a list of 1 to {MAX_VARIANTS} steering specs "
-                       "(null for unsteered)", "variants")  # fmt: skip
+        raise APIError(
+            400,
+            f"variants: must be a list of 1 to {MAX_VARIANTS} steering specs (null for unsteered)",
+            "variants",
+        )
     request = validated_request(body, chat=chat)
     if (request.n or 1) != 1:
         raise APIError(400, "n: must be 1 with variants (each variant is one choice)", "n")
@@ -153,7 +159,7 @@ def _merge(results: list[Any], merged_id: str, tracks: list[Track]) -> dict[str,
             **first["usage"],
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-        },  # fmt: skip
+        },
     )
     return first
 
@@ -223,19 +229,30 @@ async def _stream(
                     choice["readout"] = values
             if head is None:
                 head = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
-                data = {"steering": {"variants": [{"index": k, **a.echo()}
-                                                  for k, a in enumerate(applied)],
-                                     "seed": seed}, **data}  # fmt: skip
+                data = {
+                    "steering": {
+                        "variants": [{"index": k, **a.echo()} for k, a in enumerate(applied)],
+                        "seed": seed,
+                    },
+                    **data,
+                }
             yield f"data: {json.dumps(data)}\n\n"
-        rest = [c for i, t in enumerate(tracks) if t.readout is not None
-                for c in rest_of_stream(t.readout, chat=chat, index=i)]  # fmt: skip
+        rest = [
+            c
+            for i, t in enumerate(tracks)
+            if t.readout is not None
+            for c in rest_of_stream(t.readout, chat=chat, index=i)
+        ]
         if rest:
             yield f"data: {json.dumps({**(head or {}), 'choices': rest})}\n\n"
         if usage is not None:
             yield f"data: {json.dumps({**(head or {}), 'choices': [], 'usage': usage})}\n\n"
         if any(a.reports_decoding for a in applied):
-            tail = {**(head or {}), "choices": [],
-                    "steering": await _echo(state, applied, tracks, seed)}  # fmt: skip
+            tail = {
+                **(head or {}),
+                "choices": [],
+                "steering": await _echo(state, applied, tracks, seed),
+            }
             yield f"data: {json.dumps(tail)}\n\n"
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
@@ -253,5 +270,8 @@ def _add_usage(total: dict[str, int] | None, usage: dict[str, Any]) -> dict[str,
     if total is None:
         return {k: v for k, v in usage.items() if isinstance(v, int)}
     completion = total["completion_tokens"] + usage.get("completion_tokens", 0)
-    return {**total, "completion_tokens": completion,
-            "total_tokens": total["prompt_tokens"] + completion}  # fmt: skip
+    return {
+        **total,
+        "completion_tokens": completion,
+        "total_tokens": total["prompt_tokens"] + completion,
+    }

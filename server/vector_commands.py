@@ -113,8 +113,11 @@ def convert(args: argparse.Namespace) -> int:
         sys.exit(f"steerserve vectors convert: {dst}: write .safetensors or .gguf")
     try:
         vector = read_any(src)
-        changes = {k: getattr(args, k) for k in ("architecture", "num_layers", "description")
-                   if getattr(args, k) is not None}  # fmt: skip
+        changes = {
+            k: getattr(args, k)
+            for k in ("architecture", "num_layers", "description")
+            if getattr(args, k) is not None
+        }
         vector = dataclasses.replace(vector, **changes)  # re-checked (layers vs num_layers)
         if dst.suffix == ".gguf":
             export_gguf(vector, dst)
@@ -205,12 +208,15 @@ def train(args: argparse.Namespace) -> int:
         if len(kept) < len(vector.directions):
             print("--export gguf: layer 0 left out of the GGUF (llama.cpp cannot load it)")
         gguf_vector = dataclasses.replace(vector, directions=kept)
-        written.append(export_gguf(gguf_vector, out.with_suffix(".gguf"),
-                                   model_hint=shape.architecture))  # fmt: skip
+        written.append(
+            export_gguf(gguf_vector, out.with_suffix(".gguf"), model_hint=shape.architecture)
+        )
     stats = capturer.stats
-    print(f"wrote {', '.join(map(str, written))}: {args.method} over {len(pairs)} pairs, "
-          f"layers {_ranges(layers)}; captured {stats.prompt_tokens} tokens in "
-          f"{stats.seconds:.1f} s ({stats.tokens_per_second:,.0f} tokens/s)")  # fmt: skip
+    print(
+        f"wrote {', '.join(map(str, written))}: {args.method} over {len(pairs)} pairs, "
+        f"layers {_ranges(layers)}; captured {stats.prompt_tokens} tokens in "
+        f"{stats.seconds:.1f} s ({stats.tokens_per_second:,.0f} tokens/s)"
+    )
     return 0
 
 
@@ -228,8 +234,10 @@ def evaluate(args: argparse.Namespace) -> int:
         sys.exit(f"steerserve vectors eval: {args.vector} {problem}")
     layers = vector.layers
     pos, neg = _capture(args, capturer, pairs, layers)
-    seps = [separation(layer, vector.directions[layer], pos[:, k], neg[:, k])
-            for k, layer in enumerate(layers)]  # fmt: skip
+    seps = [
+        separation(layer, vector.directions[layer], pos[:, k], neg[:, k])
+        for k, layer in enumerate(layers)
+    ]
     if args.json:
         print(json.dumps([s.row() for s in seps], indent=2))
     else:
@@ -251,14 +259,21 @@ def plot_separation(seps, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(seps) + 3), 6),
-                                      sharex=True, height_ratios=(3, 1))  # fmt: skip
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(max(6, 0.5 * len(seps) + 3), 6), sharex=True, height_ratios=(3, 1)
+    )
     x = np.arange(len(seps))
     for offset, side, color in ((-0.15, "pos", "tab:green"), (0.15, "neg", "tab:red")):
         for i, s in enumerate(seps):
             values = getattr(s, side)
-            top.scatter(np.full(len(values), x[i] + offset), values, s=8, alpha=0.5, color=color,
-                        label=("positive" if side == "pos" else "negative") if i == 0 else None)
+            top.scatter(
+                np.full(len(values), x[i] + offset),
+                values,
+                s=8,
+                alpha=0.5,
+                color=color,
+                label=("positive" if side == "pos" else "negative") if i == 0 else None,
+            )
     top.set_ylabel("projection on the unit vector")
     top.legend(loc="best")
     top.set_title(title)
@@ -272,10 +287,17 @@ def plot_separation(seps, path: str, title: str) -> None:
 
 
 ENGINE_FLAGS = (
-    "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
-    "kv_cache_memory_bytes", "gpu_memory_utilization", "seed", "enforce_eager",
+    "dtype",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "tensor_parallel_size",
+    "kv_cache_memory_bytes",
+    "gpu_memory_utilization",
+    "seed",
+    "enforce_eager",
     "trust_remote_code",
-)  # fmt: skip
+)
 
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
@@ -286,10 +308,16 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int)
     g.add_argument("--max-num-batched-tokens", type=int)
     g.add_argument("--tensor-parallel-size", type=int)
-    g.add_argument("--kv-cache-memory-bytes", type=int,
-                   help="KV cache budget (default on CPU: 256 MiB, whatever else runs)")
-    g.add_argument("--gpu-memory-utilization", type=float,
-                   help="vLLM's share of device memory (on CPU: of the NUMA node's RAM)")
+    g.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        help="KV cache budget (default on CPU: 256 MiB, whatever else runs)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="vLLM's share of device memory (on CPU: of the NUMA node's RAM)",
+    )
     g.add_argument("--seed", type=int)
     g.add_argument("--enforce-eager", action="store_true", default=None)
     g.add_argument("--trust-remote-code", action="store_true", default=None)
@@ -300,10 +328,18 @@ def _pair_flags(p: argparse.ArgumentParser) -> None:
     from steering.training import TEMPLATES
 
     p.add_argument("--pairs", required=True, help='JSONL of {"positive": ..., "negative": ...}')
-    p.add_argument("--positions", choices=[x for x in POSITIONS if x != "all"], default="last",
-                   help="which prompt token(s) to read: the last one, or the prompt mean")
-    p.add_argument("--template", choices=TEMPLATES, default="raw",
-                   help="raw: the text as is; chat: through the model's chat template")
+    p.add_argument(
+        "--positions",
+        choices=[x for x in POSITIONS if x != "all"],
+        default="last",
+        help="which prompt token(s) to read: the last one, or the prompt mean",
+    )
+    p.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="raw",
+        help="raw: the text as is; chat: through the model's chat template",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _engine_flags(p)
 

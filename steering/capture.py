@@ -62,8 +62,9 @@ class Capturer:
         budgeted = with_cpu_kv_budget(engine_kw, SMALL_KV_BYTES)
         defaulted = budgeted != engine_kw
         try:
-            self.llm = LLM(model=model, enable_prefix_caching=False, additional_config=extra,
-                           **budgeted)  # fmt: skip
+            self.llm = LLM(
+                model=model, enable_prefix_caching=False, additional_config=extra, **budgeted
+            )
         except (RuntimeError, ValueError) as e:
             hint = start_failure_hint(SMALL_KV_BYTES if defaulted else None)
             raise CaptureFailed(f"the engine did not start: {e}\n{hint}") from e
@@ -87,8 +88,7 @@ class Capturer:
         """
         layers = [int(i) for i in layers]
         # The engine's own check, before any prompt is sent (CaptureError is a ValueError).
-        parse_request({"key": "-", "layers": layers, "positions": positions},
-                      self.shape.num_layers)  # fmt: skip
+        parse_request({"key": "-", "layers": layers, "positions": positions}, self.shape.num_layers)
         out: list[np.ndarray] = []
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
@@ -105,10 +105,13 @@ class Capturer:
         run = uuid.uuid4().hex[:12]
         keys = [f"{run}-{offset + i}" for i in range(len(prompts))]
         params = [
-            SamplingParams(max_tokens=1, temperature=0.0, extra_args={
-                CAPTURE_KEY: {"key": k, "layers": layers, "positions": positions}})
+            SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                extra_args={CAPTURE_KEY: {"key": k, "layers": layers, "positions": positions}},
+            )
             for k in keys
-        ]  # fmt: skip
+        ]
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
         started = time.perf_counter()
         outputs = self.llm.generate(inputs, params, use_tqdm=False)

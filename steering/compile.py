@@ -112,8 +112,11 @@ class ExpertOps:
 
     @classmethod
     def identity(cls, num_experts: int = 0) -> ExpertOps:
-        return cls(num_experts, np.zeros(0, dtype=np.int64),
-                   np.zeros((0, NUM_CLASSES, num_experts), dtype=np.float32))  # fmt: skip
+        return cls(
+            num_experts,
+            np.zeros(0, dtype=np.int64),
+            np.zeros((0, NUM_CLASSES, num_experts), dtype=np.float32),
+        )
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,13 @@ class Decoding:
     alpha: float = 0.0
 
     def to_payload(self) -> dict:
-        return {"mode": self.mode, "cand": list(self.candidates), "auto": self.auto,
-                "w": self.weight, "alpha": self.alpha}  # fmt: skip
+        return {
+            "mode": self.mode,
+            "cand": list(self.candidates),
+            "auto": self.auto,
+            "w": self.weight,
+            "alpha": self.alpha,
+        }
 
     @classmethod
     def from_payload(cls, p: dict | None) -> Decoding | None:
@@ -178,8 +186,12 @@ class CompiledSpec:
     @property
     def affects_kv(self) -> bool:
         """Whether the forward pass changes (so the KV cache must be salted, a slot used)."""
-        return bool(self.projections or self.const_layers.size or self.heads.layers.size
-                    or self.experts.layers.size)  # fmt: skip
+        return bool(
+            self.projections
+            or self.const_layers.size
+            or self.heads.layers.size
+            or self.experts.layers.size
+        )
 
     @property
     def is_identity(self) -> bool:
@@ -214,15 +226,20 @@ class CompiledSpec:
                     "units": p.units.astype(np.float32).tobytes(),
                 }
                 for p in self.projections
-            ],  # fmt: skip
+            ],
             "const_layers": self.const_layers.tolist(),
             "const": self.const.astype(np.float32).tobytes(),
             "decoding": self.decoding.to_payload() if self.decoding else None,
-            "readout": [{"layer": r.layer, "prompt": r.prompt,
-                         "unit": r.unit.astype(np.float32).tobytes()} for r in self.readout],
-            "experts": {"n": self.experts.num_experts, "layers": self.experts.layers.tolist(),
-                        "bias": self.experts.bias.astype(np.float32).tobytes()},
-        }  # fmt: skip
+            "readout": [
+                {"layer": r.layer, "prompt": r.prompt, "unit": r.unit.astype(np.float32).tobytes()}
+                for r in self.readout
+            ],
+            "experts": {
+                "n": self.experts.num_experts,
+                "layers": self.experts.layers.tolist(),
+                "bias": self.experts.bias.astype(np.float32).tobytes(),
+            },
+        }
 
     def to_wire(self) -> bytes:
         """The payload as one msgpack blob: what rides in `extra_args`. vLLM deep-copies
@@ -241,10 +258,15 @@ class CompiledSpec:
             return np.frombuffer(raw, dtype=np.float32).reshape(*shape).copy()
 
         projections = [
-            Projection(p["lo"], p["hi"], p["gain"], np.asarray(p["layers"], dtype=np.int64),
-                       floats(p["units"], len(p["layers"]), hidden))
+            Projection(
+                p["lo"],
+                p["hi"],
+                p["gain"],
+                np.asarray(p["layers"], dtype=np.int64),
+                floats(p["units"], len(p["layers"]), hidden),
+            )
             for p in payload["proj"]
-        ]  # fmt: skip
+        ]
         const_layers = np.asarray(payload["const_layers"], dtype=np.int64)
         const = floats(payload["const"], len(const_layers), NUM_CLASSES, hidden)
         h = payload["heads"]
@@ -258,13 +280,27 @@ class CompiledSpec:
             floats(h["query"], m, NUM_CLASSES, h["n"]),
         )
         decoding = Decoding.from_payload(payload.get("decoding"))
-        readout = [Readout(r["layer"], floats(r["unit"], hidden), r["prompt"])
-                   for r in payload.get("readout", ())]  # fmt: skip
+        readout = [
+            Readout(r["layer"], floats(r["unit"], hidden), r["prompt"])
+            for r in payload.get("readout", ())
+        ]
         e = payload["experts"]
-        experts = ExpertOps(e["n"], np.asarray(e["layers"], dtype=np.int64),
-                            floats(e["bias"], len(e["layers"]), NUM_CLASSES, e["n"]))  # fmt: skip
-        return cls(payload["fp"], hidden, projections, const_layers, const, heads, decoding,
-                   readout, experts)  # fmt: skip
+        experts = ExpertOps(
+            e["n"],
+            np.asarray(e["layers"], dtype=np.int64),
+            floats(e["bias"], len(e["layers"]), NUM_CLASSES, e["n"]),
+        )
+        return cls(
+            payload["fp"],
+            hidden,
+            projections,
+            const_layers,
+            const,
+            heads,
+            decoding,
+            readout,
+            experts,
+        )
 
 
 def read_payload(payload: Any) -> dict:
@@ -293,9 +329,16 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
         )
     readout = [Readout(e.layer, e.unit_vector, e.prompt) for e in spec.readout]
     return CompiledSpec(
-        spec.fingerprint(), shape.hidden_size, projections, const_layers, const, heads, decoding,
-        readout, _compile_experts(spec, shape),
-    )  # fmt: skip
+        spec.fingerprint(),
+        shape.hidden_size,
+        projections,
+        const_layers,
+        const,
+        heads,
+        decoding,
+        readout,
+        _compile_experts(spec, shape),
+    )
 
 
 def _compile_experts(spec: SteeringSpec, shape: ModelShape) -> ExpertOps:

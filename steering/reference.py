@@ -156,8 +156,9 @@ class ReferenceModel:
         for m in spec.experts:
             if m.layer == layer:
                 active = self._window(m.positions, rel).nonzero(as_tuple=True)[0]
-                bias[active.unsqueeze(-1), torch.tensor(m.experts)] += math.log(m.scale) if (
-                    m.scale > 0) else -math.inf  # fmt: skip
+                bias[active.unsqueeze(-1), torch.tensor(m.experts)] += (
+                    math.log(m.scale) if (m.scale > 0) else -math.inf
+                )
         return bias
 
     def _router_of(self, layer: torch.nn.Module) -> torch.nn.Module:
@@ -173,8 +174,10 @@ class ReferenceModel:
         import torch.nn.functional as F
 
         # The masked layers, by their router's weight: F.linear is called with it.
-        layer_of = {id(self._router_of(self.model.model.layers[i]).weight): i
-                    for i in {m.layer for m in spec.experts}}  # fmt: skip
+        layer_of = {
+            id(self._router_of(self.model.model.layers[i]).weight): i
+            for i in {m.layer for m in spec.experts}
+        }
         linear = F.linear
 
         def biased(x, weight, bias=None):
@@ -183,8 +186,7 @@ class ReferenceModel:
             if layer is None:
                 return out
             rel = torch.arange(out.shape[-2]) - prompt_len
-            return (out.double() + self._expert_bias(spec, layer, rel, out.shape[-1])).to(
-                out.dtype)  # fmt: skip
+            return (out.double() + self._expert_bias(spec, layer, rel, out.shape[-1])).to(out.dtype)
 
         F.linear = biased
         try:

@@ -511,8 +511,11 @@ class ExpertMask(BaseModel):
                 raise _fail(
                     "expert_range",
                     "expert(s) {bad} out of range: layer {layer} has {n} experts (0..{last})",
-                    bad=bad, layer=layer, n=n, last=n - 1,
-                )  # fmt: skip
+                    bad=bad,
+                    layer=layer,
+                    n=n,
+                    last=n - 1,
+                )
         return sorted(experts)
 
 
@@ -691,8 +694,12 @@ class SteeringSpec(BaseModel):
         if ctx is None:
             return masks
         if len(masks) > ctx.max_head_masks:
-            raise _fail("too_many", "at most {n} expert masks per request (got {got})",
-                        n=ctx.max_head_masks, got=len(masks))  # fmt: skip
+            raise _fail(
+                "too_many",
+                "at most {n} expert masks per request (got {got})",
+                n=ctx.max_head_masks,
+                got=len(masks),
+            )
         off: dict[int, set[int]] = {}
         for m in masks:
             if m.scale == 0.0:
@@ -701,9 +708,14 @@ class SteeringSpec(BaseModel):
         for layer, gone in sorted(off.items()):
             left = ctx.shape.experts_of(layer) - len(gone)
             if left < k:
-                raise _fail("too_few_experts", "layer {layer} would keep {left} expert(s) with "
-                            "scale > 0, fewer than the {k} each token is routed to",
-                            layer=layer, left=left, k=k)  # fmt: skip
+                raise _fail(
+                    "too_few_experts",
+                    "layer {layer} would keep {left} expert(s) with "
+                    "scale > 0, fewer than the {k} each token is routed to",
+                    layer=layer,
+                    left=left,
+                    k=k,
+                )
         return masks
 
     @field_validator("readout")
@@ -719,8 +731,12 @@ class SteeringSpec(BaseModel):
                 " steerserve serve --enable-steering-readout)",
             )
         if len(entries) > ctx.max_readouts:
-            raise _fail("too_many", "at most {n} readout entries per request (got {got})",
-                        n=ctx.max_readouts, got=len(entries))  # fmt: skip
+            raise _fail(
+                "too_many",
+                "at most {n} readout entries per request (got {got})",
+                n=ctx.max_readouts,
+                got=len(entries),
+            )
         return entries
 
     @field_validator("vectors", "heads")
@@ -846,10 +862,14 @@ def compose(
             ("readout", len(merged.readout), ctx.max_readouts),
         ):
             if have > limit:
-                raise SpecError([(
-                    f"{root}.{name}",
-                    f"{what} hold {have} {name} entries, more than the limit of {limit}",
-                )])  # fmt: skip
+                raise SpecError(
+                    [
+                        (
+                            f"{root}.{name}",
+                            f"{what} hold {have} {name} entries, more than the limit of {limit}",
+                        )
+                    ]
+                )
     return merged
 
 

@@ -15,8 +15,20 @@ from pathlib import Path
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Every other family steerserve verifies (tests/test_families.py), each with its own
 # features switched on at the Llama test model's size.
-FAMILIES = ("llama3", "mistral", "qwen3_moe", "mixtral", "gemma2", "gemma3", "gemma4", "phi3",
-            "olmo2", "gpt_oss", "qwen3_5", "llama4")  # fmt: skip
+FAMILIES = (
+    "llama3",
+    "mistral",
+    "qwen3_moe",
+    "mixtral",
+    "gemma2",
+    "gemma3",
+    "gemma4",
+    "phi3",
+    "olmo2",
+    "gpt_oss",
+    "qwen3_5",
+    "llama4",
+)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -146,8 +158,14 @@ def build_tokenizer(out_dir: Path, vocab_size: int, seed: int):
 def _llama3_rope() -> dict:
     # Llama 3.x's frequency-dependent rope scaling, with a short original context so that
     # the scaled band covers the test prompts' positions.
-    return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    return {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
 
 
 def _family_config(spec: TinySpec, common: dict):
@@ -162,29 +180,47 @@ def _family_config(spec: TinySpec, common: dict):
         return hf.MistralConfig(head_dim=spec.head_dim, sliding_window=None, **common)
     if arch == "qwen3_moe":
         # Every layer sparse but the last (mlp_only_layers): both MLP kinds in one model.
-        return hf.Qwen3MoeConfig(head_dim=spec.head_dim, num_experts=spec.num_experts,
-                                 num_experts_per_tok=spec.experts_per_token,
-                                 moe_intermediate_size=spec.moe_intermediate_size,
-                                 norm_topk_prob=True,
-                                 mlp_only_layers=[spec.num_layers - 1], **common)  # fmt: skip
+        return hf.Qwen3MoeConfig(
+            head_dim=spec.head_dim,
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.experts_per_token,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            norm_topk_prob=True,
+            mlp_only_layers=[spec.num_layers - 1],
+            **common,
+        )
     if arch == "mixtral":
         return hf.MixtralConfig(head_dim=spec.head_dim, sliding_window=None, **moe, **common)
     if arch == "gemma2":
         # Sliding/global alternation, soft-capped attention and final logits, tied scaled
         # embeddings, (1 + w) norms around both sublayers.
-        return hf.Gemma2Config(head_dim=spec.head_dim, query_pre_attn_scalar=spec.head_dim,
-                               sliding_window=16, final_logit_softcapping=30.0,
-                               attn_logit_softcapping=50.0, **common)  # fmt: skip
+        return hf.Gemma2Config(
+            head_dim=spec.head_dim,
+            query_pre_attn_scalar=spec.head_dim,
+            sliding_window=16,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            **common,
+        )
     if arch == "gemma3":
-        return hf.Gemma3TextConfig(head_dim=spec.head_dim, query_pre_attn_scalar=spec.head_dim,
-                                   sliding_window=16, sliding_window_pattern=2,
-                                   final_logit_softcapping=None, **common)  # fmt: skip
+        return hf.Gemma3TextConfig(
+            head_dim=spec.head_dim,
+            query_pre_attn_scalar=spec.head_dim,
+            sliding_window=16,
+            sliding_window_pattern=2,
+            final_logit_softcapping=None,
+            **common,
+        )
     if arch == "gemma4":
-        return hf.Gemma4TextConfig(head_dim=spec.head_dim, sliding_window=16,
-                                   layer_types=["sliding_attention", "full_attention"]
-                                   * (spec.num_layers // 2),
-                                   hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
-                                   per_layer_config={}, **common)  # fmt: skip
+        return hf.Gemma4TextConfig(
+            head_dim=spec.head_dim,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * (spec.num_layers // 2),
+            hidden_size_per_layer_input=0,
+            vocab_size_per_layer_input=0,
+            per_layer_config={},
+            **common,
+        )
     if arch == "phi3":
         return hf.Phi3Config(**dict(common, num_attention_heads=2, num_key_value_heads=2))
     if arch == "olmo2":
@@ -193,20 +229,35 @@ def _family_config(spec: TinySpec, common: dict):
         # vLLM's GPT-OSS hard-codes the released models' norm eps (1e-5) whatever the
         # config says.
         layers = ["sliding_attention", "full_attention"] * (spec.num_layers // 2)
-        return hf.GptOssConfig(head_dim=spec.head_dim, sliding_window=16, **moe,
-                               layer_types=layers, **dict(common, rms_norm_eps=1e-5))  # fmt: skip
+        return hf.GptOssConfig(
+            head_dim=spec.head_dim,
+            sliding_window=16,
+            **moe,
+            layer_types=layers,
+            **dict(common, rms_norm_eps=1e-5),
+        )
     if arch == "qwen3_5":
         # Hybrid: three linear-attention (Gated DeltaNet) layers per full-attention layer.
-        return hf.Qwen3_5TextConfig(head_dim=spec.head_dim, linear_key_head_dim=32,
-                                    linear_value_head_dim=32, linear_num_key_heads=2,
-                                    linear_num_value_heads=4,
-                                    layer_types=["linear_attention"] * 3 + ["full_attention"],
-                                    **common)  # fmt: skip
+        return hf.Qwen3_5TextConfig(
+            head_dim=spec.head_dim,
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+            **common,
+        )
     if arch == "llama4":
-        return hf.Llama4TextConfig(head_dim=spec.head_dim, intermediate_size_mlp=256,
-                                   num_local_experts=spec.num_experts, num_experts_per_tok=1,
-                                   interleave_moe_layer_step=2, no_rope_layer_interval=4,
-                                   attention_chunk_size=128, **common)  # fmt: skip
+        return hf.Llama4TextConfig(
+            head_dim=spec.head_dim,
+            intermediate_size_mlp=256,
+            num_local_experts=spec.num_experts,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+            no_rope_layer_interval=4,
+            attention_chunk_size=128,
+            **common,
+        )
     return None
 
 

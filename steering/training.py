@@ -75,8 +75,9 @@ def _valid_side(side: Any) -> bool:
     return (
         isinstance(side, list)
         and bool(side)
-        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m
-                for m in side)  # fmt: skip
+        and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in side
+        )
     )
 
 
@@ -153,13 +154,15 @@ class Separation:
     neg: np.ndarray
 
     def row(self) -> dict[str, float]:
-        return {"layer": self.layer, "accuracy": self.accuracy, "gap": self.gap,
-                "effect_size": self.effect_size}  # fmt: skip
+        return {
+            "layer": self.layer,
+            "accuracy": self.accuracy,
+            "gap": self.gap,
+            "effect_size": self.effect_size,
+        }
 
 
-def separation(
-    layer: int, direction: np.ndarray, pos: np.ndarray, neg: np.ndarray
-) -> Separation:
+def separation(layer: int, direction: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> Separation:
     u = direction.astype(np.float64) / np.linalg.norm(direction)
     a, b = pos.astype(np.float64) @ u, neg.astype(np.float64) @ u
     pooled = np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if len(a) > 1 else 0.0

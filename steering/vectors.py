@@ -328,9 +328,7 @@ class VectorRegistry:
         assert self.directory is not None
         return [self.directory / f"{name}{s}" for s in SUFFIXES]
 
-    def store(
-        self, name: str, data: bytes, shape: ModelShape
-    ) -> tuple[SteeringVector, bool]:
+    def store(self, name: str, data: bytes, shape: ModelShape) -> tuple[SteeringVector, bool]:
         """Validate an uploaded file against the model, write it atomically as the file of
         `name` (replacing one of the other format) and serve it from now on. Returns the
         vector and whether it replaced one. Raises ValueError naming the reason."""

@@ -32,8 +32,19 @@ sys.path.insert(0, str(ROOT))
 
 from steering.tiny_models import build_tiny_model, tiny_spec  # noqa: E402
 
-KINDS = ("add", "ablate", "clamp", "head_mask", "query_mask", "head_vector", "fuse",
-         "contrast", "readout", "experts", "experts_vectors")  # fmt: skip
+KINDS = (
+    "add",
+    "ablate",
+    "clamp",
+    "head_mask",
+    "query_mask",
+    "head_vector",
+    "fuse",
+    "contrast",
+    "readout",
+    "experts",
+    "experts_vectors",
+)
 MAX_TOKENS = 6
 PROMPT = np.random.default_rng(7).integers(10, 500, size=20).tolist()
 
@@ -52,48 +63,83 @@ def specs(shape) -> dict[str, dict]:
     experts = {}
     if moe:
         m0, m1 = moe[0], moe[-1]
-        masks = [{"layer": m0, "experts": [0], "scale": 0.0},
-                 {"layer": m1, "experts": [1, 2], "scale": 3.0, "positions": "generated"},
-                 {"layer": m1, "experts": [3], "scale": 0.25}]
+        masks = [
+            {"layer": m0, "experts": [0], "scale": 0.0},
+            {"layer": m1, "experts": [1, 2], "scale": 3.0, "positions": "generated"},
+            {"layer": m1, "experts": [3], "scale": 0.25},
+        ]
         experts = {
             "experts": {"experts": masks},
             # Router steering composed with vectors and a head mask (no peer composes them).
-            "experts_vectors": {"experts": masks[:1], "vectors": [{"data": {"1": _vec(8, h)}}],
-                                "heads": [{"layer": a1, "heads": [0], "scale": 0.0}]},
+            "experts_vectors": {
+                "experts": masks[:1],
+                "vectors": [{"data": {"1": _vec(8, h)}}],
+                "heads": [{"layer": a1, "heads": [0], "scale": 0.0}],
+            },
         }
     return {
         **experts,
         "add": {"vectors": [{"data": {"1": _vec(1, h)}, "scale": 1.0}]},
         "ablate": {"vectors": [{"data": {"1": _vec(2, h), "2": _vec(2, h)}, "op": "ablate"}]},
-        "clamp": {"vectors": [{"data": {"2": _vec(3, h)}, "op": "clamp", "value": 6.0,
-                               "positions": "generated"}]},
-        "head_mask": {"heads": [{"layer": a1, "heads": [1], "scale": 0.0},
-                                {"layer": a2, "heads": [0], "scale": 2.5}]},
-        "query_mask": {"heads": [{"layer": a1, "heads": [0, 1], "scale": 4.0, "target": "query"},
-                                 {"layer": a2, "heads": [1], "scale": 0.0, "target": "query",
-                                  "positions": "from_last_prompt"}]},
-        "head_vector": {"vectors": [{"site": "heads", "data": {str(a1): _vec(4, w)},
-                                     "heads": [1], "scale": 1.5}]},
+        "clamp": {
+            "vectors": [
+                {"data": {"2": _vec(3, h)}, "op": "clamp", "value": 6.0, "positions": "generated"}
+            ]
+        },
+        "head_mask": {
+            "heads": [
+                {"layer": a1, "heads": [1], "scale": 0.0},
+                {"layer": a2, "heads": [0], "scale": 2.5},
+            ]
+        },
+        "query_mask": {
+            "heads": [
+                {"layer": a1, "heads": [0, 1], "scale": 4.0, "target": "query"},
+                {
+                    "layer": a2,
+                    "heads": [1],
+                    "scale": 0.0,
+                    "target": "query",
+                    "positions": "from_last_prompt",
+                },
+            ]
+        },
+        "head_vector": {
+            "vectors": [
+                {"site": "heads", "data": {str(a1): _vec(4, w)}, "heads": [1], "scale": 1.5}
+            ]
+        },
         "fuse": {"decoding": {"mode": "fuse", "layer": "auto", "weight": 0.6}},
         "contrast": {"decoding": {"mode": "contrast", "layers": "high"}},
-        "readout": {"vectors": [{"data": {"1": _vec(5, h)}, "scale": 2.0}],
-                    "readout": [{"data": _vec(6, h), "layer": 1, "prompt": True},
-                                {"data": _vec(7, h), "layer": shape.num_layers - 1}]},
-    }  # fmt: skip
+        "readout": {
+            "vectors": [{"data": {"1": _vec(5, h)}, "scale": 2.0}],
+            "readout": [
+                {"data": _vec(6, h), "layer": 1, "prompt": True},
+                {"data": _vec(7, h), "layer": shape.num_layers - 1},
+            ],
+        },
+    }
 
 
 def _sampling(raw, prompt_logprobs: bool):
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1,
-                          prompt_logprobs=1 if prompt_logprobs else None,
-                          extra_args={"steering": raw} if raw is not None else None)  # fmt: skip
+    return SamplingParams(
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=1,
+        prompt_logprobs=1 if prompt_logprobs else None,
+        extra_args={"steering": raw} if raw is not None else None,
+    )
 
 
 def _run(llm, raws: list, prompt_logprobs: list[bool]):
-    outs = llm.generate([{"prompt_token_ids": PROMPT}] * len(raws),
-                        [_sampling(r, p) for r, p in zip(raws, prompt_logprobs, strict=True)],
-                        use_tqdm=False)  # fmt: skip
+    outs = llm.generate(
+        [{"prompt_token_ids": PROMPT}] * len(raws),
+        [_sampling(r, p) for r, p in zip(raws, prompt_logprobs, strict=True)],
+        use_tqdm=False,
+    )
     runs = []
     for out in outs:
         c = out.outputs[0]
@@ -101,8 +147,10 @@ def _run(llm, raws: list, prompt_logprobs: list[bool]):
         lps = [float(d[t].logprob) for d, t in zip(c.logprobs, tokens, strict=True)]
         prompt_lps = None
         if out.prompt_logprobs is not None:
-            prompt_lps = [float(d[t].logprob) for d, t in
-                          zip(out.prompt_logprobs[1:], PROMPT[1:], strict=True)]  # fmt: skip
+            prompt_lps = [
+                float(d[t].logprob)
+                for d, t in zip(out.prompt_logprobs[1:], PROMPT[1:], strict=True)
+            ]
         runs.append({"id": out.request_id, "tokens": tokens, "lps": lps, "prompt": prompt_lps})
     return runs
 
@@ -127,9 +175,18 @@ def _engine(path: Path, compiled: bool, steered: bool):
     # allow_unverified: a family under study can be checked before it is on the list.
     mine = {"decoding": True, "readout": True, "allow_unverified": True}
     extra = {"steerserve": mine if steered else {"enabled": False}}
-    return LLM(str(path), dtype="float32", kv_cache_memory_bytes=48 << 20, max_model_len=512,
-               max_num_seqs=16, max_num_batched_tokens=64, block_size=32, seed=0,
-               enforce_eager=not compiled, additional_config=extra)  # fmt: skip
+    return LLM(
+        str(path),
+        dtype="float32",
+        kv_cache_memory_bytes=48 << 20,
+        max_model_len=512,
+        max_num_seqs=16,
+        max_num_batched_tokens=64,
+        block_size=32,
+        seed=0,
+        enforce_eager=not compiled,
+        additional_config=extra,
+    )
 
 
 def check(family: str, model_dir: Path, compiled: bool = False) -> dict:
@@ -138,9 +195,15 @@ def check(family: str, model_dir: Path, compiled: bool = False) -> dict:
 
     path = build_tiny_model(model_dir, tiny_spec(family))
     ref = ReferenceModel(path)
-    result: dict = {"family": family, "architecture": ref.shape.architecture, "errors": {},
-                    "tokens_match": {}, "effect_errors": {}, "effects": {},
-                    "compiled": compiled}  # fmt: skip
+    result: dict = {
+        "family": family,
+        "architecture": ref.shape.architecture,
+        "errors": {},
+        "tokens_match": {},
+        "effect_errors": {},
+        "effects": {},
+        "compiled": compiled,
+    }
     raws = specs(ref.shape)
     kinds = [k for k in KINDS if k in raws]
     llm = _engine(path, compiled, steered=True)
@@ -156,8 +219,11 @@ def check(family: str, model_dir: Path, compiled: bool = False) -> dict:
         errs = [_max_err(run["lps"], scored)]
         if wants_prompt:
             lp = ref.logprobs(PROMPT, len(PROMPT), spec)
-            errs.append(_max_err(run["prompt"], [float(lp[i, PROMPT[i + 1]])
-                                                 for i in range(len(PROMPT) - 1)]))  # fmt: skip
+            errs.append(
+                _max_err(
+                    run["prompt"], [float(lp[i, PROMPT[i + 1]]) for i in range(len(PROMPT) - 1)]
+                )
+            )
         if kind == "readout":
             got = readouts(llm, run["id"])[0]
             rows = ref.readout(PROMPT + run["tokens"][:-1], len(PROMPT), spec)
@@ -179,9 +245,10 @@ def check(family: str, model_dir: Path, compiled: bool = False) -> dict:
     # Every spec in one batch beside an unsteered request: each row as it was alone.
     batch = _run(llm, [raws[k] for k in kinds] + [None], [False] * (len(kinds) + 1))
     result["not_invariant"] = [
-        k for k, b in zip(kinds, batch, strict=False)
+        k
+        for k, b in zip(kinds, batch, strict=False)
         if (b["tokens"], b["lps"]) != (solo[k]["tokens"], solo[k]["lps"])
-    ]  # fmt: skip
+    ]
     result["invariant"] = not result["not_invariant"]
     result["invariance_max_diff"] = max(
         _max_err(b["lps"], solo[k]["lps"]) if b["tokens"] == solo[k]["tokens"] else np.inf
@@ -208,15 +275,29 @@ def table(results: list[dict]) -> str:
     rows = [head, "|" + "---|" * (len(KINDS) + 3)]
     for r in results:
         if "errors" not in r:
-            rows.append(f"| {r['family']} | " + " | ".join("—" for _ in KINDS)
-                        + f" | — | — ({r['skipped']}) |")  # fmt: skip
+            rows.append(
+                f"| {r['family']} | "
+                + " | ".join("—" for _ in KINDS)
+                + f" | — | — ({r['skipped']}) |"
+            )
             continue
-        cells = ["—" if k not in r["errors"] else f"{r['errors'][k]:.1e}"
-                 + ("" if r["tokens_match"][k] else " (tokens differ)") for k in KINDS]  # fmt: skip
-        invariant = ("yes" if r["invariant"] else
-                     f"within {r['invariance_max_diff']:.0e} (plain vLLM varies too)")  # fmt: skip
-        rows.append(f"| {r['family']} | " + " | ".join(cells) + f" | {invariant}"
-                    + f" | {'bit-identical' if r['bit_identical'] else 'NO'} |")  # fmt: skip
+        cells = [
+            "—"
+            if k not in r["errors"]
+            else f"{r['errors'][k]:.1e}" + ("" if r["tokens_match"][k] else " (tokens differ)")
+            for k in KINDS
+        ]
+        invariant = (
+            "yes"
+            if r["invariant"]
+            else f"within {r['invariance_max_diff']:.0e} (plain vLLM varies too)"
+        )
+        rows.append(
+            f"| {r['family']} | "
+            + " | ".join(cells)
+            + f" | {invariant}"
+            + f" | {'bit-identical' if r['bit_identical'] else 'NO'} |"
+        )
     return "\n".join(rows)
 
 

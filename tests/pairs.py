@@ -6,8 +6,16 @@ import itertools
 import json
 from pathlib import Path
 
-SUBJECTS = ["the cat", "a dog", "the bird", "one fish", "some tree", "the river", "a stone",
-            "the city"]  # fmt: skip
+SUBJECTS = [
+    "the cat",
+    "a dog",
+    "the bird",
+    "one fish",
+    "some tree",
+    "the river",
+    "a stone",
+    "the city",
+]
 VERBS = ["sees", "finds", "likes", "holds", "wants", "knows"]
 OBJECTS = ["the house", "a road", "the light", "the cloud"]
 SWAPS = [("happy", "sad"), ("bright", "dark"), ("warm", "cold"), ("calm", "angry")]
@@ -18,8 +26,9 @@ def make_pairs(n: int = 24) -> list[dict[str, str]]:
     pairs = []
     for i, (s, v, o) in enumerate(triples):
         pos, neg = SWAPS[i % len(SWAPS)]
-        pairs.append({"positive": f"{s} is {pos} and {v} {o}",
-                      "negative": f"{s} is {neg} and {v} {o}"})  # fmt: skip
+        pairs.append(
+            {"positive": f"{s} is {pos} and {v} {o}", "negative": f"{s} is {neg} and {v} {o}"}
+        )
     return pairs
 
 

@@ -62,17 +62,45 @@ def postgres_url() -> Iterator[str]:
     if run_as:
         shutil.chown(root, "postgres", "postgres")
     subprocess.run(
-        [*run_as, f"{bindir}/initdb", "-D", data, "-U", USER, "-A", "trust", "-E", "UTF8",
-         "--no-sync"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            *run_as,
+            f"{bindir}/initdb",
+            "-D",
+            data,
+            "-U",
+            USER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     port = free_port()
     log = open(os.path.join(root, "server.log"), "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [*run_as, f"{bindir}/postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
-         "-k", root, "-c", "fsync=off", "-c", "max_connections=100"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            *run_as,
+            f"{bindir}/postgres",
+            "-D",
+            data,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-k",
+            root,
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=100",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     dsn = f"host=127.0.0.1 port={port} user={USER} dbname=postgres"
     try:
         deadline = time.time() + 60

@@ -41,8 +41,9 @@ def test_hybrid_model_has_heads_on_its_full_attention_layers_only(family_dirs):
     assert shape.attention_layers == (3,)
     ctx = SpecContext(shape)
     w = shape.width("heads")
-    parse_spec({"heads": [{"layer": 3, "heads": [0]}], "vectors": [{"data": {"0": [1.0] * 128}}]},
-               ctx)  # fmt: skip
+    parse_spec(
+        {"heads": [{"layer": 3, "heads": [0]}], "vectors": [{"data": {"0": [1.0] * 128}}]}, ctx
+    )
     with pytest.raises(SpecError, match=r"heads\[0\]\.layer: layer 0 has no attention heads"):
         parse_spec({"heads": [{"layer": 0, "heads": [0]}]}, ctx)
     with pytest.raises(SpecError, match=r"layer 1 has no attention heads.*layers: \[3\]"):
@@ -109,12 +110,20 @@ def test_verified_and_mapped_lists_are_disjoint_and_every_refusal_says_how_to_se
 def test_expert_masks_are_validated_against_the_moe_layers(family_dirs):
     shape = _shape(family_dirs["qwen3_moe"])  # 4 experts, top-2, layers 0-2 sparse
     ctx = SpecContext(shape)
-    ok = parse_spec({"experts": [{"layer": 0, "experts": [3, 1], "scale": 0.0},
-                                 {"layer": 2, "experts": [0], "scale": 2.0,
-                                  "positions": "generated"}]}, ctx)  # fmt: skip
+    ok = parse_spec(
+        {
+            "experts": [
+                {"layer": 0, "experts": [3, 1], "scale": 0.0},
+                {"layer": 2, "experts": [0], "scale": 2.0, "positions": "generated"},
+            ]
+        },
+        ctx,
+    )
     assert ok.experts[0].experts == [1, 3]
-    assert ok.fingerprint() != parse_spec({"experts": [{"layer": 0, "experts": [1]}]},
-                                          ctx).fingerprint()  # fmt: skip
+    assert (
+        ok.fingerprint()
+        != parse_spec({"experts": [{"layer": 0, "experts": [1]}]}, ctx).fingerprint()
+    )
     for raw, words in (
         ({"layer": 3, "experts": [0]}, r"experts\[0\]\.layer: layer 3 has no routed experts"),
         ({"layer": 0, "experts": [4]}, r"expert\(s\) \[4\] out of range: layer 0 has 4"),
@@ -131,16 +140,25 @@ def test_expert_masks_are_validated_against_the_moe_layers(family_dirs):
     doc = describe("tiny", ctx, SteeringConfig())
     experts = doc["fields"]["experts"]
     assert (experts["layers"], experts["num_experts"], experts["experts_per_token"]) == (
-        [0, 1, 2], 4, 2)  # fmt: skip
+        [0, 1, 2],
+        4,
+        2,
+    )
 
 
 def test_expert_masks_compile_to_router_biases(family_dirs):
     from steering.compile import NUM_CLASSES, CompiledSpec, compile_spec
 
     shape = _shape(family_dirs["qwen3_moe"])
-    spec = parse_spec({"experts": [{"layer": 1, "experts": [2], "scale": 0.0},
-                                   {"layer": 1, "experts": [2, 3], "scale": 4.0,
-                                    "positions": "generated"}]}, SpecContext(shape))  # fmt: skip
+    spec = parse_spec(
+        {
+            "experts": [
+                {"layer": 1, "experts": [2], "scale": 0.0},
+                {"layer": 1, "experts": [2, 3], "scale": 4.0, "positions": "generated"},
+            ]
+        },
+        SpecContext(shape),
+    )
     compiled = compile_spec(spec, shape)
     assert compiled.affects_kv and compiled.experts.layers.tolist() == [1]
     bias = compiled.experts.bias[0]

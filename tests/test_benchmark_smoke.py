@@ -22,8 +22,12 @@ from benchmarks.throughput import MOE_SCENARIOS, SCENARIOS  # noqa: E402
 
 
 def _smoke(script: str, out: Path, *flags: str) -> dict:
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out",
-                        str(out), *flags], capture_output=True, text=True, timeout=900)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -71,13 +75,21 @@ def test_capture_throughput_smoke(tmp_path):
 
 
 def test_host_overhead_smoke():
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--smoke"],
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == [
-        "| plain", "| unsteered", "| same-spec-all-layers", "| distinct-specs-all-layers",
-        "| distinct-head-masks"]  # fmt: skip
+        "| plain",
+        "| unsteered",
+        "| same-spec-all-layers",
+        "| distinct-specs-all-layers",
+        "| distinct-head-masks",
+    ]
 
 
 def test_steering_effect_smoke(tmp_path):

@@ -27,8 +27,10 @@ def _hf_states(engines, prompt: list[int]) -> np.ndarray:
     seen: dict[int, torch.Tensor] = {}
     hooks = [
         model.model.layers[i].register_forward_hook(
-            lambda mod, args, out, i=i: seen.__setitem__(i, out[0] if isinstance(out, tuple)
-                                                         else out))  # fmt: skip
+            lambda mod, args, out, i=i: seen.__setitem__(
+                i, out[0] if isinstance(out, tuple) else out
+            )
+        )
         for i in LAYERS
     ]
     try:

@@ -73,8 +73,10 @@ def test_env_switch_patches_nothing():
         out = subprocess.run(
             [sys.executable, "-c", code],
             env=dict(os.environ, STEERSERVE_DISABLE=env),
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert out.stdout.strip().splitlines()[-1] == want, out.stderr[-2000:]
 
 

@@ -64,10 +64,12 @@ def test_decoding_parity_with_reference(engines, arch, case):
 
 W = (np.random.default_rng(81).standard_normal(256) * 0.5).tolist()
 COMBINED = {
-    "vectors": [{"data": {"1": random_vector(80).tolist()}, "scale": 0.8},
-                {"site": "heads", "data": {"2": W}, "heads": [1]}],
+    "vectors": [
+        {"data": {"1": random_vector(80).tolist()}, "scale": 0.8},
+        {"site": "heads", "data": {"2": W}, "heads": [1]},
+    ],
     "heads": [{"layer": 0, "heads": [2]}, {"layer": 1, "heads": [3], "target": "query"}],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("mode", ["fuse-auto", "contrast-high", "lfd-default"])

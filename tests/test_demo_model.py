@@ -20,17 +20,33 @@ def test_checkpoint_is_a_small_llama_with_a_chat_template():
     size = sum(f.stat().st_size for f in DEMO_MODEL_DIR.iterdir())
     assert size <= 25 << 20, size
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)  # fmt: skip
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<s><|user|>hi<|end|><|assistant|>"
     trained = json.loads((DEMO_MODEL_DIR / "training.json").read_text())
     assert trained["args"]["steps"] == 3000 and trained["final_loss"] < 1.5
 
 
 def test_training_is_deterministic_by_seed(tmp_path):
-    small = ["--conversations", "300", "--recall-lines", "100", "--vocab-size", "400",
-             "--hidden", "64", "--layers", "1", "--heads", "1", "--batch", "4",
-             "--steps", "3"]  # fmt: skip
+    small = [
+        "--conversations",
+        "300",
+        "--recall-lines",
+        "100",
+        "--vocab-size",
+        "400",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--heads",
+        "1",
+        "--batch",
+        "4",
+        "--steps",
+        "3",
+    ]
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         train.main(["--out", str(tmp_path / name), "--seed", seed, *small])
     a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in "abc")
@@ -52,5 +68,6 @@ def test_shipped_vectors_are_what_demo_vectors_makes(tmp_path):
         assert shipped.layers == fresh.layers and shipped.method == "mean_diff"
         for layer in fresh.layers:
             # Same engine, model and prompts; summation order may differ across machines.
-            np.testing.assert_allclose(shipped.directions[layer], fresh.directions[layer],
-                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+            np.testing.assert_allclose(
+                shipped.directions[layer], fresh.directions[layer], rtol=1e-4, atol=1e-5
+            )

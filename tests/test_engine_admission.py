@@ -93,9 +93,11 @@ def _compiled_request(llm, spec: dict, request_id: str):
     """The EngineCoreRequest steerserve's front end makes for `spec` on `llm`."""
     processor = llm.llm_engine.input_processor
     request = processor.process_inputs(
-        request_id, {"prompt_token_ids": PROMPT}, sampling(spec),
+        request_id,
+        {"prompt_token_ids": PROMPT},
+        sampling(spec),
         supported_tasks=llm.llm_engine.get_supported_tasks(),
-    )  # fmt: skip
+    )
     processor.assign_request_id(request)
     return request
 

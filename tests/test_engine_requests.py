@@ -194,14 +194,33 @@ def test_compiled_path_matches_reference_and_eager(engines):
         {"vectors": [{"data": {"1": v}, "scale": 1.0}, {"data": {"2": v}, "op": "ablate"}]},
         {"vectors": [{"data": {"0": v}, "op": "clamp", "value": 3.0, "positions": "generated"}]},
         None,
-        {"heads": [{"layer": 1, "heads": [0, 3]}, {"layer": 2, "heads": [1], "scale": 2.0},
-                   {"layer": 3, "heads": [2], "target": "query"}]},
-        {"vectors": [{"site": "heads", "op": "mix", "weight": 0.5, "data": {"2": w},
-                      "positions": "from_last_prompt"},
-                     {"site": "heads", "data": {"3": w}, "heads": [2]}]},
-    ]  # fmt: skip
-    prompts = [prompt_ids(71, 10), prompt_ids(72, 80), prompt_ids(73, 6), prompt_ids(75, 20),
-               prompt_ids(76, 40)]  # fmt: skip
+        {
+            "heads": [
+                {"layer": 1, "heads": [0, 3]},
+                {"layer": 2, "heads": [1], "scale": 2.0},
+                {"layer": 3, "heads": [2], "target": "query"},
+            ]
+        },
+        {
+            "vectors": [
+                {
+                    "site": "heads",
+                    "op": "mix",
+                    "weight": 0.5,
+                    "data": {"2": w},
+                    "positions": "from_last_prompt",
+                },
+                {"site": "heads", "data": {"3": w}, "heads": [2]},
+            ]
+        },
+    ]
+    prompts = [
+        prompt_ids(71, 10),
+        prompt_ids(72, 80),
+        prompt_ids(73, 6),
+        prompt_ids(75, 20),
+        prompt_ids(76, 40),
+    ]
     runs = generate(llm, prompts, [sampling(s, max_tokens=8) for s in specs])
     eager_runs = generate(eager, prompts, [sampling(s, max_tokens=8) for s in specs])
     for prompt, raw, run, er in zip(prompts, specs, runs, eager_runs, strict=True):
@@ -244,8 +263,9 @@ def test_seeded_sampling_survives_chunked_prefill_and_is_exact(engines):
 
     def params(seed: int, steering=None) -> SamplingParams:
         extra = {"steering": steering} if steering else None
-        return SamplingParams(temperature=1.0, seed=seed, max_tokens=8, ignore_eos=True,
-                              logprobs=1, extra_args=extra)  # fmt: skip
+        return SamplingParams(
+            temperature=1.0, seed=seed, max_tokens=8, ignore_eos=True, logprobs=1, extra_args=extra
+        )
 
     chunked = generate_one(llm, prompt, params(7))
     assert chunked.num_cached_tokens == 0

@@ -33,8 +33,13 @@ def replicas(model_dirs, vectors_dir, postgres_url, tmp_path_factory):  # noqa: 
     engine.dispose()
     d = tmp_path_factory.mktemp("replicas")
     (d / "experiments.json").write_text(json.dumps([SHARED]))
-    common = [*server_args(model_dirs["llama"], vectors_dir), "--admin-key", ADMIN,
-              "--database-url", postgres_url]  # fmt: skip
+    common = [
+        *server_args(model_dirs["llama"], vectors_dir),
+        "--admin-key",
+        ADMIN,
+        "--database-url",
+        postgres_url,
+    ]
     with (
         live_server([*common, "--experiments", str(d / "experiments.json")], d / "a.log") as a,
         live_server(common, d / "b.log") as b,
@@ -55,8 +60,12 @@ def test_replicas_share_assignment_admin_feedback_and_reports(replicas):
     a, b = replicas
     # B has no experiments file: it serves what A stored, with the same arms per unit.
     for unit in ("u1", "u2", "u3", "u4"):
-        arms = {_complete(base, {"experiment": "shared", "user": unit, "max_tokens": 2})
-                .json()["steering"]["arm"] for base in (a, b)}  # fmt: skip
+        arms = {
+            _complete(base, {"experiment": "shared", "user": unit, "max_tokens": 2}).json()[
+                "steering"
+            ]["arm"]
+            for base in (a, b)
+        }
         assert arms == {_expected_arm(SHARED, unit)}
     # An experiment created on B is served by A after its next refresh.
     later = {"name": "later", "arms": [{"name": "x"}, {"name": "y", "steering": HAPPY}]}
@@ -65,8 +74,10 @@ def test_replicas_share_assignment_admin_feedback_and_reports(replicas):
     assert _eventually(lambda: _post(a, "/v1/completions", body).status_code == 200)
     # Feedback on the other replica than the response came from; repeats are idempotent
     # across replicas too.
-    ids = [_complete(a, {"experiment": "shared", "user": f"f{i}", "max_tokens": 1}).json()["id"]
-           for i in range(10)]  # fmt: skip
+    ids = [
+        _complete(a, {"experiment": "shared", "user": f"f{i}", "max_tokens": 1}).json()["id"]
+        for i in range(10)
+    ]
     for i, rid in enumerate(ids):
         r = _post(b, "/v1/feedback", {"id": rid, "metric": "liked", "value": i % 3 == 0})
         assert r.status_code == 200, r.text
@@ -87,8 +98,9 @@ def test_replicas_share_assignment_admin_feedback_and_reports(replicas):
         return paused
 
     assert _eventually(paused_on_b)
-    reports = [httpx.get(f"{base}/v1/experiments/shared/report", timeout=30).json()
-               for base in (a, b)]  # fmt: skip
+    reports = [
+        httpx.get(f"{base}/v1/experiments/shared/report", timeout=30).json() for base in (a, b)
+    ]
     assert reports[0]["arms"] == reports[1]["arms"]
     arms = reports[0]["arms"]
     assert sum(x["metrics"]["liked"]["n"] for x in arms) == 10

@@ -30,14 +30,18 @@ from server.experiments.store import (
 )
 from server.experiments.writer import BatchWriter
 
-TONE = ExperimentDef.model_validate({
-    "name": "tone",
-    "salt": "s1",
-    "arms": [{"name": "plain", "weight": 1},
-             {"name": "happy", "weight": 1, "steering": {"vectors": [{"name": "happy"}]}},
-             {"name": "calm", "weight": 2, "preset": "calm"}],
-    "metrics": {"thumbs": "boolean", "rating": "numeric"},
-})  # fmt: skip
+TONE = ExperimentDef.model_validate(
+    {
+        "name": "tone",
+        "salt": "s1",
+        "arms": [
+            {"name": "plain", "weight": 1},
+            {"name": "happy", "weight": 1, "steering": {"vectors": [{"name": "happy"}]}},
+            {"name": "calm", "weight": 2, "preset": "calm"},
+        ],
+        "metrics": {"thumbs": "boolean", "rating": "numeric"},
+    }
+)
 
 
 # -- assignment ----------------------------------------------------------------------
@@ -50,8 +54,9 @@ def test_assignment_is_sticky_and_deterministic():
         assert all(arm_index("tone", "s1", unit, weights) == first for _ in range(5))
     # Another salt reshuffles units (not all keep their arm).
     units = [f"u{i}" for i in range(200)]
-    same = sum(arm_index("tone", "s1", u, weights) == arm_index("tone", "s2", u, weights)
-               for u in units)  # fmt: skip
+    same = sum(
+        arm_index("tone", "s1", u, weights) == arm_index("tone", "s2", u, weights) for u in units
+    )
     assert same < 150
     # NUL separation: shifting characters between fields changes the point.
     assert unit_point("ab", "c", "u") != unit_point("a", "bc", "u")
@@ -72,8 +77,9 @@ def test_arm_shares_follow_weights_chi_square():
     inside = [i for i in range(n) if enrolled("tone", "s1", f"user-{i}", 0.5)]
     assert abs(len(inside) / n - 0.5) < 3.3 * (0.25 / n) ** 0.5
     sub = Counter(arm_index("tone", "s1", f"user-{i}", weights) for i in inside)
-    _, p_sub = stats.chisquare([sub[i] for i in range(3)],
-                               [len(inside) * w / sum(weights) for w in weights])  # fmt: skip
+    _, p_sub = stats.chisquare(
+        [sub[i] for i in range(3)], [len(inside) * w / sum(weights) for w in weights]
+    )
     assert p_sub > 0.001
 
 
@@ -183,8 +189,9 @@ def test_concurrent_feedback_from_two_replicas_loses_nothing(url):
     writers = [BatchWriter(s) for s in stores]
     try:
         stores[0].put(TONE)
-        stores[0].write_batch([Assignment(f"r{i}", "tone", 1, TONE.arms[i % 3].name, f"u{i}", "m")
-                               for i in range(50)])  # fmt: skip
+        stores[0].write_batch(
+            [Assignment(f"r{i}", "tone", 1, TONE.arms[i % 3].name, f"u{i}", "m") for i in range(50)]
+        )
         results: list = [None] * 50
         start = threading.Barrier(50)
 
@@ -217,8 +224,9 @@ def test_report_matches_scipy_on_stored_rows(store):
     """Numbers computed by the test from the raw values it stored, with scipy."""
     store.put(TONE)
     rng = np.random.default_rng(3)
-    raw: dict[str, dict[str, list[float]]] = {a.name: {"thumbs": [], "rating": []}
-                                              for a in TONE.arms}  # fmt: skip
+    raw: dict[str, dict[str, list[float]]] = {
+        a.name: {"thumbs": [], "rating": []} for a in TONE.arms
+    }
     latency: dict[str, list[float]] = {a.name: [] for a in TONE.arms}
     items: list = []
     for i in range(300):
@@ -281,9 +289,12 @@ def test_registry_enrols_refreshes_and_names_what_cannot_run(tmp_path):
         return None
 
     share = ExperimentDef.model_validate(
-        {"name": "share", "arms": [{"name": "a"}, {"name": "b"}],
-         "traffic": {"share": 0.5, "model": "m"}}
-    )  # fmt: skip
+        {
+            "name": "share",
+            "arms": [{"name": "a"}, {"name": "b"}],
+            "traffic": {"share": 0.5, "model": "m"},
+        }
+    )
     store, replica = ExperimentStore(url), ExperimentStore(url)
     registry = ExperimentRegistry(store, parse_arm)
     registry.load_file([TONE, share])

@@ -28,10 +28,13 @@ HAPPY = {"vectors": [{"name": "happy", "scale": 1.5}]}
 TONE = {
     "name": "tone",
     "salt": "s1",
-    "arms": [{"name": "plain"}, {"name": "happy", "steering": HAPPY},
-             {"name": "heads", "weight": 2, "steering": SPECS["heads"]}],
+    "arms": [
+        {"name": "plain"},
+        {"name": "happy", "steering": HAPPY},
+        {"name": "heads", "weight": 2, "steering": SPECS["heads"]},
+    ],
     "metrics": {"thumbs": "boolean", "rating": "numeric"},
-}  # fmt: skip
+}
 SHARE = {
     "name": "share",
     "arms": [{"name": "a"}, {"name": "b", "steering": HAPPY}],
@@ -48,9 +51,15 @@ def exp_dir(tmp_path_factory):
 
 
 def _args(model_dirs, vectors_dir, d) -> list[str]:
-    return [*server_args(model_dirs["llama"], vectors_dir), "--admin-key", ADMIN,
-            "--experiments", str(d / "experiments.yaml"),
-            "--database-url", f"sqlite:///{d / 'ab.db'}"]  # fmt: skip
+    return [
+        *server_args(model_dirs["llama"], vectors_dir),
+        "--admin-key",
+        ADMIN,
+        "--experiments",
+        str(d / "experiments.yaml"),
+        "--database-url",
+        f"sqlite:///{d / 'ab.db'}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +73,15 @@ def _post(base: str, path: str, body: dict, headers: dict | None = None) -> http
 
 
 def _complete(base: str, body: dict | None = None, headers: dict | None = None) -> httpx.Response:
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
-            "ignore_eos": True, "return_tokens_as_token_ids": True, **(body or {})}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_tokens_as_token_ids": True,
+        **(body or {}),
+    }
     r = _post(base, "/v1/completions", body, headers)
     assert r.status_code == 200, r.text
     return r
@@ -90,8 +106,7 @@ def test_units_get_their_hashed_arm_every_time_with_its_steering(exp_server, eng
         want = _expected_arm(TONE, unit)
         seen.add(want)
         for _ in range(2):  # sticky
-            r, tokens, logprobs = complete(c, user=unit, max_tokens=6,
-                                           extra={"experiment": "tone"})  # fmt: skip
+            r, tokens, logprobs = complete(c, user=unit, max_tokens=6, extra={"experiment": "tone"})
             echo = r.model_extra["steering"]
             assert (echo["experiment"], echo["arm"], echo["version"]) == ("tone", want, 1)
         ref = offline(engines, ARM_SPECS[want], max_tokens=6)
@@ -108,9 +123,19 @@ def test_units_get_their_hashed_arm_every_time_with_its_steering(exp_server, eng
         body = _complete(base, {"experiment": "tone"}).json()
         assert body["steering"]["arm"] == _expected_arm(TONE, f"request:{body['id'][5:]}")
     # Streams name the arm in their first chunk.
-    with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": PROMPT, "max_tokens": 3, "stream": True,
-            "experiment": "tone", "user": "user-1"}) as s:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{base}/v1/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": 3,
+            "stream": True,
+            "experiment": "tone",
+            "user": "user-1",
+        },
+    ) as s:
         lines = s.iter_lines()  # one iterator: a second iter_lines() finds it consumed
         first = json.loads(next(line for line in lines if line)[len("data: ") :])
         rest = [line for line in lines if line]
@@ -151,14 +176,22 @@ def test_feedback_is_idempotent_and_validated(exp_server):
     ]:
         r = _post(base, "/v1/feedback", body)
         assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
-    r = httpx.post(f"{base}/v1/feedback", timeout=30, headers={"content-type": "application/json"},
-                   content=f'{{"id": "{rid}", "metric": "rating", "value": NaN}}')  # fmt: skip
+    r = httpx.post(
+        f"{base}/v1/feedback",
+        timeout=30,
+        headers={"content-type": "application/json"},
+        content=f'{{"id": "{rid}", "metric": "rating", "value": NaN}}',
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "value"
     # Unsteered, non-experiment responses take no feedback.
     plain = _complete(base, {"steering": HAPPY}).json()["id"]
     assert _post(base, "/v1/feedback", {"id": plain, "metric": "x", "value": 1}).status_code == 404
-    assert _post(base, "/v1/completions", {"model": MODEL, "prompt": PROMPT,
-                 "experiment": "nope"}).status_code == 404  # fmt: skip
+    assert (
+        _post(
+            base, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "experiment": "nope"}
+        ).status_code
+        == 404
+    )
 
 
 RATED = {
@@ -222,9 +255,24 @@ def test_fifty_concurrent_clients_and_report_equals_scipy(exp_server, tmp_path):
     # The CLI reads the same store: same numbers, and a plot.
     db = next(arg for arg in exp_server[1].args if str(arg).startswith("sqlite:///"))
     png = tmp_path / "rated.png"
-    out = subprocess.run([sys.executable, "-m", "server.cli", "experiments", "report", "rated",
-                          "--database-url", db, "--json", "--plot", str(png)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "experiments",
+            "report",
+            "rated",
+            "--database-url",
+            db,
+            "--json",
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     cli = json.loads(out.stdout)
     assert cli["arms"] == rep["arms"]
@@ -259,8 +307,10 @@ def test_admin_routes_versions_and_status(exp_server):
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("arms[0].steering")
     r = _post(base, "/v1/admin/experiments", {"name": "x", "arms": []}, ADMIN_H)
     assert r.status_code == 400 and r.json()["error"]["param"] == "arms"
-    reads = {"name": "reads", "arms": [{"name": "a", "steering": {
-        "readout": [{"name": "happy", "layer": 1}]}}]}  # fmt: skip
+    reads = {
+        "name": "reads",
+        "arms": [{"name": "a", "steering": {"readout": [{"name": "happy", "layer": 1}]}}],
+    }
     r = _post(base, "/v1/admin/experiments", reads, ADMIN_H)
     assert r.status_code == 400 and r.json()["error"]["param"] == "arms[0].steering.readout"
     names = [e["name"] for e in httpx.get(url, headers=ADMIN_H, timeout=30).json()["data"]]
@@ -305,24 +355,40 @@ def test_per_arm_metrics(exp_server):
     labels = {"experiment": "tone", "version": "1", "arm": arm}
     assert metric_value(text, "steerserve:experiment_requests_total", **labels, status="200") >= 1
     assert metric_value(text, "steerserve:experiment_generation_tokens_total", **labels) >= 4
-    assert metric_value(text, "steerserve:experiment_e2e_request_latency_seconds_count",
-                        **labels) >= 1  # fmt: skip
-    assert metric_value(text, "steerserve:experiment_time_to_first_token_seconds_count",
-                        **labels) >= 1  # fmt: skip
+    assert (
+        metric_value(text, "steerserve:experiment_e2e_request_latency_seconds_count", **labels) >= 1
+    )
+    assert (
+        metric_value(text, "steerserve:experiment_time_to_first_token_seconds_count", **labels) >= 1
+    )
+
     # A client that leaves mid-stream is an error of its arm (499). On a loaded machine the
     # tiny model can finish all 1000 tokens before the client gets to close (then it is a
     # 200, rightly): so try up to three times, and require the accounting to match.
     def finished(status: str) -> float:
         text = httpx.get(f"{base}/metrics", timeout=30).text
-        return metric_value(text, "steerserve:experiment_requests_total", **labels,
-                            status=status) or 0.0  # fmt: skip
+        return (
+            metric_value(text, "steerserve:experiment_requests_total", **labels, status=status)
+            or 0.0
+        )
 
     left = 0
     for _ in range(3):
         before = (finished("200"), finished("499"))
-        with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
-                "model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True,
-                "stream": True, "experiment": "tone", "user": "metrics-1"}) as s:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            f"{base}/v1/completions",
+            timeout=60,
+            json={
+                "model": MODEL,
+                "prompt": PROMPT,
+                "max_tokens": 1000,
+                "ignore_eos": True,
+                "stream": True,
+                "experiment": "tone",
+                "user": "metrics-1",
+            },
+        ) as s:
             next(line for line in s.iter_lines() if line)
         deadline = time.time() + 60
         while sum((finished("200"), finished("499"))) == sum(before):
@@ -373,10 +439,20 @@ def test_variants_side_by_side_equal_solo_runs(exp_server):
     # Streamed: the same text per index; one [DONE].
     text = ["", "", ""]
     lines = []
-    with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": PROMPT, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}, "variants": VARIANTS,
-            **sampling}) as s:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{base}/v1/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "prompt": PROMPT,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "variants": VARIANTS,
+            **sampling,
+        },
+    ) as s:
         for line in s.iter_lines():
             if line:
                 lines.append(line)
@@ -396,13 +472,22 @@ def test_variants_side_by_side_equal_solo_runs(exp_server):
     )
     chat = chat.json()
     assert len(chat["choices"]) == 3
-    r = _post(base, "/v1/completions", {"model": MODEL, "prompt": PROMPT,
-              "variants": [None, {"vectors": [{"name": "nope"}]}]})  # fmt: skip
+    r = _post(
+        base,
+        "/v1/completions",
+        {"model": MODEL, "prompt": PROMPT, "variants": [None, {"vectors": [{"name": "nope"}]}]},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("variants[1]")
-    for extra, param in [({"n": 2}, "n"), ({"steering": HAPPY}, "steering"),
-                         ({"experiment": "tone"}, "experiment")]:  # fmt: skip
-        r = _post(base, "/v1/completions", {"model": MODEL, "prompt": PROMPT,
-                  "variants": VARIANTS, **extra})  # fmt: skip
+    for extra, param in [
+        ({"n": 2}, "n"),
+        ({"steering": HAPPY}, "steering"),
+        ({"experiment": "tone"}, "experiment"),
+    ]:
+        r = _post(
+            base,
+            "/v1/completions",
+            {"model": MODEL, "prompt": PROMPT, "variants": VARIANTS, **extra},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     r = _post(base, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "variants": {}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "variants"
@@ -421,9 +506,23 @@ def test_readme_example_runs(exp_server, tmp_path):
     assert "happy" in json.dumps(tone["arms"])
     example = {**tone, "name": "example-tone"}
     assert _post(base, "/v1/admin/experiments", example, ADMIN_H).status_code == 201
-    out = subprocess.run([sys.executable, str(EXAMPLE / "traffic.py"), "--base-url", base,
-                          "--experiment", "example-tone", "--users", "6", "--max-tokens", "4"],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLE / "traffic.py"),
+            "--base-url",
+            base,
+            "--experiment",
+            "example-tone",
+            "--users",
+            "6",
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rep = httpx.get(f"{base}/v1/experiments/example-tone/report", timeout=60).json()
     assert [a["name"] for a in rep["arms"]] == ["plain", "positive-0.25", "positive-1"]
@@ -435,13 +534,16 @@ def test_readme_example_runs(exp_server, tmp_path):
 DURABLE = {"name": "durable", "arms": [{"name": "a"}, {"name": "b", "steering": HAPPY}]}
 
 
-def test_kill_9_after_acknowledged_feedback_loses_nothing(exp_server, model_dirs, vectors_dir,
-                                                          exp_dir):  # fmt: skip
+def test_kill_9_after_acknowledged_feedback_loses_nothing(
+    exp_server, model_dirs, vectors_dir, exp_dir
+):
     """Last in the module: it kills the module's server."""
     base, proc = exp_server
     assert _post(base, "/v1/admin/experiments", DURABLE, ADMIN_H).status_code == 201
-    ids = [_complete(base, {"experiment": "durable", "user": f"d{i}", "max_tokens": 1}).json()["id"]
-           for i in range(20)]  # fmt: skip
+    ids = [
+        _complete(base, {"experiment": "durable", "user": f"d{i}", "max_tokens": 1}).json()["id"]
+        for i in range(20)
+    ]
     with httpx.Client(timeout=30) as h:
         for i, rid in enumerate(ids):
             r = h.post(f"{base}/v1/feedback", json={"id": rid, "metric": "ok", "value": i % 2 == 0})

@@ -31,8 +31,10 @@ def _check(family: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{family}.json"
     proc = subprocess.run(
         [sys.executable, str(HERE / "family_check.py"), family, "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 

@@ -23,15 +23,37 @@ SPECS = [
     # Every request below masks or edits different heads.
     {"heads": [{"layer": 1, "heads": [0, 3]}]},
     {"heads": [{"layer": 1, "heads": [1]}, {"layer": 2, "heads": [2], "scale": 2.0}]},
-    {"heads": [{"layer": 3, "heads": [0, 1, 2], "scale": 0.5, "positions": "generated"},
-               {"layer": 2, "heads": [3], "target": "query", "positions": "from_last_prompt"}]},
+    {
+        "heads": [
+            {"layer": 3, "heads": [0, 1, 2], "scale": 0.5, "positions": "generated"},
+            {"layer": 2, "heads": [3], "target": "query", "positions": "from_last_prompt"},
+        ]
+    },
     None,
-    {"vectors": [{"site": "heads", "data": {"1": W[0]}, "heads": [2],
-                  "positions": "from_last_prompt", "scale": 3.0}]},
-    {"vectors": [{"site": "heads", "op": "mix", "weight": 0.7, "data": {"2": W[1]},
-                  "positions": "last_prompt"}],
-     "heads": [{"layer": 0, "heads": [3]}]},
-]  # fmt: skip
+    {
+        "vectors": [
+            {
+                "site": "heads",
+                "data": {"1": W[0]},
+                "heads": [2],
+                "positions": "from_last_prompt",
+                "scale": 3.0,
+            }
+        ]
+    },
+    {
+        "vectors": [
+            {
+                "site": "heads",
+                "op": "mix",
+                "weight": 0.7,
+                "data": {"2": W[1]},
+                "positions": "last_prompt",
+            }
+        ],
+        "heads": [{"layer": 0, "heads": [3]}],
+    },
+]
 # Mixed lengths: the long ones are chunked (max_num_batched_tokens=64) and share steps
 # with other requests' decode tokens.
 LENGTHS = [9, 30, 70, 12, 5, 90, 16, 40, 8, 25, 33, 7, 50, 11, 64, 20]

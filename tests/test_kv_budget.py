@@ -13,7 +13,9 @@ from steering.engine import memory
 def test_cpu_default_fills_only_an_unset_budget():
     assert memory.is_cpu()
     assert memory.with_cpu_kv_budget({"dtype": "float32"}, 5 << 20) == {
-        "dtype": "float32", "kv_cache_memory_bytes": 5 << 20}  # fmt: skip
+        "dtype": "float32",
+        "kv_cache_memory_bytes": 5 << 20,
+    }
     for chosen in ({"kv_cache_memory_bytes": 1 << 20}, {"gpu_memory_utilization": 0.1}):
         assert memory.with_cpu_kv_budget(chosen, 5 << 20) == chosen
     # None is how the vectors CLI passes a flag it was not given.
@@ -30,19 +32,37 @@ def test_serve_argv_budget():
     for flag in (["--gpu-memory-utilization", "0.3"], ["--kv-cache-memory-bytes=123"]):
         argv, default = engine_argv(["--model", "/m", *flag])
         assert default is None and "--kv-cache-memory-bytes" not in argv[-2:-1]
-        assert argv[-len(flag):] == flag
+        assert argv[-len(flag) :] == flag
 
 
 def _train(model_dir, tmp_path, *flags: str) -> subprocess.CompletedProcess:
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text('{"positive": "good day", "negative": "bad day"}\n'
-                     '{"positive": "a kind cat", "negative": "a cruel cat"}\n')
+    pairs.write_text(
+        '{"positive": "good day", "negative": "bad day"}\n'
+        '{"positive": "a kind cat", "negative": "a cruel cat"}\n'
+    )
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "vectors", "train", "--model", str(model_dir),
-         "--pairs", str(pairs), "-o", str(tmp_path / "v.safetensors"), "--enforce-eager",
-         "--max-model-len", "256", *flags],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "vectors",
+            "train",
+            "--model",
+            str(model_dir),
+            "--pairs",
+            str(pairs),
+            "-o",
+            str(tmp_path / "v.safetensors"),
+            "--enforce-eager",
+            "--max-model-len",
+            "256",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_vectors_train_without_budget_flags_starts_with_the_small_default(model_dirs, tmp_path):

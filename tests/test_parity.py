@@ -35,34 +35,61 @@ HEAD_CASES = {
         "heads": [{"layer": 3, "heads": [1], "scale": 0.0, "positions": "from_last_prompt"}]
     },
     "query-uniform-decode": lambda w: {
-        "heads": [{"layer": 2, "heads": [1], "target": "query", "positions": "from_last_prompt"},
-                  {"layer": 3, "heads": [0], "target": "query", "positions": "from_last_prompt"}]
+        "heads": [
+            {"layer": 2, "heads": [1], "target": "query", "positions": "from_last_prompt"},
+            {"layer": 3, "heads": [0], "target": "query", "positions": "from_last_prompt"},
+        ]
     },
     "query-sharpen-and-output-mask": lambda w: {
-        "heads": [{"layer": 1, "heads": [0, 1], "scale": 4.0, "target": "query"},
-                  {"layer": 1, "heads": [1], "scale": 0.0},
-                  {"layer": 0, "heads": [1], "scale": 0.5, "target": "query",
-                   "positions": "prompt"}]
+        "heads": [
+            {"layer": 1, "heads": [0, 1], "scale": 4.0, "target": "query"},
+            {"layer": 1, "heads": [1], "scale": 0.0},
+            {"layer": 0, "heads": [1], "scale": 0.5, "target": "query", "positions": "prompt"},
+        ]
     },
     "iti-add-restricted": lambda w: {
-        "vectors": [{"site": "heads", "data": {"1": head_vector(1, w), "2": head_vector(2, w)},
-                     "heads": [1], "scale": 1.5, "positions": "from_last_prompt"}]
+        "vectors": [
+            {
+                "site": "heads",
+                "data": {"1": head_vector(1, w), "2": head_vector(2, w)},
+                "heads": [1],
+                "scale": 1.5,
+                "positions": "from_last_prompt",
+            }
+        ]
     },
     "iti-add-normalized": lambda w: {
-        "vectors": [{"site": "heads", "data": {"0": head_vector(3, w)}, "normalize": True,
-                     "scale": 6.0}]
+        "vectors": [
+            {"site": "heads", "data": {"0": head_vector(3, w)}, "normalize": True, "scale": 6.0}
+        ]
     },
     "mix-all": lambda w: {
-        "vectors": [{"site": "heads", "op": "mix", "weight": 0.6, "heads": [0],
-                     "data": {"2": head_vector(4, w)}}]
+        "vectors": [
+            {
+                "site": "heads",
+                "op": "mix",
+                "weight": 0.6,
+                "heads": [0],
+                "data": {"2": head_vector(4, w)},
+            }
+        ]
     },
     "mix-last-prompt": lambda w: {
-        "vectors": [{"site": "heads", "op": "mix", "weight": 0.8, "positions": "last_prompt",
-                     "data": {"1": head_vector(5, w), "3": head_vector(6, w)}}]
+        "vectors": [
+            {
+                "site": "heads",
+                "op": "mix",
+                "weight": 0.8,
+                "positions": "last_prompt",
+                "data": {"1": head_vector(5, w), "3": head_vector(6, w)},
+            }
+        ]
     },
     "heads-and-residual": lambda w: {
-        "heads": [{"layer": 1, "heads": [0], "scale": 0.0},
-                  {"layer": 2, "heads": [1], "scale": 1.8, "positions": "prompt"}],
+        "heads": [
+            {"layer": 1, "heads": [0], "scale": 0.0},
+            {"layer": 2, "heads": [1], "scale": 1.8, "positions": "prompt"},
+        ],
         "vectors": [
             {"data": {"1": V1}, "scale": 0.7},
             {"site": "heads", "data": {"1": head_vector(7, w)}, "heads": [0]},
@@ -70,7 +97,7 @@ HEAD_CASES = {
             {"data": {"2": V2}, "op": "ablate", "positions": "generated"},
         ],
     },
-}  # fmt: skip
+}
 
 CASES = {
     "add-all": {"vectors": [{"data": {"1": V1}, "scale": 1.0}]},

@@ -16,8 +16,9 @@ PROMPTS = [
 ]
 INLINE = random_vector(11).tolist()
 GENERATED_ONLY = {"readout": [{"name": "happy", "layer": 2}]}
-READ_ONLY = {"readout": [{"name": "happy", "layer": 1},
-                         {"data": INLINE, "layer": 3, "prompt": True}]}  # fmt: skip
+READ_ONLY = {
+    "readout": [{"name": "happy", "layer": 1}, {"data": INLINE, "layer": 3, "prompt": True}]
+}
 STEERED = {
     "vectors": [{"name": "happy", "layers": [1], "scale": 4.0}],
     "readout": [{"name": "happy", "layer": 1, "prompt": True}, {"data": INLINE, "layer": 2}],
@@ -30,8 +31,11 @@ def _fetch(llm, request_id: str) -> dict:
 
 
 def _run(llm, prompts, specs):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        [sampling(s, max_tokens=MAX_TOKENS) for s in specs], use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        [sampling(s, max_tokens=MAX_TOKENS) for s in specs],
+        use_tqdm=False,
+    )
     return [(list(o.outputs[0].token_ids), _fetch(llm, o.request_id).get(0)) for o in outs]
 
 
@@ -43,8 +47,9 @@ def _expected(engines, raw: dict, prompt: list[int], tokens: list[int]):
     return rows[p - 1 : p - 1 + len(tokens)], rows[:p]
 
 
-@pytest.mark.parametrize("raw", [READ_ONLY, STEERED, GENERATED_ONLY],
-                         ids=["read-only", "steered", "generated-only"])
+@pytest.mark.parametrize(
+    "raw", [READ_ONLY, STEERED, GENERATED_ONLY], ids=["read-only", "steered", "generated-only"]
+)
 def test_readout_equals_the_reference(engines, raw):
     llm = engines.get("llama", "readout")
     for prompt in PROMPTS:
@@ -61,22 +66,29 @@ def test_readout_equals_the_reference(engines, raw):
         assert prompt_values.shape == (len(prompt), len(raw["readout"]))
         for k, wanted in enumerate(wants_prompt):
             if wanted:
-                np.testing.assert_allclose(prompt_values[:, k], prompt_rows[:, k], rtol=1e-4,
-                                           atol=1e-4)  # fmt: skip
+                np.testing.assert_allclose(
+                    prompt_values[:, k], prompt_rows[:, k], rtol=1e-4, atol=1e-4
+                )
 
 
 def test_readout_changes_nothing_else_and_is_batch_invariant(engines):
     llm = engines.get("llama", "readout")
     steer_only = {"vectors": STEERED["vectors"]}
-    alone = {name: _run(llm, [PROMPTS[1]], [spec])[0]
-             for name, spec in (("read", READ_ONLY), ("steered", STEERED))}  # fmt: skip
-    mixed = _run(llm, [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[0]],
-                 [READ_ONLY, None, STEERED, steer_only])  # fmt: skip
+    alone = {
+        name: _run(llm, [PROMPTS[1]], [spec])[0]
+        for name, spec in (("read", READ_ONLY), ("steered", STEERED))
+    }
+    mixed = _run(
+        llm,
+        [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[0]],
+        [READ_ONLY, None, STEERED, steer_only],
+    )
     for (tokens, got), name in ((mixed[0], "read"), (mixed[2], "steered")):
         assert tokens == alone[name][0]
         np.testing.assert_allclose(got["generated"], alone[name][1]["generated"], atol=1e-5)
-        np.testing.assert_allclose(got["prompt"], alone[name][1]["prompt"], atol=1e-5,
-                                   equal_nan=True)  # fmt: skip
+        np.testing.assert_allclose(
+            got["prompt"], alone[name][1]["prompt"], atol=1e-5, equal_nan=True
+        )
     # Reading does not steer: tokens equal the plain engine's and the vectors-only run's.
     plain = generate(engines.get("llama"), [PROMPTS[1], PROMPTS[0]], sampling(None, MAX_TOKENS))
     assert mixed[0][0] == plain[0].tokens and mixed[1][0] == plain[1].tokens
@@ -107,19 +119,23 @@ def test_readout_changes_nothing_else_and_is_batch_invariant(engines):
 def test_bad_readout_entries_are_refused(engines, entry, why):
     llm = engines.get("llama", "readout")
     with pytest.raises(SteeringValidationError, match=why) as e:
-        llm.generate([{"prompt_token_ids": PROMPTS[0]}], sampling({"readout": [entry]}),
-                     use_tqdm=False)  # fmt: skip
+        llm.generate(
+            [{"prompt_token_ids": PROMPTS[0]}], sampling({"readout": [entry]}), use_tqdm=False
+        )
     assert "readout[0]" in str(e.value)
 
 
 def test_readout_needs_an_engine_with_readout_on(engines):
     with pytest.raises(SteeringValidationError, match="readout on"):
-        engines.get("llama").generate([{"prompt_token_ids": PROMPTS[0]}], sampling(READ_ONLY),
-                                      use_tqdm=False)  # fmt: skip
+        engines.get("llama").generate(
+            [{"prompt_token_ids": PROMPTS[0]}], sampling(READ_ONLY), use_tqdm=False
+        )
     with pytest.raises(SteeringValidationError, match="at most 4 readout entries"):
         engines.get("llama", "readout").generate(
             [{"prompt_token_ids": PROMPTS[0]}],
-            sampling({"readout": [{"name": "happy", "layer": 1}] * 5}), use_tqdm=False)
+            sampling({"readout": [{"name": "happy", "layer": 1}] * 5}),
+            use_tqdm=False,
+        )
 
 
 def test_compiled_engine_reads_the_same(engines):

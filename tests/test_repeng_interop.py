@@ -43,17 +43,35 @@ def repeng_run(model_dirs, tmp_path_factory):
     d = tmp_path_factory.mktemp("repeng")
     pairs = write_pairs(d / "pairs.jsonl")
     (d / "prompts.json").write_text(json.dumps(PROMPTS))
-    run_repeng(["--model", str(model_dirs["llama"]), "--pairs", str(pairs), "--layers",
-                *map(str, LAYERS), "--method", "pca_diff", "--out", str(d / "out"), "--prompts",
-                str(d / "prompts.json"), "--coeff", str(COEFF), "--max-new-tokens",
-                str(MAX_NEW)])  # fmt: skip
+    run_repeng(
+        [
+            "--model",
+            str(model_dirs["llama"]),
+            "--pairs",
+            str(pairs),
+            "--layers",
+            *map(str, LAYERS),
+            "--method",
+            "pca_diff",
+            "--out",
+            str(d / "out"),
+            "--prompts",
+            str(d / "prompts.json"),
+            "--coeff",
+            str(COEFF),
+            "--max-new-tokens",
+            str(MAX_NEW),
+        ]
+    )
     out = d / "out"
     return {
         "gguf": out / "repeng.gguf",
-        "directions": {int(k): np.array(v, dtype=np.float32)
-                       for k, v in json.loads((out / "directions.json").read_text()).items()},
+        "directions": {
+            int(k): np.array(v, dtype=np.float32)
+            for k, v in json.loads((out / "directions.json").read_text()).items()
+        },
         "outputs": json.loads((out / "outputs.json").read_text()),
-    }  # fmt: skip
+    }
 
 
 def test_steerserve_loads_repengs_gguf_and_generates_what_repeng_generates(
@@ -68,8 +86,16 @@ def test_steerserve_loads_repengs_gguf_and_generates_what_repeng_generates(
     served = VectorRegistry(tmp_path).get("mood")
     assert served.layers == LAYERS
 
-    spec = {"vectors": [{"data": {str(i): served.directions[i].tolist() for i in LAYERS},
-                         "scale": COEFF, "op": "add", "positions": "all"}]}  # fmt: skip
+    spec = {
+        "vectors": [
+            {
+                "data": {str(i): served.directions[i].tolist() for i in LAYERS},
+                "scale": COEFF,
+                "op": "add",
+                "positions": "all",
+            }
+        ]
+    }
     llm = engines.get("llama")
     steered = generate(llm, PROMPTS, sampling(spec, max_tokens=MAX_NEW))
     plain = generate(llm, PROMPTS, sampling(None, max_tokens=MAX_NEW))
@@ -86,8 +112,10 @@ def test_our_training_matches_repengs_vectors(repeng_run, capturer):
     # Same inputs: our tokenizer (through vLLM) turns the texts into repeng's token ids.
     theirs_ids = repeng_run["outputs"]["pairs_token_ids"]
     for pair, ids in zip(pairs, theirs_ids, strict=True):
-        assert [capturer.tokenizer.encode(pair.positive), capturer.tokenizer.encode(
-            pair.negative)] == ids  # fmt: skip
+        assert [
+            capturer.tokenizer.encode(pair.positive),
+            capturer.tokenizer.encode(pair.negative),
+        ] == ids
     pos, neg = capture_pairs(capturer, pairs, LAYERS, "last", "raw")
     for layer, ours in zip(LAYERS, directions(pos, neg, "pca_diff"), strict=True):
         theirs = repeng_run["directions"][layer]

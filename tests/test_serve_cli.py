@@ -22,18 +22,25 @@ def client(tmp_path_factory):
 
 def _answers(client, question: str, steering: dict | None, n: int = SAMPLES) -> list[str]:
     r = client.chat.completions.create(
-        model=DEMO_MODEL, messages=[{"role": "user", "content": question}], n=n, seed=11,
-        temperature=1.0, max_tokens=64, extra_body={"steering": steering} if steering else None,
-    )  # fmt: skip
+        model=DEMO_MODEL,
+        messages=[{"role": "user", "content": question}],
+        n=n,
+        seed=11,
+        temperature=1.0,
+        max_tokens=64,
+        extra_body={"steering": steering} if steering else None,
+    )
     return [c.message.content for c in r.choices]
 
 
 def test_demo_model_answers_in_its_grammar(client):
     assert [m.id for m in client.models.list().data] == [DEMO_MODEL]
     r = client.chat.completions.create(
-        model=DEMO_MODEL, messages=[{"role": "user", "content": "tell me about the cat."}],
-        max_tokens=64, temperature=0,
-    )  # fmt: skip
+        model=DEMO_MODEL,
+        messages=[{"role": "user", "content": "tell me about the cat."}],
+        max_tokens=64,
+        temperature=0,
+    )
     text = r.choices[0].message.content
     assert grammatical_fraction(text) == 1.0 and topic_of(text) == "animals", text
     assert r.choices[0].finish_reason == "stop"  # it ends its answer itself
@@ -55,8 +62,10 @@ def test_positive_vector_shifts_the_sentiment_of_answers(client):
     plain = _answers(client, question, None)
     steered = _answers(client, question, {"vectors": [{"name": "positive", "scale": 1.0}]})
     assert len(set(plain)) > SAMPLES // 2  # n samples are distinct draws, not one repeated
-    rate = {k: sum(sentiment_of(t) == "positive" for t in v) / SAMPLES
-            for k, v in (("plain", plain), ("steered", steered))}  # fmt: skip
+    rate = {
+        k: sum(sentiment_of(t) == "positive" for t in v) / SAMPLES
+        for k, v in (("plain", plain), ("steered", steered))
+    }
     assert rate["steered"] - rate["plain"] >= 0.2, rate
     assert rate["steered"] >= 0.8, rate
     fluent = sum(map(grammatical_fraction, steered)) / SAMPLES

@@ -22,14 +22,27 @@ from steering.engine.hooks import runtime_of
 
 MODEL = "tiny"
 ENGINE_FLAGS = [
-    "--dtype", "float32", "--enforce-eager", "--seed", "0",
-    "--max-model-len", str(ENGINE_KW["max_model_len"]),
-    "--max-num-seqs", str(ENGINE_KW["max_num_seqs"]),
-    "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
-    "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
-    "--kv-cache-memory-bytes", str(ENGINE_KW["kv_cache_memory_bytes"]),
-    "--served-model-name", MODEL, "--enable-steering-decoding", "--enable-steering-readout",
-]  # fmt: skip
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--seed",
+    "0",
+    "--max-model-len",
+    str(ENGINE_KW["max_model_len"]),
+    "--max-num-seqs",
+    str(ENGINE_KW["max_num_seqs"]),
+    "--max-num-batched-tokens",
+    str(MAX_BATCHED_TOKENS),
+    "--block-size",
+    str(BLOCK_SIZE),
+    "--enable-prefix-caching",
+    "--kv-cache-memory-bytes",
+    str(ENGINE_KW["kv_cache_memory_bytes"]),
+    "--served-model-name",
+    MODEL,
+    "--enable-steering-decoding",
+    "--enable-steering-readout",
+]
 PROMPT = [5, 17, 250, 33, 91, 12, 400, 8]
 MESSAGES = [{"role": "user", "content": "the cat sees the dog near the river"}]
 
@@ -46,8 +59,9 @@ def server(model_dirs, vectors_dir, tmp_path_factory):
 
 
 def client(base: str, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=kw.pop("api_key", "none"),
-                         max_retries=0, **kw)  # fmt: skip
+    return openai.OpenAI(
+        base_url=f"{base}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw
+    )
 
 
 def complete(c: openai.OpenAI, steering=None, prompt=PROMPT, max_tokens=8, **kw):
@@ -55,8 +69,15 @@ def complete(c: openai.OpenAI, steering=None, prompt=PROMPT, max_tokens=8, **kw)
     extra = {"ignore_eos": True, "return_tokens_as_token_ids": True, **kw.pop("extra", {})}
     if steering is not None:
         extra["steering"] = steering
-    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                             logprobs=1, extra_body=extra, **kw)  # fmt: skip
+    r = c.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=1,
+        extra_body=extra,
+        **kw,
+    )
     lp = r.choices[0].logprobs
     return r, [int(t.split(":")[1]) for t in lp.tokens], lp.token_logprobs
 
@@ -76,11 +97,17 @@ def test_chat_stream_concatenates_to_non_streamed_and_usage_counts(server, model
     from transformers import AutoTokenizer
 
     c = client(server)
-    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
-              extra_body={"ignore_eos": True})  # fmt: skip
+    kw = dict(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = c.chat.completions.create(**kw)
-    chunks = list(c.chat.completions.create(**kw, stream=True,
-                                            stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == full.choices[0].message.content
     tok = AutoTokenizer.from_pretrained(model_dirs["llama"])
@@ -95,16 +122,32 @@ def test_chat_stream_concatenates_to_non_streamed_and_usage_counts(server, model
 
 def test_completion_stream_and_sampling_fields(server):
     c = client(server)
-    kw = dict(model=MODEL, prompt="the cat sees", max_tokens=10, temperature=0,
-              extra_body={"ignore_eos": True, "steering": {"vectors": [_inline(3)]}})  # fmt: skip
+    kw = dict(
+        model=MODEL,
+        prompt="the cat sees",
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True, "steering": {"vectors": [_inline(3)]}},
+    )
     full = c.completions.create(**kw)
     text = "".join(ch.choices[0].text for ch in c.completions.create(**kw, stream=True))
     assert text == full.choices[0].text and full.usage.completion_tokens == 10
     # The fields users rely on are accepted (n, seed, penalties, top_p, stop, user, logprobs).
-    r = c.completions.create(model=MODEL, prompt="the cat", max_tokens=6, n=2, seed=7,
-                             temperature=0.9, top_p=0.9, presence_penalty=0.5,
-                             frequency_penalty=0.5, stop=["zzz"], user="u1", logprobs=2,
-                             extra_body={"steering": {"vectors": [_inline(4)]}})  # fmt: skip
+    r = c.completions.create(
+        model=MODEL,
+        prompt="the cat",
+        max_tokens=6,
+        n=2,
+        seed=7,
+        temperature=0.9,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        stop=["zzz"],
+        user="u1",
+        logprobs=2,
+        extra_body={"steering": {"vectors": [_inline(4)]}},
+    )
     assert len(r.choices) == 2 and all(len(ch.logprobs.top_logprobs[0]) >= 2 for ch in r.choices)
     models = c.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -169,9 +212,18 @@ def test_decoding_report_in_response(server, engines):
     (choice,) = r.model_extra["steering"]["decoding"]["choices"]
     assert choice == {"index": 0, **report} and len(choice["layers"]) == 6
 
-    chunks = list(client(server).completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0.8, seed=3, n=2, stream=True,
-        extra_body={"ignore_eos": True, "steering": spec}))  # fmt: skip
+    chunks = list(
+        client(server).completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=0.8,
+            seed=3,
+            n=2,
+            stream=True,
+            extra_body={"ignore_eos": True, "steering": spec},
+        )
+    )
     tail = chunks[-1].model_extra["steering"]["decoding"]["choices"]
     assert [c["index"] for c in tail] == [0, 1]
     assert all(c["mode"] == "contrast" and len(c["layers"]) == 6 for c in tail)
@@ -181,17 +233,20 @@ def test_decoding_report_in_response(server, engines):
 
 READOUT = {
     "vectors": [{"name": "happy", "layers": [1], "scale": 4.0}],
-    "readout": [{"name": "happy", "layer": 1, "prompt": True},
-                {"data": random_vector(11).tolist(), "layer": 2}],
-}  # fmt: skip
+    "readout": [
+        {"name": "happy", "layer": 1, "prompt": True},
+        {"data": random_vector(11).tolist(), "layer": 2},
+    ],
+}
 
 
 def _offline_readout(engines, spec, prompt, max_tokens):
     from steering.engine.worker import readouts
 
     llm = engines.get("llama", "readout")
-    (out,) = llm.generate([{"prompt_token_ids": prompt}], offline_sampling(spec, max_tokens),
-                          use_tqdm=False)  # fmt: skip
+    (out,) = llm.generate(
+        [{"prompt_token_ids": prompt}], offline_sampling(spec, max_tokens), use_tqdm=False
+    )
     got = readouts(llm, out.request_id)[0]
     return list(out.outputs[0].token_ids), np.array(got["generated"]), np.array(got["prompt"])
 
@@ -222,10 +277,15 @@ def test_readout_in_responses_equals_the_offline_engine(server, engines):
     assert got_tokens == tokens
     first, second = r.choices[0].model_extra["readout"]
     assert (first["name"], first["layer"], second["name"], second["layer"]) == (
-        "happy", 1, "<inline>", 2)  # fmt: skip
+        "happy",
+        1,
+        "<inline>",
+        2,
+    )
     assert len(first["values"]) == len(second["values"]) == 8 and "prompt_values" not in second
-    np.testing.assert_allclose(np.array([first["values"], second["values"]]).T, generated,
-                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        np.array([first["values"], second["values"]]).T, generated, rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_allclose(first["prompt_values"], prompt_rows[:, 0], rtol=1e-4, atol=1e-4)
     echo = r.model_extra["steering"]
     assert echo["kind"] == "vectors+readout"
@@ -260,13 +320,23 @@ def test_streamed_readout_joins_to_the_non_streamed_one(server, chat):
 
 def test_readout_beside_other_requests_and_in_variants(server):
     c = client(server, timeout=300)
-    specs = [{"readout": [{"name": "happy", "layer": 1 + i % 2}],
-              "vectors": [_inline(200 + i, layer=i % 4)]} for i in range(8)]  # fmt: skip
+    specs = [
+        {
+            "readout": [{"name": "happy", "layer": 1 + i % 2}],
+            "vectors": [_inline(200 + i, layer=i % 4)],
+        }
+        for i in range(8)
+    ]
     prompts = [[(11 * i + j) % 480 + 10 for j in range(4 + i)] for i in range(8)]
 
     def run(i: int, stream: bool):
-        body = dict(model=MODEL, prompt=prompts[i], max_tokens=10, temperature=0,
-                    extra_body={"ignore_eos": True, "steering": specs[i]})  # fmt: skip
+        body = dict(
+            model=MODEL,
+            prompt=prompts[i],
+            max_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True, "steering": specs[i]},
+        )
         if stream:
             return _joined(list(c.completions.create(stream=True, **body)))[0]["values"]
         return c.completions.create(**body).choices[0].model_extra["readout"][0]["values"]
@@ -278,8 +348,13 @@ def test_readout_beside_other_requests_and_in_variants(server):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # Variants: each choice carries its own variant's values (or none).
     variants = [specs[0], None, {"readout": [{"name": "happy", "layer": 2}]}]
-    body = dict(model=MODEL, prompt=prompts[0], max_tokens=10, temperature=0,
-                extra_body={"ignore_eos": True, "variants": variants})  # fmt: skip
+    body = dict(
+        model=MODEL,
+        prompt=prompts[0],
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True, "variants": variants},
+    )
     r = c.completions.create(**body)
     assert r.choices[0].model_extra["readout"][0]["values"] == pytest.approx(solo[0], abs=1e-5)
     assert "readout" not in r.choices[1].model_extra
@@ -303,8 +378,11 @@ def api_error(fn) -> tuple[int, dict]:
 @pytest.mark.parametrize(
     "steering, param, words",
     [
-        ({"vectors": [{"data": {"1": [float("nan")] * 128}}]}, "steering.vectors[0].data[1]",
-         "finite"),
+        (
+            {"vectors": [{"data": {"1": [float("nan")] * 128}}]},
+            "steering.vectors[0].data[1]",
+            "finite",
+        ),
         ({"vectors": [{"name": "nope"}]}, "steering.vectors[0].name", "unknown vector"),
         ({"vectors": [{"name": "happy", "layers": [9]}]}, "steering.vectors[0].layers", "layer"),
         ({"vectors": [{"data": {"1": [0.5] * 100}}]}, "steering.vectors[0].data", "hidden size"),
@@ -312,18 +390,30 @@ def api_error(fn) -> tuple[int, dict]:
         ({"heads": [{"layer": 0, "heads": [7]}]}, "steering.heads[0].heads", "out of range"),
         ({"vectors": [], "bogus": 1}, "steering.bogus", "extra"),
         ({"readout": [{"name": "nope", "layer": 1}]}, "steering.readout[0]", "unknown vector"),
-        ({"readout": [{"name": "happy", "layer": 0}]}, "steering.readout[0]",
-         "'happy' has no data for layer 0"),
+        (
+            {"readout": [{"name": "happy", "layer": 0}]},
+            "steering.readout[0]",
+            "'happy' has no data for layer 0",
+        ),
         ({"readout": [{"name": "happy", "layer": 1}] * 5}, "steering.readout", "at most 4"),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_spec_is_400_naming_the_field(server, steering, param, words, stream):
     # Raw JSON: the openai client refuses to send NaN (JSON has no NaN; Python's json does).
-    body = {"model": MODEL, "prompt": "the cat", "max_tokens": 4, "stream": stream,
-            "steering": steering}  # fmt: skip
-    r = httpx.post(f"{server}/v1/completions", content=json.dumps(body),
-                   headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": "the cat",
+        "max_tokens": 4,
+        "stream": stream,
+        "steering": steering,
+    }
+    r = httpx.post(
+        f"{server}/v1/completions",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == 400, r.text
     assert err["param"].startswith(param) and words in err["message"].lower(), err
@@ -339,18 +429,27 @@ def test_other_request_errors(server):
         )
     )
     assert status == 404 and err["param"] == "steering.preset"
-    status, err = api_error(lambda: c.completions.create(
-        model=MODEL, prompt="x", max_tokens=2,
-        extra_body={"vllm_xargs": {"steering": "{}"}}))  # fmt: skip
+    status, err = api_error(
+        lambda: c.completions.create(
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"vllm_xargs": {"steering": "{}"}}
+        )
+    )
     assert status == 400 and err["param"] == "vllm_xargs.steering"
     status, err = api_error(lambda: c.completions.create(model=MODEL, prompt="x", max_tokens=-3))
     assert status == 400
     r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
     # Steering a decoding spec with prompt log-probs is refused up front.
-    status, err = api_error(lambda: c.completions.create(
-        model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1,
-        extra_body={"steering": {"decoding": {"mode": "fuse", "layer": 1}}}))  # fmt: skip
+    status, err = api_error(
+        lambda: c.completions.create(
+            model=MODEL,
+            prompt="x",
+            max_tokens=2,
+            echo=True,
+            logprobs=1,
+            extra_body={"steering": {"decoding": {"mode": "fuse", "layer": 1}}},
+        )
+    )
     assert status == 400 and err["param"] == "steering.decoding"
     # None of that hurt the server.
     assert complete(c)[1]
@@ -377,10 +476,17 @@ def _wait_idle(base: str, timeout: float = 60) -> str:
 
 
 def test_disconnect_mid_stream_aborts_and_frees_the_slot(server):
-    before = metric_value(_wait_idle(server), "steerserve:generation_tokens_total",
-                          kind="vectors") or 0  # fmt: skip
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "stream": True,
-            "ignore_eos": True, "steering": {"vectors": [_inline(21)]}}  # fmt: skip
+    before = (
+        metric_value(_wait_idle(server), "steerserve:generation_tokens_total", kind="vectors") or 0
+    )
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 1000,
+        "stream": True,
+        "ignore_eos": True,
+        "steering": {"vectors": [_inline(21)]},
+    }
     with httpx.Client(timeout=60) as probe, httpx.Client(timeout=60) as http:
         probe.get(f"{server}/health")  # connected before the stream starts
         with http.stream("POST", f"{server}/v1/completions", json=body) as r:
@@ -407,8 +513,12 @@ def test_32_concurrent_distinct_specs_equal_solo(server):
         elif kind == 1:
             specs.append({"vectors": [_inline(100 + i, layer=i % 4, norm=6 + i % 3)]})
         elif kind == 2:
-            specs.append({"heads": [{"layer": i % 4, "heads": [i % 4], "scale": (i % 3) * 0.5}],
-                          "vectors": [{"name": "happy", "scale": 0.1 * i}]})  # fmt: skip
+            specs.append(
+                {
+                    "heads": [{"layer": i % 4, "heads": [i % 4], "scale": (i % 3) * 0.5}],
+                    "vectors": [{"name": "happy", "scale": 0.1 * i}],
+                }
+            )
         else:
             specs.append({"decoding": {"mode": "fuse", "layer": i % 3, "weight": 0.5}})
     prompts = [[(7 * i + j) % 480 + 10 for j in range(5 + i % 7)] for i in range(32)]
@@ -435,16 +545,25 @@ def test_metrics_expose_vllm_and_steerserve_series(server):
     text = _wait_idle(server)
     assert "vllm:num_requests_running" in text and "vllm:prompt_tokens_total" in text
     base = {"model_name": MODEL, "preset": "none"}
-    assert metric_value(text, "steerserve:requests_total", **base, kind="vectors+heads",
-                        status="200") >= 1  # fmt: skip
+    assert (
+        metric_value(text, "steerserve:requests_total", **base, kind="vectors+heads", status="200")
+        >= 1
+    )
     assert metric_value(text, "steerserve:requests_total", status="400") >= 1
     assert metric_value(text, "steerserve:prompt_tokens_total", **base, kind="none") > 0
-    assert metric_value(text, "steerserve:generation_tokens_total", **base,
-                        kind="vectors+heads") >= 8  # fmt: skip
-    assert metric_value(text, "steerserve:time_to_first_token_seconds_count", **base,
-                        kind="vectors+heads") >= 1  # fmt: skip
-    assert metric_value(text, "steerserve:e2e_request_latency_seconds_count", **base,
-                        kind="decoding") >= 1  # fmt: skip
+    assert (
+        metric_value(text, "steerserve:generation_tokens_total", **base, kind="vectors+heads") >= 8
+    )
+    assert (
+        metric_value(
+            text, "steerserve:time_to_first_token_seconds_count", **base, kind="vectors+heads"
+        )
+        >= 1
+    )
+    assert (
+        metric_value(text, "steerserve:e2e_request_latency_seconds_count", **base, kind="decoding")
+        >= 1
+    )
     assert metric_value(text, "steerserve:intervention_slots_total", model_name=MODEL) >= 1
     assert metric_value(text, "steerserve:requests_running", **base, kind="vectors") == 0
 
@@ -464,7 +583,11 @@ def test_capabilities_describe_the_model_and_build_a_valid_spec(server):
     doc = httpx.get(f"{server}/v1/steering/capabilities").json()
     assert doc["architecture"] == "LlamaForCausalLM" and doc["verified_architecture"]
     assert (doc["num_layers"], doc["hidden_size"], doc["num_heads"], doc["num_kv_heads"]) == (
-        4, 128, 4, 2)  # fmt: skip
+        4,
+        128,
+        4,
+        2,
+    )
     assert [layer["attention_heads"] for layer in doc["layers"]] == [4, 4, 4, 4]
     assert all(layer["experts"] == 0 for layer in doc["layers"])
     fields = doc["fields"]

@@ -20,7 +20,7 @@ PRESETS = {
     "calm": {
         "vectors": [{"name": "happy_gguf", "scale": -1.0}],
         "heads": [{"layer": 1, "heads": [2]}],
-    },  # fmt: skip
+    },
     "loud": {"vectors": [{"name": "happy", "layers": [2], "scale": 2.0}]},
 }
 OWN = {"data": {"3": (np.random.default_rng(8).standard_normal(128) * 4).tolist()}}
@@ -30,11 +30,23 @@ OWN = {"data": {"3": (np.random.default_rng(8).standard_normal(128) * 4).tolist(
 def configured(model_dirs, vectors_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("configured")
     (d / "presets.yaml").write_text(json.dumps(PRESETS))  # JSON is YAML
-    args = [*server_args(model_dirs["llama"], vectors_dir),
-            "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
-            "--presets", str(d / "presets.yaml"), "--default-steering", json.dumps(DEFAULT),
-            "--max-request-body-bytes", "100000", "--max-inline-floats", "300",
-            "--max-num-queued-reqs", "2"]  # fmt: skip
+    args = [
+        *server_args(model_dirs["llama"], vectors_dir),
+        "--api-key",
+        API_KEY,
+        "--admin-key",
+        ADMIN_KEY,
+        "--presets",
+        str(d / "presets.yaml"),
+        "--default-steering",
+        json.dumps(DEFAULT),
+        "--max-request-body-bytes",
+        "100000",
+        "--max-inline-floats",
+        "300",
+        "--max-num-queued-reqs",
+        "2",
+    ]
     # Keep serving (503) after the engine dies, instead of exiting, so the test can look.
     env = {"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"}
     with live_server(args, d / "serve.log", env=env) as (base, proc):
@@ -59,15 +71,22 @@ def test_keys(configured):
     "steering, composed",
     [
         (None, [*DEFAULT["vectors"]]),
-        ({"preset": "calm"}, {"vectors": [*DEFAULT["vectors"], *PRESETS["calm"]["vectors"]],
-                              "heads": PRESETS["calm"]["heads"]}),
-        ({"preset": "loud", "vectors": [OWN]},
-         {"vectors": [*DEFAULT["vectors"], *PRESETS["loud"]["vectors"], OWN]}),
+        (
+            {"preset": "calm"},
+            {
+                "vectors": [*DEFAULT["vectors"], *PRESETS["calm"]["vectors"]],
+                "heads": PRESETS["calm"]["heads"],
+            },
+        ),
+        (
+            {"preset": "loud", "vectors": [OWN]},
+            {"vectors": [*DEFAULT["vectors"], *PRESETS["loud"]["vectors"], OWN]},
+        ),
         ({"default": False, "preset": "calm"}, PRESETS["calm"]),
         ({"default": False, "vectors": [OWN]}, {"vectors": [OWN]}),
         ({"default": False}, None),
     ],
-)  # fmt: skip
+)
 def test_default_and_presets_compose_as_documented(configured, engines, steering, composed):
     """default spec, then the preset, then the request's own entries (README)."""
     base, _ = configured
@@ -109,8 +128,13 @@ def test_oversized_body_and_inline_vector_are_413(configured):
 
 def test_queue_over_limit_is_503(configured):
     base, _ = configured
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 1000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     auth = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(timeout=60, headers=auth) as http:
         http.get(f"{base}/health")

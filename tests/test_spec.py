@@ -189,7 +189,7 @@ def _err(raw, **kw) -> SpecError:
                         "weight": 0.5,
                     }
                 ]
-            },  # fmt: skip
+            },
             "steering.vectors[0]",
             "zero on the listed heads at layer 1",
         ),
@@ -245,9 +245,13 @@ def test_fingerprint_is_content_based_and_stable():
     # Head masks and head-site fields are part of it (they change KV too).
     masks = [
         parse_spec({"heads": [{"layer": 1, "heads": h, "scale": sc, "positions": p}]}, ctx)
-        for h, sc, p in (([0], 0.0, "all"), ([1], 0.0, "all"), ([0], 0.5, "all"),
-                         ([0], 0.0, "generated"))
-    ]  # fmt: skip
+        for h, sc, p in (
+            ([0], 0.0, "all"),
+            ([1], 0.0, "all"),
+            ([0], 0.5, "all"),
+            ([0], 0.0, "generated"),
+        )
+    ]
     heads = [
         parse_spec({"vectors": [{"site": "heads", "name": "iti", **kw}]}, ctx)
         for kw in ({}, {"heads": [1]}, {"op": "mix", "weight": 0.5}, {"op": "mix", "weight": 0.6})
@@ -316,16 +320,19 @@ def test_compiled_form_equals_sequential_application():
                 {"data": {"1": v[0]}, "scale": 2.0},
                 {"data": {"1": v[1], "2": v[1]}, "op": "clamp", "value": 1.5},
                 {"data": {"1": v[2]}, "positions": "generated", "normalize": True},
-                {"data": {"1": v[0], "2": v[3]}, "op": "ablate", "scale": 0.7,
-                 "positions": "prompt"},
+                {
+                    "data": {"1": v[0], "2": v[3]},
+                    "op": "ablate",
+                    "scale": 0.7,
+                    "positions": "prompt",
+                },
                 {"data": {"2": v[2]}, "scale": -1.0},
                 {"data": {"2": v[0]}, "scale": 3.0, "positions": "last_prompt"},
-                {"data": {"1": v[3]}, "op": "clamp", "value": 0.5,
-                 "positions": "from_last_prompt"},
+                {"data": {"1": v[3]}, "op": "clamp", "value": 0.5, "positions": "from_last_prompt"},
             ]
         },
         _ctx(),
-    )  # fmt: skip
+    )
     compiled = compile_spec(spec, SHAPE)
     assert len(compiled.projections) == 3 and compiled.const_layers.tolist() == [1, 2]
     for layer in range(4):
@@ -334,8 +341,9 @@ def test_compiled_form_equals_sequential_application():
             np.testing.assert_allclose(
                 _apply_compiled(compiled, layer, h, rel),
                 _apply_directly(spec, layer, h, rel),
-                rtol=1e-5, atol=1e-5,
-            )  # fmt: skip
+                rtol=1e-5,
+                atol=1e-5,
+            )
 
 
 def _heads_directly(spec, layer: int, z: np.ndarray, rel: int) -> np.ndarray:
@@ -371,27 +379,48 @@ def test_compiled_head_ops_equal_sequential_application():
             ],
             "vectors": [
                 {"site": "heads", "data": {"1": w[0], "2": w[1]}, "scale": 2.0},
-                {"site": "heads", "name": "iti", "op": "mix", "weight": 0.3,
-                 "heads": [1, 2], "positions": "from_last_prompt"},
-                {"site": "heads", "data": {"1": w[2]}, "normalize": True, "scale": -3.0,
-                 "heads": [3], "positions": "prompt"},
+                {
+                    "site": "heads",
+                    "name": "iti",
+                    "op": "mix",
+                    "weight": 0.3,
+                    "heads": [1, 2],
+                    "positions": "from_last_prompt",
+                },
+                {
+                    "site": "heads",
+                    "data": {"1": w[2]},
+                    "normalize": True,
+                    "scale": -3.0,
+                    "heads": [3],
+                    "positions": "prompt",
+                },
                 {"data": {"1": w[0][:8]}},  # a residual entry leaves the heads alone
             ],
         },
         _ctx(),
-    )  # fmt: skip
+    )
     ops = compile_spec(spec, SHAPE).heads
     assert ops.layers.tolist() == [1, 2, 3] and ops.scale.shape == (3, 3, 4)
     # Query masks fold into their own factor and leave the output maps alone.
     with_query = parse_spec(
-        {"heads": [*spec.model_dump()["heads"],
-                   {"layer": 1, "heads": [1, 3], "scale": 0.0, "target": "query"},
-                   {"layer": 3, "heads": [3], "scale": 2.0, "target": "query",
-                    "positions": "generated"},
-                   {"layer": 3, "heads": [3, 0], "scale": 0.5, "target": "query"}],
-         "vectors": spec.model_dump(exclude_none=True)["vectors"]},
+        {
+            "heads": [
+                *spec.model_dump()["heads"],
+                {"layer": 1, "heads": [1, 3], "scale": 0.0, "target": "query"},
+                {
+                    "layer": 3,
+                    "heads": [3],
+                    "scale": 2.0,
+                    "target": "query",
+                    "positions": "generated",
+                },
+                {"layer": 3, "heads": [3, 0], "scale": 0.5, "target": "query"},
+            ],
+            "vectors": spec.model_dump(exclude_none=True)["vectors"],
+        },
         _ctx(),
-    )  # fmt: skip
+    )
     folded = compile_spec(with_query, SHAPE).heads
     np.testing.assert_array_equal(folded.scale, ops.scale)
     np.testing.assert_array_equal(folded.const, ops.const)
@@ -434,8 +463,10 @@ def test_compiled_payload_round_trip_and_identity():
         assert (a.lo, a.hi, a.gain, a.layers.tolist()) == (b.lo, b.hi, b.gain, b.layers.tolist())
     assert compile_spec(parse_spec({}, _ctx()), SHAPE).is_identity
     # Head ops survive the payload too; masks of scale 1 are the identity.
-    heads = {"heads": [{"layer": 2, "heads": [1], "scale": 0.25}],
-             "vectors": [{"site": "heads", "name": "iti", "op": "mix", "weight": 0.5}]}  # fmt: skip
+    heads = {
+        "heads": [{"layer": 2, "heads": [1], "scale": 0.25}],
+        "vectors": [{"site": "heads", "name": "iti", "op": "mix", "weight": 0.5}],
+    }
     compiled = compile_spec(parse_spec(heads, _ctx()), SHAPE)
     again = CompiledSpec.from_payload(compiled.to_payload())
     assert again.heads.layers.tolist() == [1, 2, 3] and again.uses_heads
@@ -444,8 +475,12 @@ def test_compiled_payload_round_trip_and_identity():
     unit_mask = {"heads": [{"layer": 2, "heads": [0, 1], "scale": 1.0}]}
     assert compile_spec(parse_spec(unit_mask, _ctx()), SHAPE).is_identity
     # Adds that cancel fold to nothing at all.
-    cancel = {"vectors": [{"name": "happy", "layers": [1]},
-                          {"name": "happy", "layers": [1], "scale": -1.0}]}  # fmt: skip
+    cancel = {
+        "vectors": [
+            {"name": "happy", "layers": [1]},
+            {"name": "happy", "layers": [1], "scale": -1.0},
+        ]
+    }
     assert compile_spec(parse_spec(cancel, _ctx()), SHAPE).is_identity
 
 

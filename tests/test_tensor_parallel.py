@@ -26,8 +26,12 @@ SHAPE = ModelShape("LlamaForCausalLM", 3, 16, num_heads=4, num_kv_heads=2, head_
 
 
 def test_local_heads_are_contiguous_blocks():
-    assert [local_heads(8, r, 4) for r in range(4)] == [range(0, 2), range(2, 4),
-                                                        range(4, 6), range(6, 8)]  # fmt: skip
+    assert [local_heads(8, r, 4) for r in range(4)] == [
+        range(0, 2),
+        range(2, 4),
+        range(4, 6),
+        range(6, 8),
+    ]
     assert local_heads(4, 0, 1) == range(0, 4)
     with pytest.raises(ValueError, match="do not split over 3"):
         local_heads(4, 0, 3)
@@ -35,30 +39,46 @@ def test_local_heads_are_contiguous_blocks():
 
 def _tables(heads: range) -> SteeringTables:
     return SteeringTables(
-        num_layers=SHAPE.num_layers, hidden_size=SHAPE.hidden_size, num_slots=3, max_proj=1,
-        max_tokens=8, dtype=torch.float32, device=torch.device("cpu"), heads=heads,
+        num_layers=SHAPE.num_layers,
+        hidden_size=SHAPE.hidden_size,
+        num_slots=3,
+        max_proj=1,
+        max_tokens=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        heads=heads,
         head_dim=SHAPE.head_dim,
-    )  # fmt: skip
+    )
 
 
 def test_rank_tables_and_ops_are_slices_of_the_full_ones():
     rng = np.random.default_rng(0)
     raw = {
-        "heads": [{"layer": 1, "heads": [0, 3], "scale": 0.0},
-                  {"layer": 0, "heads": [1, 2], "scale": 0.0, "target": "query"},
-                  {"layer": 2, "heads": [1, 2], "scale": 1.5, "positions": "generated"}],
-        "vectors": [{"site": "heads", "data": {"1": rng.standard_normal(32).tolist()},
-                     "heads": [1, 2], "op": "mix", "weight": 0.25},
-                    {"site": "heads", "data": {"2": rng.standard_normal(32).tolist()}}],
-    }  # fmt: skip
+        "heads": [
+            {"layer": 1, "heads": [0, 3], "scale": 0.0},
+            {"layer": 0, "heads": [1, 2], "scale": 0.0, "target": "query"},
+            {"layer": 2, "heads": [1, 2], "scale": 1.5, "positions": "generated"},
+        ],
+        "vectors": [
+            {
+                "site": "heads",
+                "data": {"1": rng.standard_normal(32).tolist()},
+                "heads": [1, 2],
+                "op": "mix",
+                "weight": 0.25,
+            },
+            {"site": "heads", "data": {"2": rng.standard_normal(32).tolist()}},
+        ],
+    }
     compiled = compile_spec(parse_spec(raw, SpecContext(SHAPE)), SHAPE)
     full = _tables(local_heads(4, 0, 1))
     ranks = [_tables(local_heads(4, r, 2)) for r in range(2)]
     for t in (full, *ranks):
         t.write_slot(2, compiled)
         # Tokens: slot 2 in each class, then the identity slot.
-        t.tok_const[:4] = torch.tensor([2 * NUM_CLASSES, 2 * NUM_CLASSES + 1,
-                                        2 * NUM_CLASSES + 2, 0])  # fmt: skip
+        t.tok_const[:4] = torch.tensor(
+            [2 * NUM_CLASSES, 2 * NUM_CLASSES + 1, 2 * NUM_CLASSES + 2, 0]
+        )
     np.testing.assert_array_equal(
         torch.cat([r.head_scale for r in ranks], dim=-1).numpy(), full.head_scale.numpy()
     )
@@ -94,12 +114,20 @@ W = np.random.default_rng(9).standard_normal(256) * 0.5
 TP_SPECS = [
     None,
     {"heads": [{"layer": 1, "heads": [0, 3]}, {"layer": 2, "heads": [2], "scale": 2.0}]},
-    {"heads": [{"layer": 3, "heads": [1, 2], "scale": 0.0, "positions": "generated"},
-               {"layer": 1, "heads": [0, 3], "target": "query"}]},
-    {"vectors": [{"site": "heads", "op": "mix", "weight": 0.6, "data": {"1": W.tolist()}},
-                 {"site": "heads", "data": {"2": W.tolist()}, "heads": [3], "scale": 3.0},
-                 {"data": {"1": (W[:128] * 4).tolist()}}]},
-]  # fmt: skip
+    {
+        "heads": [
+            {"layer": 3, "heads": [1, 2], "scale": 0.0, "positions": "generated"},
+            {"layer": 1, "heads": [0, 3], "target": "query"},
+        ]
+    },
+    {
+        "vectors": [
+            {"site": "heads", "op": "mix", "weight": 0.6, "data": {"1": W.tolist()}},
+            {"site": "heads", "data": {"2": W.tolist()}, "heads": [3], "scale": 3.0},
+            {"data": {"1": (W[:128] * 4).tolist()}},
+        ]
+    },
+]
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP=2 on CPU binds one core per rank")
@@ -118,8 +146,12 @@ def test_tensor_parallel_engine_matches_reference(engines, model_dirs, tmp_path)
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_USE_V2_MODEL_RUNNER="0")
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("tp_run.py"))],
-        input=json.dumps(job), text=True, capture_output=True, env=env, timeout=600,
-    )  # fmt: skip
+        input=json.dumps(job),
+        text=True,
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["local_heads"] == [[0, 2], [2, 4]]  # each rank holds its own heads
@@ -146,13 +178,15 @@ def test_worker_refuses_a_spec_compiled_for_other_heads():
     raw = {"heads": [{"layer": 0, "heads": [3]}]}
     good = compile_spec(parse_spec(raw, SpecContext(SHAPE)), SHAPE)
     other = ModelShape("LlamaForCausalLM", 3, 16, num_heads=2, num_kv_heads=2, head_dim=16)
-    bad = compile_spec(parse_spec(raw | {"heads": [{"layer": 0, "heads": [1]}]},
-                                  SpecContext(other)), other)  # fmt: skip
+    bad = compile_spec(
+        parse_spec(raw | {"heads": [{"layer": 0, "heads": [1]}]}, SpecContext(other)), other
+    )
 
     def params(spec):  # the runner's CachedRequestState, as far as the runtime reads it
         extra_args = {PAYLOAD_KEY: spec.to_payload()}
-        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra_args),
-                               num_prompt_tokens=4)  # fmt: skip
+        return SimpleNamespace(
+            sampling_params=SimpleNamespace(extra_args=extra_args), num_prompt_tokens=4
+        )
 
     assert runtime._register("good", params(good)) is not None
     assert runtime._register("bad", params(bad)) is None  # logged, runs unsteered

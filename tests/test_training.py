@@ -100,15 +100,16 @@ def test_pairs_file_errors_name_the_line(tmp_path):
             assert f"{path}:2" in str(e.value)
     path = tmp_path / "chat.jsonl"
     messages = [{"role": "user", "content": "hello"}]
-    path.write_text(f'{good}\n{json.dumps({"positive": messages, "negative": "b"})}\n\n')
+    path.write_text(f"{good}\n{json.dumps({'positive': messages, 'negative': 'b'})}\n\n")
     assert load_pairs(path)[1] == Pair(messages, "b")
 
 
 def test_chat_template_and_raw_rendering(capturer):
     tok = capturer.tokenizer
     text = render("the cat", tok, "chat")
-    want = tok.apply_chat_template([{"role": "user", "content": "the cat"}],
-                                   add_generation_prompt=True, tokenize=False)  # fmt: skip
+    want = tok.apply_chat_template(
+        [{"role": "user", "content": "the cat"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == want and text != "the cat"
     assert render("the cat", tok, "raw") == "the cat"
     with pytest.raises(PairsError, match="--template chat"):
@@ -123,22 +124,50 @@ def test_capture_pairs_orders_positive_and_negative(capturer):
     np.testing.assert_allclose(neg[1], alone, rtol=1e-5, atol=1e-5)
 
 
-FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-         "--kv-cache-memory-bytes", str(ENGINE_KW["kv_cache_memory_bytes"]), "--quiet"]  # fmt: skip
+FLAGS = [
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "256",
+    "--kv-cache-memory-bytes",
+    str(ENGINE_KW["kv_cache_memory_bytes"]),
+    "--quiet",
+]
 
 
 def _vectors(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    return subprocess.run([sys.executable, "-m", "server.cli", "vectors", *args],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "vectors", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_train_and_eval_commands(model_dirs, capturer, tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "mood.safetensors"
-    r = _vectors("train", "--model", str(model_dirs["llama"]), "--pairs", str(pairs), "-o",
-                 str(out), "--method", "mean_diff", "--layers", "0,2-3", "--export", "gguf",
-                 "--description", "test mood", *FLAGS)  # fmt: skip
+    r = _vectors(
+        "train",
+        "--model",
+        str(model_dirs["llama"]),
+        "--pairs",
+        str(pairs),
+        "-o",
+        str(out),
+        "--method",
+        "mean_diff",
+        "--layers",
+        "0,2-3",
+        "--export",
+        "gguf",
+        "--description",
+        "test mood",
+        *FLAGS,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "layer 0 left out of the GGUF" in r.stdout and "tokens/s" in r.stdout
     vector = load_vector(out)
@@ -155,8 +184,18 @@ def test_train_and_eval_commands(model_dirs, capturer, tmp_path):
     np.testing.assert_array_equal(gguf.directions[3], vector.directions[3])
 
     plot = tmp_path / "eval.png"
-    r = _vectors("eval", str(out), "--model", str(model_dirs["llama"]), "--pairs", str(pairs),
-                 "--plot", str(plot), "--json", *FLAGS)  # fmt: skip
+    r = _vectors(
+        "eval",
+        str(out),
+        "--model",
+        str(model_dirs["llama"]),
+        "--pairs",
+        str(pairs),
+        "--plot",
+        str(plot),
+        "--json",
+        *FLAGS,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()  # vLLM logs to stdout too: the JSON is the "[" ... "]" block
     start = lines.index("[")
@@ -172,11 +211,27 @@ def test_train_and_eval_commands(model_dirs, capturer, tmp_path):
 def test_train_refuses_bad_input_before_starting_an_engine(model_dirs, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"positive": "a"}\n')
-    r = _vectors("train", "--model", str(model_dirs["llama"]), "--pairs", str(bad), "-o",
-                 str(tmp_path / "x.safetensors"), *FLAGS)  # fmt: skip
+    r = _vectors(
+        "train",
+        "--model",
+        str(model_dirs["llama"]),
+        "--pairs",
+        str(bad),
+        "-o",
+        str(tmp_path / "x.safetensors"),
+        *FLAGS,
+    )
     assert r.returncode != 0 and f"{bad}:1" in r.stderr and "'negative'" in r.stderr
-    r = _vectors("train", "--model", str(model_dirs["llama"]), "--pairs", str(bad), "-o",
-                 str(tmp_path / "x.gguf"), *FLAGS)  # fmt: skip
+    r = _vectors(
+        "train",
+        "--model",
+        str(model_dirs["llama"]),
+        "--pairs",
+        str(bad),
+        "-o",
+        str(tmp_path / "x.gguf"),
+        *FLAGS,
+    )
     assert r.returncode != 0 and "write a .safetensors file" in r.stderr
 
 

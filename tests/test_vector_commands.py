@@ -30,8 +30,18 @@ def test_convert_round_trip_and_info(tmp_path, capsys):
     gguf = tmp_path / "v.gguf"
     export_gguf(SteeringVector(directions=DIRS, hidden_size=HIDDEN), gguf)
     st = tmp_path / "v.safetensors"
-    code, out, _ = _run(capsys, "convert", str(gguf), str(st), "--architecture",
-                        "LlamaForCausalLM", "--num-layers", "8", "--description", "d")  # fmt: skip
+    code, out, _ = _run(
+        capsys,
+        "convert",
+        str(gguf),
+        str(st),
+        "--architecture",
+        "LlamaForCausalLM",
+        "--num-layers",
+        "8",
+        "--description",
+        "d",
+    )
     assert code == 0 and "layers 1-3, 7" in out
     back = load_vector(st)
     assert back.num_layers == 8 and back.architecture == "LlamaForCausalLM"
@@ -53,8 +63,9 @@ def test_errors_name_the_file_and_reason(tmp_path, capsys):
     with pytest.raises(SystemExit, match="direction.0"):
         main(["convert", str(st), str(tmp_path / "zero.gguf")])
     with pytest.raises(SystemExit, match="num_layers=2"):  # layer 5 of a 2-layer model
-        main(["convert", str(_deep(tmp_path)), str(tmp_path / "y.safetensors"),
-              "--num-layers", "2"])  # fmt: skip
+        main(
+            ["convert", str(_deep(tmp_path)), str(tmp_path / "y.safetensors"), "--num-layers", "2"]
+        )
     with pytest.raises(SystemExit, match="write .safetensors or .gguf"):
         main(["convert", str(st), str(tmp_path / "x.npy")])
     (tmp_path / "junk.gguf").write_bytes(b"junk")

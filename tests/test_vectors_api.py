@@ -37,10 +37,13 @@ def vec_server(model_dirs, vectors_dir, tmp_path_factory):
 
 def _file(tmp_path, directions: dict[int, np.ndarray], fmt: str, hidden: int = HIDDEN) -> bytes:
     # GGUF control vectors carry no layer count (as llama.cpp writes them).
-    vector = SteeringVector(directions=directions, hidden_size=hidden,
-                            architecture="LlamaForCausalLM",
-                            num_layers=None if fmt == "gguf" else NUM_LAYERS,
-                            method="test")  # fmt: skip
+    vector = SteeringVector(
+        directions=directions,
+        hidden_size=hidden,
+        architecture="LlamaForCausalLM",
+        num_layers=None if fmt == "gguf" else NUM_LAYERS,
+        method="test",
+    )
     path = tmp_path / f"upload.{fmt}"
     (export_gguf if fmt == "gguf" else save_vector)(vector, path)
     return path.read_bytes()
@@ -63,9 +66,10 @@ def test_upload_then_steer_without_restart(vec_server, tmp_path):
     named, tokens, logprobs = complete(c, {"vectors": [{"name": "fresh"}]})
     inline, tokens2, logprobs2 = complete(c, {"vectors": [{"data": {"1": v.tolist()}}]})
     assert tokens == tokens2 and logprobs == logprobs2
-    assert named.model_extra["steering"]["fingerprint"] == inline.model_extra["steering"][
-        "fingerprint"
-    ]
+    assert (
+        named.model_extra["steering"]["fingerprint"]
+        == inline.model_extra["steering"]["fingerprint"]
+    )
     assert complete(c)[1] != tokens  # it steers
     listed = httpx.get(f"{base}/v1/vectors", timeout=30).json()["data"]
     assert "fresh" in [v["id"] for v in listed]
@@ -92,14 +96,19 @@ def test_replace_with_gguf_and_download_both_formats(vec_server, tmp_path):
 @pytest.mark.parametrize(
     "name, make, status, param, words",
     [
-        ("narrow", lambda t: _file(t, {1: random_vector(1)[:64]}, "safetensors", 64), 400,
-         None, "hidden"),
+        (
+            "narrow",
+            lambda t: _file(t, {1: random_vector(1)[:64]}, "safetensors", 64),
+            400,
+            None,
+            "hidden",
+        ),
         ("deep", lambda t: _file(t, {9: random_vector(1)}, "gguf"), 400, None, "layer"),
         ("junk", lambda t: b"not a vector file at all", 400, None, "junk.safetensors"),
         ("empty", lambda t: b"", 400, None, "body"),
         ("bad name!", lambda t: _file(t, {1: random_vector(1)}, "gguf"), 400, "name", "name"),
     ],
-)  # fmt: skip
+)
 def test_bad_uploads_are_refused_and_nothing_is_written(
     vec_server, tmp_path, name, make, status, param, words
 ):
@@ -117,17 +126,26 @@ def test_delete_while_a_request_uses_it(vec_server, tmp_path):
     base, vdir = vec_server
     admin = {"Authorization": f"Bearer {ADMIN}"}
     _put(base, "gone", _file(tmp_path, {1: random_vector(45)}, "safetensors"))
-    experiment = {"name": "uses-gone", "arms": [{"name": "x", "steering": {
-        "vectors": [{"name": "gone"}]}}]}  # fmt: skip
+    experiment = {
+        "name": "uses-gone",
+        "arms": [{"name": "x", "steering": {"vectors": [{"name": "gone"}]}}],
+    }
     r = httpx.post(f"{base}/v1/admin/experiments", json=experiment, headers=admin, timeout=30)
     assert r.status_code == 201
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 600, "ignore_eos": True,
-            "temperature": 0, "steering": {"vectors": [{"name": "gone"}]}}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 600,
+        "ignore_eos": True,
+        "temperature": 0,
+        "steering": {"vectors": [{"name": "gone"}]},
+    }
     whole = httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()
     text = ""
-    with httpx.Client(timeout=120) as http, http.stream(
-        "POST", f"{base}/v1/completions", json={**body, "stream": True}
-    ) as s:
+    with (
+        httpx.Client(timeout=120) as http,
+        http.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}) as s,
+    ):
         lines = s.iter_lines()
         first = next(line for line in lines if line)
         text += json.loads(first[6:])["choices"][0]["text"]
@@ -140,7 +158,10 @@ def test_delete_while_a_request_uses_it(vec_server, tmp_path):
     assert not (vdir / "gone.safetensors").exists()
     r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
     assert r.status_code == 400 and "unknown vector 'gone'" in r.json()["error"]["message"]
-    r = httpx.post(f"{base}/v1/completions", timeout=60, json={
-        "model": MODEL, "prompt": PROMPT, "max_tokens": 1, "experiment": "uses-gone"})  # fmt: skip
+    r = httpx.post(
+        f"{base}/v1/completions",
+        timeout=60,
+        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "experiment": "uses-gone"},
+    )
     assert r.status_code == 503 and "unknown vector 'gone'" in r.json()["error"]["message"]
     assert httpx.delete(f"{base}/v1/vectors/gone", headers=admin, timeout=30).status_code == 404

@@ -55,8 +55,9 @@ def main() -> None:
     args = parser.parse_args()
 
     client = OpenAI(base_url=f"{args.base_url}/v1", api_key=args.api_key)
-    http = httpx.Client(base_url=args.base_url, timeout=120,
-                        headers={"Authorization": f"Bearer {args.api_key}"})  # fmt: skip
+    http = httpx.Client(
+        base_url=args.base_url, timeout=120, headers={"Authorization": f"Bearer {args.api_key}"}
+    )
     model = client.models.list().data[0].id
 
     def one(job: tuple[int, int]) -> str:

@@ -96,9 +96,14 @@ class ExperimentRegistry:
     # -- request path -----------------------------------------------------------------
 
     def enroll(
-        self, name: str | None, *, model: str | None, unit: str | None, request_key: str,
+        self,
+        name: str | None,
+        *,
+        model: str | None,
+        unit: str | None,
+        request_key: str,
         steered: bool,
-    ) -> Enrollment | None:  # fmt: skip
+    ) -> Enrollment | None:
         """The arm for this request: of the experiment it names, or of the first running
         experiment whose traffic share takes it (only requests with no steering of their
         own and no experiment named; oldest experiment first)."""
@@ -148,8 +153,11 @@ class ExperimentRegistry:
                 raise ValueError(f"experiment {defn.name!r}: {getattr(e, 'message', e)}") from None
             record, changed = self.store.put(defn)
             if changed:
-                log.info("experiment %s: version %d from the experiments file",
-                         record.name, record.version)  # fmt: skip
+                log.info(
+                    "experiment %s: version %d from the experiments file",
+                    record.name,
+                    record.version,
+                )
         self.reload()
 
     def reload(self) -> None:
@@ -160,8 +168,10 @@ class ExperimentRegistry:
             try:
                 specs = check_definition(record.definition, self.parse_arm)
             except Exception as e:  # e.g. a vector deleted since: keep serving the others
-                why = f"experiment {record.name!r} v{record.version} cannot run on this " \
-                      f"server: {getattr(e, 'message', e)}"  # fmt: skip
+                why = (
+                    f"experiment {record.name!r} v{record.version} cannot run on this "
+                    f"server: {getattr(e, 'message', e)}"
+                )
                 if self._unavailable.get(record.name) != why:
                     log.error("%s", why)
                 unavailable[record.name] = why

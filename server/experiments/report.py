@@ -178,23 +178,47 @@ def format_report(rep: dict[str, Any]) -> str:
     ]
     rows = []
     for a in rep["arms"]:
-        rows.append([
-            a["name"] + (" *" if a["control"] else ""), str(a["requests"]), str(a["units"]),
-            str(a["errors"]), str(a["feedback"]), _f(a["completion_tokens"]["p50"]),
-            _f(a["ttft_seconds"]["p50"]), _f(a["latency_seconds"]["p50"]),
-            _f(a["latency_seconds"]["p95"]),
-        ])  # fmt: skip
-    header = ["arm", "requests", "units", "errors", "feedback", "tokens p50", "ttft p50 s",
-              "latency p50 s", "latency p95 s"]  # fmt: skip
+        rows.append(
+            [
+                a["name"] + (" *" if a["control"] else ""),
+                str(a["requests"]),
+                str(a["units"]),
+                str(a["errors"]),
+                str(a["feedback"]),
+                _f(a["completion_tokens"]["p50"]),
+                _f(a["ttft_seconds"]["p50"]),
+                _f(a["latency_seconds"]["p50"]),
+                _f(a["latency_seconds"]["p95"]),
+            ]
+        )
+    header = [
+        "arm",
+        "requests",
+        "units",
+        "errors",
+        "feedback",
+        "tokens p50",
+        "ttft p50 s",
+        "latency p50 s",
+        "latency p95 s",
+    ]
     lines += _table(header, rows)
     for metric, kind in rep["metrics"].items():
         lines += ["", f"{metric} ({kind}; {int(rep['confidence'] * 100)}% intervals)"]
         rows = []
         for a in rep["arms"]:
             m = a["metrics"][metric]
-            rows.append([a["name"] + (" *" if a["control"] else ""), str(m["n"]), _f(m["mean"]),
-                         _ci(m["ci95"]), _f(m["diff"], "+.3g") if m["diff"] is not None else "-",
-                         _ci(m["diff_ci95"]), _p(m["p_value"])])  # fmt: skip
+            rows.append(
+                [
+                    a["name"] + (" *" if a["control"] else ""),
+                    str(m["n"]),
+                    _f(m["mean"]),
+                    _ci(m["ci95"]),
+                    _f(m["diff"], "+.3g") if m["diff"] is not None else "-",
+                    _ci(m["diff_ci95"]),
+                    _p(m["p_value"]),
+                ]
+            )
         lines += _table(["arm", "n", "mean", "ci95", "diff", "diff ci95", "p"], rows)
     lines += ["", "* control arm"]
     return "\n".join(lines)
@@ -223,13 +247,21 @@ def plot_report(rep: dict[str, Any], path: str) -> None:
                 continue
             color = "tab:gray" if a["control"] else f"C{i}"
             lo, hi = m["ci95"] or (m["mean"], m["mean"])
-            ax.errorbar(i, m["mean"], yerr=[[m["mean"] - lo], [hi - m["mean"]]], fmt="o",
-                        color=color, capsize=6, markersize=7)  # fmt: skip
+            ax.errorbar(
+                i,
+                m["mean"],
+                yerr=[[m["mean"] - lo], [hi - m["mean"]]],
+                fmt="o",
+                color=color,
+                capsize=6,
+                markersize=7,
+            )
             label = f"n={m['n']}"
             if m["p_value"] is not None:
                 label += f"\np={_p(m['p_value'])}"
-            ax.annotate(label, (i, hi), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=8)  # fmt: skip
+            ax.annotate(
+                label, (i, hi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+            )
         ax.set_xticks(range(len(names)), names)
         ax.set_xlim(-0.6, len(names) - 0.4)
         kind = rep["metrics"][metric]

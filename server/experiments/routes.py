@@ -63,8 +63,7 @@ def _definition(body: dict, name: str | None = None) -> ExperimentDef:
     if name is not None:
         body = {"name": name, **body}
         if body["name"] != name:
-            raise APIError(400, f"name: {body['name']!r} differs from the path's {name!r}",
-                           "name")  # fmt: skip
+            raise APIError(400, f"name: {body['name']!r} differs from the path's {name!r}", "name")
     try:
         return ExperimentDef.model_validate(body)
     except ValidationError as e:
@@ -144,8 +143,9 @@ async def post_feedback(request: Request, body: JSONBody) -> dict[str, Any]:
     if result.outcome == "bad_metric":
         raise APIError(400, f"metric: {result.message}", "metric")
     if result.outcome == "conflict":
-        raise APIError(409, f"value: {result.message}; feedback is recorded once per "
-                       "(id, metric)", "value")  # fmt: skip
+        raise APIError(
+            409, f"value: {result.message}; feedback is recorded once per (id, metric)", "value"
+        )
     return {
         "object": "feedback",
         "id": fb.id,

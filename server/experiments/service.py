@@ -21,9 +21,12 @@ log = logging.getLogger(__name__)
 
 class Experiments:
     def __init__(
-        self, database_url: str, parse_arm: ArmParser, metrics: ExperimentMetrics,
+        self,
+        database_url: str,
+        parse_arm: ArmParser,
+        metrics: ExperimentMetrics,
         file_defs: list[ExperimentDef] | None = None,
-    ):  # fmt: skip
+    ):
         self.store = ExperimentStore(database_url)
         self.registry = ExperimentRegistry(self.store, parse_arm)
         self.registry.load_file(file_defs or [])
@@ -56,22 +59,35 @@ class Experiments:
                 enrollment.arm,
                 enrollment.unit,
                 model,
-            )  # fmt: skip
+            )
         )
 
     def finish(
-        self, enrollment: Enrollment, response_id: str, status: int, prompt_tokens: int,
-        generation_tokens: int, ttft: float | None, latency: float,
-    ) -> None:  # fmt: skip
+        self,
+        enrollment: Enrollment,
+        response_id: str,
+        status: int,
+        prompt_tokens: int,
+        generation_tokens: int,
+        ttft: float | None,
+        latency: float,
+    ) -> None:
         """The request's outcome: metrics now, the database row in the next batch."""
         assert enrollment.arm is not None
         self.metrics.observe(
-            enrollment.experiment, enrollment.version, enrollment.arm, status, prompt_tokens,
-            generation_tokens, ttft, latency,
-        )  # fmt: skip
+            enrollment.experiment,
+            enrollment.version,
+            enrollment.arm,
+            status,
+            prompt_tokens,
+            generation_tokens,
+            ttft,
+            latency,
+        )
         try:
-            self.writer.submit(Outcome(response_id, status, prompt_tokens, generation_tokens,
-                                       ttft, latency))  # fmt: skip
+            self.writer.submit(
+                Outcome(response_id, status, prompt_tokens, generation_tokens, ttft, latency)
+            )
         except RuntimeError as e:  # shutting down
             log.warning("outcome of %s not recorded: %s", response_id, e)
 

@@ -254,7 +254,7 @@ class ExperimentStore:
                         status="running",
                         created_at=now,
                         updated_at=now,
-                    )  # fmt: skip
+                    )
                 )
             conn.execute(
                 experiment_versions.insert().values(
@@ -273,9 +273,10 @@ class ExperimentStore:
                 raise StoreError(404, f"unknown experiment {name!r}")
             if row.status == "stopped" and status != "stopped":
                 raise StoreError(
-                    409, f"experiment {name!r} is stopped; PUT a changed definition to start "
-                    "a new version"
-                )  # fmt: skip
+                    409,
+                    f"experiment {name!r} is stopped; PUT a changed definition to start "
+                    "a new version",
+                )
             conn.execute(
                 update(experiments)
                 .where(experiments.c.name == name)
@@ -371,7 +372,7 @@ class ExperimentStore:
                             completion_tokens=item.completion_tokens,
                             ttft=item.ttft,
                             latency=item.latency,
-                        )  # fmt: skip
+                        )
                     )
             fb = [(i, item) for i, item in enumerate(items) if isinstance(item, Feedback)]
             if fb:
@@ -392,7 +393,7 @@ class ExperimentStore:
                     assignments.c.version,
                     assignments.c.arm,
                 ).where(assignments.c.response_id.in_(ids))
-            )  # fmt: skip
+            )
         }
         results: list[FeedbackResult | None] = [None] * len(items)
         new: list[dict[str, Any]] = []
@@ -401,26 +402,37 @@ class ExperimentStore:
         for k, f in enumerate(items):
             owner = owners.get(f.response_id)
             if owner is None:
-                results[k] = FeedbackResult("unknown_id", message=(
-                    f"no experiment response has id {f.response_id!r}"))  # fmt: skip
+                results[k] = FeedbackResult(
+                    "unknown_id", message=(f"no experiment response has id {f.response_id!r}")
+                )
                 continue
             declared = self._definition(conn, owner.experiment, owner.version).metrics
             kind = declared.get(f.metric)
             problem = None
             if declared and kind is None:
-                problem = (f"experiment {owner.experiment!r} declares metrics "
-                           f"{sorted(declared)}, not {f.metric!r}")  # fmt: skip
+                problem = (
+                    f"experiment {owner.experiment!r} declares metrics "
+                    f"{sorted(declared)}, not {f.metric!r}"
+                )
             elif kind == "boolean" and not (f.is_bool or f.value in (0.0, 1.0)):
                 problem = f"metric {f.metric!r} is boolean: send true/false (or 0/1)"
             elif kind == "numeric" and f.is_bool:
                 problem = f"metric {f.metric!r} is numeric: send a number"
             if problem:
-                results[k] = FeedbackResult("bad_metric", owner.experiment, owner.version,
-                                            owner.arm, message=problem)  # fmt: skip
+                results[k] = FeedbackResult(
+                    "bad_metric", owner.experiment, owner.version, owner.arm, message=problem
+                )
                 continue
             is_bool = f.is_bool or kind == "boolean"
-            new.append({"response_id": f.response_id, "metric": f.metric, "value": f.value,
-                        "is_bool": is_bool, "created_at": now})  # fmt: skip
+            new.append(
+                {
+                    "response_id": f.response_id,
+                    "metric": f.metric,
+                    "value": f.value,
+                    "is_bool": is_bool,
+                    "created_at": now,
+                }
+            )
         if new:
             conn.execute(self._insert(feedback).on_conflict_do_nothing(), new)
             keys = sorted({(r["response_id"], r["metric"]) for r in new})
@@ -440,11 +452,15 @@ class ExperimentStore:
             value: float | bool = bool(row.value) if row.is_bool else row.value
             same = row.value == f.value
             results[k] = FeedbackResult(
-                "recorded" if same else "conflict", owner.experiment, owner.version,
-                owner.arm, value,
-                "" if same else f"metric {f.metric!r} of {f.response_id!r} is already "
-                f"recorded as {value!r}",
-            )  # fmt: skip
+                "recorded" if same else "conflict",
+                owner.experiment,
+                owner.version,
+                owner.arm,
+                value,
+                ""
+                if same
+                else f"metric {f.metric!r} of {f.response_id!r} is already recorded as {value!r}",
+            )
         return results  # type: ignore[return-value]
 
     # -- reads for reports -------------------------------------------------------------
@@ -468,17 +484,21 @@ class ExperimentStore:
             defn = self._definition(conn, name, version)
             where = (assignments.c.experiment == name, assignments.c.version == version)
             rows = conn.execute(
-                select(assignments.c.arm, assignments.c.unit, assignments.c.status,
-                       assignments.c.completion_tokens, assignments.c.latency,
-                       assignments.c.ttft).where(*where)
-            ).all()  # fmt: skip
+                select(
+                    assignments.c.arm,
+                    assignments.c.unit,
+                    assignments.c.status,
+                    assignments.c.completion_tokens,
+                    assignments.c.latency,
+                    assignments.c.ttft,
+                ).where(*where)
+            ).all()
             fb_rows = conn.execute(
-                select(assignments.c.arm, feedback.c.metric, feedback.c.value,
-                       feedback.c.is_bool)
+                select(assignments.c.arm, feedback.c.metric, feedback.c.value, feedback.c.is_bool)
                 .join(feedback, feedback.c.response_id == assignments.c.response_id)
                 .where(*where)
                 .order_by(feedback.c.created_at, feedback.c.response_id)
-            ).all()  # fmt: skip
+            ).all()
         kinds = dict(defn.metrics)
         seen_numeric = {r.metric for r in fb_rows if not r.is_bool}
         for r in fb_rows:  # undeclared metrics: boolean only if every value was

@@ -57,11 +57,15 @@ class Capacity:
         if len(spec.projections) > self.max_proj:
             return f"{len(spec.projections)} projections, the tables hold {self.max_proj}"
         if len(spec.readout) > self.max_read:
-            return (f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"
-                    " (readout off?)")  # fmt: skip
+            return (
+                f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"
+                " (readout off?)"
+            )
         if spec.experts.layers.size and spec.experts.num_experts != self.num_experts:
-            return (f"compiled for {spec.experts.num_experts} experts per layer, the model has "
-                    f"{self.num_experts}")  # fmt: skip
+            return (
+                f"compiled for {spec.experts.num_experts} experts per layer, the model has "
+                f"{self.num_experts}"
+            )
         if spec.decoding is not None and not self.decoding:
             return "uses layer-reading decoding, which is off in this engine"
         if spec.uses_heads:
@@ -107,6 +111,7 @@ def admit(extra_args: dict[str, Any] | None, capacity: Capacity) -> CompiledSpec
         raise SteeringPayloadRefused(f"steerserve: unreadable steering payload: {e!r}") from e
     problem = capacity.misfit(spec)
     if problem:
-        raise SteeringPayloadRefused(f"steerserve: steering payload does not fit this engine: "
-                                     f"{problem}")  # fmt: skip
+        raise SteeringPayloadRefused(
+            f"steerserve: steering payload does not fit this engine: {problem}"
+        )
     return spec

@@ -145,8 +145,10 @@ def _check_admission() -> None:
     from vllm.v1.engine.core_client import InprocClient
 
     fn = EngineCore.__dict__.get("preprocess_add_request")
-    _require(fn is not None and _params(fn)[:2] == ["self", "request"],
-             "EngineCore.preprocess_add_request(self, request)")  # fmt: skip
+    _require(
+        fn is not None and _params(fn)[:2] == ["self", "request"],
+        "EngineCore.preprocess_add_request(self, request)",
+    )
     src = inspect.getsource(EngineCoreProc.process_input_sockets)
     _require(
         "request = self.preprocess_add_request(req)" in src
@@ -154,8 +156,10 @@ def _check_admission() -> None:
         "EngineCoreProc's input loop turns a preprocess_add_request error into a request error",
     )
     src = inspect.getsource(InprocClient.add_request)
-    _require("self.engine_core.preprocess_add_request(request)" in src,
-             "InprocClient.add_request calls preprocess_add_request")  # fmt: skip
+    _require(
+        "self.engine_core.preprocess_add_request(request)" in src,
+        "InprocClient.add_request calls preprocess_add_request",
+    )
 
 
 def _check_worker_extension() -> None:
@@ -164,14 +168,17 @@ def _check_worker_extension() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    _require(_params(EngineArgs.create_engine_config)[:1] == ["self"],
-             "EngineArgs.create_engine_config(self, ...)")  # fmt: skip
-    _require("worker_extension_cls" in getattr(ParallelConfig, "__dataclass_fields__", {}),
-             "ParallelConfig.worker_extension_cls")  # fmt: skip
+    _require(
+        _params(EngineArgs.create_engine_config)[:1] == ["self"],
+        "EngineArgs.create_engine_config(self, ...)",
+    )
+    _require(
+        "worker_extension_cls" in getattr(ParallelConfig, "__dataclass_fields__", {}),
+        "ParallelConfig.worker_extension_cls",
+    )
     src = inspect.getsource(WorkerWrapperBase.init_worker)
     _require(
-        "parallel_config.worker_extension_cls" in src
-        and "worker_class.__bases__ + (" in src,
+        "parallel_config.worker_extension_cls" in src and "worker_class.__bases__ + (" in src,
         "WorkerWrapperBase.init_worker mixes worker_extension_cls into the worker class",
     )
 
@@ -326,8 +333,10 @@ def check_openai_server() -> None:
     _require(hasattr(OpenAIServingCompletion, "create_completion"), "create_completion")
     for name in ("generate", "check_admission", "collective_rpc", "errored"):
         _require(hasattr(AsyncLLM, name), f"AsyncLLM.{name}")
-    _require(_params(AsyncLLM.generate)[1:4] == ["prompt", "sampling_params", "request_id"],
-             "AsyncLLM.generate(prompt, sampling_params, request_id)")  # fmt: skip
+    _require(
+        _params(AsyncLLM.generate)[1:4] == ["prompt", "sampling_params", "request_id"],
+        "AsyncLLM.generate(prompt, sampling_params, request_id)",
+    )
     # request_ids.choice_index: `<id>-<8 chars>` and children `<i>_<id>`.
     src = inspect.getsource(InputProcessor)
     _require('f"{request.external_req_id}-{random_uuid():.8}"' in src, "unique request ids")
@@ -335,8 +344,10 @@ def check_openai_server() -> None:
     _require('f"{index}_{self.request_id}"' in src, "child request ids")
     _require("__getattr__" in WorkerWrapperBase.__dict__, "worker wrapper delegates methods")
     # openai_server.response_id: the handlers' response ids, known before they run.
-    for handler, prefix in ((OpenAIServingChat._create_chat_completion, "chatcmpl"),
-                            (OpenAIServingCompletion._create_completion, "cmpl")):  # fmt: skip
+    for handler, prefix in (
+        (OpenAIServingChat._create_chat_completion, "chatcmpl"),
+        (OpenAIServingCompletion._create_completion, "cmpl"),
+    ):
         src = inspect.getsource(handler)
         call = "{self._base_request_id(raw_request, request.request_id)}"
         _require(f'f"{prefix}-{call}"' in src, f"{prefix} response ids")

@@ -62,8 +62,17 @@ class SteeringConfig:
     def from_vllm(cls, vllm_config: Any) -> SteeringConfig:
         extra = getattr(vllm_config, "additional_config", None) or {}
         mine = dict(extra.get(CONFIG_KEY, {})) if isinstance(extra, dict) else {}
-        known = ("enabled", "vectors_dir", "max_projections", "heads", "decoding", "capture",
-                 "readout", "max_readouts", "allow_unverified")  # fmt: skip
+        known = (
+            "enabled",
+            "vectors_dir",
+            "max_projections",
+            "heads",
+            "decoding",
+            "capture",
+            "readout",
+            "max_readouts",
+            "allow_unverified",
+        )
         unknown = set(mine) - set(known)
         if unknown:
             raise ValueError(

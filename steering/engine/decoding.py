@@ -164,8 +164,9 @@ def apply(
     todo = [p for p in todo if p.state.spec.mode != "fuse" or p.state.fuse_layer is not None]
     if not todo:
         return logits
-    pairs = sorted({(layer, p.row) for p in todo if p.state.spec.mode != "contrast"
-                    for layer in _layers(p)})  # fmt: skip
+    pairs = sorted(
+        {(layer, p.row) for p in todo if p.state.spec.mode != "contrast" for layer in _layers(p)}
+    )
     z = layer_logits(pairs) if pairs else None
     index = {pair: i for i, pair in enumerate(pairs)}
     # The step's logits are not read again after sampling: rewrite the planned rows in place.
@@ -224,8 +225,9 @@ def _plausible(final: torch.Tensor, alpha: float, scores: torch.Tensor) -> torch
     return torch.where(final >= threshold, scores, torch.full_like(final, -torch.inf))
 
 
-def _contrast(logits: torch.Tensor, rows: list[PlannedRow], cands: list[int],
-              layer_logits: LayerLogits, score) -> None:  # fmt: skip
+def _contrast(
+    logits: torch.Tensor, rows: list[PlannedRow], cands: list[int], layer_logits: LayerLogits, score
+) -> None:
     """DoLa for `rows` (same candidates): per row, the candidate M of largest JSD(q_F, q_M),
     and scores log q_F - log q_M on the plausible set."""
     device = logits.device

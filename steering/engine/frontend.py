@@ -91,20 +91,25 @@ class SteeringFrontend:
         compiled = compile_spec(spec, self.shape)
         limit = self.config.max_projections
         if len(compiled.projections) > limit:
-            raise SteeringValidationError([(
-                f"{SPEC_KEY}.vectors",
-                f"uses {len(compiled.projections)} ablate/clamp entries; this engine allows "
-                f"{limit} (additional_config.steerserve.max_projections; 'add' is unlimited)",
-            )])  # fmt: skip
+            used = len(compiled.projections)
+            problem = (
+                f"uses {used} ablate/clamp entries; this engine allows {limit} "
+                "(additional_config.steerserve.max_projections; 'add' is unlimited)"
+            )
+            raise SteeringValidationError([(f"{SPEC_KEY}.vectors", problem)])
         return compiled
 
     def _check_capture(self, raw: Any) -> None:
         if not self.config.capture:
-            raise SteeringValidationError([(
-                f"extra_args.{CAPTURE_KEY}",
-                'needs an engine started with capture on (additional_config={"steerserve": '
-                '{"capture": true}}); steering.capture.Capturer starts one',
-            )])  # fmt: skip
+            raise SteeringValidationError(
+                [
+                    (
+                        f"extra_args.{CAPTURE_KEY}",
+                        'needs an engine started with capture on (additional_config={"steerserve": '
+                        '{"capture": true}}); steering.capture.Capturer starts one',
+                    )
+                ]
+            )
         try:
             parse_capture(raw, self.shape.num_layers)
         except CaptureError as e:
@@ -132,8 +137,9 @@ class SteeringFrontend:
     @staticmethod
     def _refuse_heads(spec: SteeringSpec) -> None:
         fields = [f"{SPEC_KEY}.heads"] if spec.heads else []
-        fields += [f"{SPEC_KEY}.vectors[{i}].site" for i, e in enumerate(spec.vectors)
-                   if e.site == "heads"]  # fmt: skip
+        fields += [
+            f"{SPEC_KEY}.vectors[{i}].site" for i, e in enumerate(spec.vectors) if e.site == "heads"
+        ]
         if fields:
             why = "head interventions are off in this engine (additional_config.steerserve.heads)"
             raise SteeringValidationError([(f, why) for f in fields])

@@ -187,8 +187,13 @@ def _hook_sample(original):
         if runtime.plan and logits is not None:
             from steering.engine import decoding
 
-            logits = decoding.apply(self.get_model(), runtime.tables, logits, runtime.plan,
-                                    compiled=runtime.compiled_decoding)  # fmt: skip
+            logits = decoding.apply(
+                self.get_model(),
+                runtime.tables,
+                logits,
+                runtime.plan,
+                compiled=runtime.compiled_decoding,
+            )
         with seeded.restore_discarded(self):
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
 

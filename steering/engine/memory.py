@@ -31,8 +31,9 @@ def is_cpu() -> bool:
 def with_cpu_kv_budget(engine_kw: dict[str, Any], default: int) -> dict[str, Any]:
     """`engine_kw` (for `vllm.LLM`) with `kv_cache_memory_bytes=default` on CPU when the
     caller set neither that nor `gpu_memory_utilization`."""
-    chosen = any(engine_kw.get(k) is not None
-                 for k in ("kv_cache_memory_bytes", "gpu_memory_utilization"))  # fmt: skip
+    chosen = any(
+        engine_kw.get(k) is not None for k in ("kv_cache_memory_bytes", "gpu_memory_utilization")
+    )
     if chosen or not is_cpu():
         return dict(engine_kw)
     return {**engine_kw, "kv_cache_memory_bytes": default}
@@ -53,8 +54,10 @@ def cpu_kv_flags(argv: Sequence[str], default: int) -> list[str]:
 def start_failure_hint(default: int | None) -> str:
     """What to say when an engine did not start: which flag sets its memory."""
     if not is_cpu():
-        return ("if the engine ran out of memory, lower --gpu-memory-utilization or "
-                "--max-model-len, or set --kv-cache-memory-bytes")  # fmt: skip
+        return (
+            "if the engine ran out of memory, lower --gpu-memory-utilization or "
+            "--max-model-len, or set --kv-cache-memory-bytes"
+        )
     used = f" (steerserve's default here: {default // MiB} MiB)" if default else ""
     return (
         "on vLLM's CPU backend the KV cache is reserved from RAM: set "

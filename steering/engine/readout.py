@@ -98,8 +98,9 @@ class ReadoutBook:
                 if g < len(s.generated):
                     s.generated[g] = value  # recomputed after preemption: the same token
                 else:
-                    s.generated.extend([np.full(s.entries, np.nan, np.float32)] *
-                                       (g - len(s.generated)))  # fmt: skip
+                    s.generated.extend(
+                        [np.full(s.entries, np.nan, np.float32)] * (g - len(s.generated))
+                    )
                     s.generated.append(value)
 
     def release(self, req_id: str) -> None:

@@ -66,8 +66,11 @@ class SteeringRuntime:
             try:
                 payload = read_payload(payload)
             except Exception:  # admitted by the engine core (capacity.admit): a bug
-                log.exception("steerserve: request %s: unreadable payload, unsteered (the "
-                              "engine core admitted it: please report)", req_id)  # fmt: skip
+                log.exception(
+                    "steerserve: request %s: unreadable payload, unsteered (the "
+                    "engine core admitted it: please report)",
+                    req_id,
+                )
                 payload = None
         spec = None
         if payload is not None and payload.get("decoding") and self.tables.capture is not None:
@@ -79,14 +82,21 @@ class SteeringRuntime:
                 try:
                     spec = CompiledSpec.from_payload(payload)
                 except Exception:  # admitted by the engine core (capacity.admit): a bug
-                    log.exception("steerserve: request %s: bad compiled payload, unsteered "
-                                  "(the engine core admitted it: please report)", req_id)
+                    log.exception(
+                        "steerserve: request %s: bad compiled payload, unsteered "
+                        "(the engine core admitted it: please report)",
+                        req_id,
+                    )
                     spec = None
                 else:
                     problem = self.tables.misfit(spec)
                     if problem:  # likewise; never take the engine down over one request
-                        log.error("steerserve: request %s: %s; it runs unsteered (the engine "
-                                  "core admitted it: please report)", req_id, problem)  # fmt: skip
+                        log.error(
+                            "steerserve: request %s: %s; it runs unsteered (the engine "
+                            "core admitted it: please report)",
+                            req_id,
+                            problem,
+                        )
                         spec = None
                     else:
                         self.specs[key] = spec

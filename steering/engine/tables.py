@@ -154,8 +154,14 @@ class SteeringTables:
     @property
     def nbytes(self) -> int:
         heads = (self.head_scale, self.head_const, self.query_scale)
-        capture = (self.sample_idx, self.capture, self.capture_mid, self.stream_all,
-                   self.read_units, self.read_out)  # fmt: skip
+        capture = (
+            self.sample_idx,
+            self.capture,
+            self.capture_mid,
+            self.stream_all,
+            self.read_units,
+            self.read_out,
+        )
         tensors = (self.units, self.const, *heads, self.expert_bias, *capture, *self._per_token)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
