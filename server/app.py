@@ -14,13 +14,13 @@ exception handlers and its request handling; this module adds:
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
 
 from steering.engine import openai_server as vllm_api
 
 from . import calls, capabilities, generation, registry_routes
 from .applied import SteeringResolver
+from .bodies import add_body_schemas
 from .errors import APIError, api_error_handler
 from .experiments import routes as experiment_routes
 from .experiments.service import Experiments
@@ -29,17 +29,6 @@ from .middleware import Authenticate, BodyLimit, RefreshGauges
 from .readouts import ReadoutFeed
 from .settings import ServerSettings
 from .state import ServerState
-
-
-def _put_first(app: FastAPI, router_routes: list) -> None:
-    """Add our routes ahead of vLLM's, replacing any of its with the same path and method."""
-    ours = {(r.path, m) for r in router_routes if isinstance(r, APIRoute) for m in r.methods}
-    kept = [
-        r
-        for r in app.router.routes
-        if not (isinstance(r, APIRoute) and any((r.path, m) in ours for m in r.methods))
-    ]
-    app.router.routes[:] = [*router_routes, *kept]
 
 
 def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSettings) -> FastAPI:
@@ -78,7 +67,7 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
     calls.observe_engine(engine)
     experiments.start()
 
-    _put_first(
+    vllm_api.put_routes_first(
         app,
         [
             *generation.router.routes,
@@ -87,18 +76,19 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
             *experiment_routes.router.routes,
         ],
     )
+    add_body_schemas(app)
     app.add_exception_handler(APIError, api_error_handler)
 
     async def refresh_gauges() -> None:
         state.metrics.set_slots(await vllm_api.worker_stats(engine))
 
     # Outermost first: the body limit and keys apply before anything reads the request.
-    # vLLM's app has built its middleware stack already (add_middleware refuses): insert
-    # ours ahead of its own and let Starlette rebuild the stack on the first request.
-    app.user_middleware[0:0] = [
-        Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
-        Middleware(Authenticate, api_keys=settings.api_keys, admin_key=settings.admin_key),
-        Middleware(RefreshGauges, refresh=refresh_gauges),
-    ]
-    app.middleware_stack = None
+    vllm_api.add_outer_middleware(
+        app,
+        [
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+            Middleware(Authenticate, api_keys=settings.api_keys, admin_key=settings.admin_key),
+            Middleware(RefreshGauges, refresh=refresh_gauges),
+        ],
+    )
     return app

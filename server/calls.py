@@ -116,15 +116,13 @@ CURRENT: contextvars.ContextVar[Track | None] = contextvars.ContextVar("steerser
 
 
 def observe_engine(engine: Any) -> None:
-    """Route the engine's `generate` through the current request's Track."""
-    original = engine.generate
+    """Route the engine's output streams through the Track of the request being served."""
 
-    def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kw: Any):
-        outputs = original(prompt, sampling_params, request_id, *args, **kw)
+    def watch(outputs: AsyncGenerator, request_id: str) -> AsyncGenerator:
         track = CURRENT.get(None)
         return outputs if track is None else track.watch(outputs, request_id)
 
-    engine.generate = generate
+    vllm_api.observe_generate(engine, watch)
 
 
 def validated_request(body: dict, *, chat: bool) -> Any:

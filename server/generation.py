@@ -18,29 +18,24 @@ names experiment, arm and version, and is not completed before the assignment is
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from steering.engine import openai_server as vllm_api
 
+from . import pipeline
 from .applied import Applied
+from .bodies import JSONBody, SteeredChatCompletionRequest, SteeredCompletionRequest, documented
 from .calls import (
-    CLIENT_CLOSED,
-    CallStatus,
     Track,
-    admit,
     decoding_reports,
     finish,
-    is_whole_response,
     prompt_count,
-    run_handler,
     validated_request,
     wants_prompt_logprobs,
 )
@@ -80,82 +75,127 @@ class Recorded:
             return False
 
 
-async def json_body(request: Request) -> dict:
-    """The body as a JSON object, read before the handler (see `with_cancellation`)."""
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
-
-
-JSONBody = Annotated[dict, Depends(json_body)]
-
-
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=documented(SteeredChatCompletionRequest))
 @vllm_api.with_cancellation
 async def create_chat_completion(raw_request: Request, body: JSONBody):
     return await _serve(raw_request, body, chat=True)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=documented(SteeredCompletionRequest))
 @vllm_api.with_cancellation
 async def create_completion(raw_request: Request, body: JSONBody):
     return await _serve(raw_request, body, chat=False)
 
 
 async def _serve(raw_request: Request, body: dict, *, chat: bool) -> Response:
-    if "variants" in body:
-        from .variants import serve_variants
-
-        return await serve_variants(raw_request, body, chat=chat)
     state = state_of(raw_request)
-    track = Track()
-    call = CallStatus()
+    if "variants" in body:
+        from .variants import VariantsCall
+
+        return await pipeline.serve(VariantsCall(state, raw_request, body, chat=chat))
+    return await pipeline.serve(SteeredCall(state, raw_request, body, chat=chat))
+
+
+class SteeredCall(pipeline.Call):
+    """One request with its own steering, and its experiment arm's if it is enrolled."""
+
+    track: Track
+    applied: Applied
+    enrollment: Enrollment | None = None
     recorded: Recorded | None = None
-    try:
-        with call.recording():
-            request, applied, enrollment = _parse(state, raw_request, body, chat=chat)
-            track.n = request.n or 1
-            track.labels = state.metrics.labels(applied.preset, applied.kind)
-            if applied.reads:
-                track.readout = RequestReadout(state.readouts, applied.spec.readout, track.n)
-            state.metrics.running.labels(**track.labels).inc()
-            admit(state, track.n * prompt_count(request, chat=chat))
-            if enrollment is not None and enrollment.arm is not None:
-                rid = vllm_api.response_id(raw_request, request, chat=chat)
-                durable = state.experiments.record(enrollment, rid, request.model)
-                recorded = Recorded(enrollment, rid, durable)
-            result = await run_handler(raw_request, request, track, chat=chat)
-            if isinstance(result, vllm_api.ErrorResponse):
-                call.status = result.error.code
-                return JSONResponse(result.model_dump(), status_code=call.status)
-            headers = {FINGERPRINT_HEADER: applied.fingerprint or "none"}
-            if enrollment is not None:
-                headers.update(enrollment.headers())
-            call.status = 200
-            if is_whole_response(result):
-                content = result.model_dump()
-                content["steering"] = await _echo(state, applied, enrollment, track)
-                if track.readout is not None:
-                    for choice in content["choices"]:
-                        choice["readout"] = track.readout.whole(choice["index"])
-                if recorded is not None:
-                    _check_id(recorded, content.get("id"))
-                    if not await recorded.wait():
-                        headers["x-experiment-recorded"] = "false"
-                return JSONResponse(content, headers=headers)
-            call.streaming = True
-            return StreamingResponse(
-                _stream(state, result, applied, enrollment, track, recorded, chat=chat),
-                media_type="text/event-stream",
-                headers=headers,
+
+    def prepare(self) -> list[Any]:
+        self.track = Track()
+        self.tracks = [self.track]
+        request, self.applied, self.enrollment = _parse(
+            self.state, self.raw_request, self.body, chat=self.chat
+        )
+        self.request = request
+        self.track.n = request.n or 1
+        self.track.labels = self.state.metrics.labels(self.applied.preset, self.applied.kind)
+        if self.applied.reads:
+            self.track.readout = RequestReadout(
+                self.state.readouts, self.applied.spec.readout, self.track.n
             )
-    finally:
-        if not call.streaming:
-            _end(state, track, call.status, recorded)
+        self.state.metrics.running.labels(**self.track.labels).inc()
+        self.headers = {FINGERPRINT_HEADER: self.applied.fingerprint or "none"}
+        if self.enrollment is not None:
+            self.headers.update(self.enrollment.headers())
+        return [request]
+
+    @property
+    def sequences(self) -> int:
+        return self.track.n * prompt_count(self.request, chat=self.chat)
+
+    def admitted(self) -> None:
+        enrollment = self.enrollment
+        if enrollment is not None and enrollment.arm is not None:
+            rid = vllm_api.response_id(self.raw_request, self.request, chat=self.chat)
+            durable = self.state.experiments.record(enrollment, rid, self.request.model)
+            self.recorded = Recorded(enrollment, rid, durable)
+
+    async def whole(self, results: list[Any]) -> dict[str, Any]:
+        content = results[0].model_dump()
+        content["steering"] = await self._echo()
+        if self.track.readout is not None:
+            for choice in content["choices"]:
+                choice["readout"] = self.track.readout.whole(choice["index"])
+        if self.recorded is not None:
+            _check_id(self.recorded, content.get("id"))
+            if not await self.recorded.wait():
+                self.headers["x-experiment-recorded"] = "false"
+        return content
+
+    def event(self, index: int, data: dict[str, Any]) -> dict[str, Any]:
+        if self.track.readout is not None:
+            for choice in data.get("choices", []):
+                values = self.track.readout.delta(choice["index"])
+                if values is not None:
+                    choice["readout"] = values
+        if self.first_event(data):
+            if self.recorded is not None:
+                _check_id(self.recorded, data.get("id"))
+            data = {"steering": self._head_echo(), **data}
+        return data
+
+    async def tail(self) -> list[dict[str, Any]]:
+        events = []
+        if self.track.readout is not None:
+            rest = rest_of_stream(self.track.readout, chat=self.chat)
+            if rest:
+                events.append(self.headed(choices=rest))
+        if self.applied.reports_decoding:
+            events.append(self.headed(choices=[], steering=await self._echo()))
+        if self.recorded is not None:
+            await self.recorded.wait()
+        return events
+
+    def end(self, status: int) -> None:
+        track = self.track
+        latency = finish(self.state, track, status)
+        recorded = self.recorded
+        if recorded is not None:
+            self.state.experiments.finish(
+                recorded.enrollment,
+                recorded.response_id,
+                status,
+                track.prompt_tokens,
+                track.generation_tokens,
+                track.ttft,
+                latency,
+            )
+
+    def _head_echo(self) -> dict[str, Any]:
+        echo = self.applied.echo()
+        if self.enrollment is not None:
+            echo.update(self.enrollment.echo())
+        return echo
+
+    async def _echo(self) -> dict[str, Any]:
+        echo = self._head_echo()
+        if self.applied.reports_decoding:
+            echo["decoding"]["choices"] = await decoding_reports(self.state, self.track)
+        return echo
 
 
 def _parse(
@@ -208,90 +248,3 @@ def _check_id(recorded: Recorded, actual: str | None) -> None:
             actual,
             recorded.response_id,
         )
-
-
-def _end(state: ServerState, track: Track, status: int, recorded: Recorded | None) -> None:
-    latency = finish(state, track, status)
-    if recorded is not None:
-        state.experiments.finish(
-            recorded.enrollment,
-            recorded.response_id,
-            status,
-            track.prompt_tokens,
-            track.generation_tokens,
-            track.ttft,
-            latency,
-        )
-
-
-def _head_echo(applied: Applied, enrollment: Enrollment | None) -> dict[str, Any]:
-    echo = applied.echo()
-    if enrollment is not None:
-        echo.update(enrollment.echo())
-    return echo
-
-
-async def _echo(
-    state: ServerState, applied: Applied, enrollment: Enrollment | None, track: Track
-) -> dict[str, Any]:
-    echo = _head_echo(applied, enrollment)
-    if applied.reports_decoding:
-        echo["decoding"]["choices"] = await decoding_reports(state, track)
-    return echo
-
-
-async def _stream(
-    state: ServerState,
-    chunks: AsyncGenerator[str, None],
-    applied: Applied,
-    enrollment: Enrollment | None,
-    track: Track,
-    recorded: Recorded | None,
-    *,
-    chat: bool,
-) -> AsyncIterator[str]:
-    """vLLM's SSE chunks, the first one carrying `steering`, each carrying its tokens'
-    readout values if asked; the values left and decoding reports before `[DONE]`."""
-    status = 200
-    head: dict[str, Any] | None = None  # id, object, created, model of the first chunk
-    try:
-        async for chunk in chunks:
-            if track.readout is not None and chunk.startswith('data: {"id"'):
-                chunk = _with_readout(chunk, track.readout)
-            if head is None and chunk.startswith("data: {"):
-                first = json.loads(chunk[len("data: ") :])
-                head = {k: first[k] for k in ("id", "object", "created", "model") if k in first}
-                if recorded is not None:
-                    _check_id(recorded, head.get("id"))
-                echo = json.dumps(_head_echo(applied, enrollment))
-                chunk = f'data: {{"steering": {echo}, {chunk[len("data: {") :]}'
-            elif chunk.startswith("data: [DONE]"):
-                rest = [] if track.readout is None else rest_of_stream(track.readout, chat=chat)
-                if rest:
-                    yield f"data: {json.dumps({**(head or {}), 'choices': rest})}\n\n"
-                if applied.reports_decoding:
-                    tail = {
-                        **(head or {}),
-                        "choices": [],
-                        "steering": await _echo(state, applied, enrollment, track),
-                    }
-                    yield f"data: {json.dumps(tail)}\n\n"
-                if recorded is not None:
-                    await recorded.wait()
-            elif chunk.startswith('data: {"error"'):
-                status = json.loads(chunk[len("data: ") :])["error"].get("code", 500)
-            yield chunk
-    except (asyncio.CancelledError, GeneratorExit):
-        status = CLIENT_CLOSED
-        raise
-    finally:
-        _end(state, track, status, recorded)
-
-
-def _with_readout(chunk: str, readout: RequestReadout) -> str:
-    data = json.loads(chunk[len("data: ") :])
-    for choice in data.get("choices", []):
-        values = readout.delta(choice["index"])
-        if values is not None:
-            choice["readout"] = values
-    return f"data: {json.dumps(data)}\n\n"

@@ -24,6 +24,7 @@ from steering.vectors import (
     valid_name,
 )
 
+from .bodies import binary_body
 from .errors import APIError
 from .settings import SettingsError, load_presets
 from .state import state_of
@@ -104,7 +105,10 @@ async def get_vector(
     )
 
 
-@router.put("/v1/vectors/{name}")
+@router.put(
+    "/v1/vectors/{name}",
+    openapi_extra=binary_body("a GGUF control vector (llama.cpp, repeng) or a .safetensors vector"),
+)
 async def put_vector(request: Request, name: str) -> Response:
     """Store the body (a GGUF control vector or our safetensors file) as vector `name`."""
     state = state_of(request)

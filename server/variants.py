@@ -9,72 +9,107 @@ echoes what each got. Streams interleave the variants' chunks, re-indexed.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from steering.engine import openai_server as vllm_api
 
+from . import pipeline
 from .applied import Applied
 from .calls import (
-    CLIENT_CLOSED,
-    CallStatus,
     Track,
-    admit,
     decoding_reports,
     finish,
-    is_whole_response,
     prompt_count,
-    run_handler,
     validated_request,
     wants_prompt_logprobs,
 )
 from .errors import APIError
 from .readouts import RequestReadout, rest_of_stream
-from .state import ServerState, state_of
+from .state import ServerState
 
 MAX_VARIANTS = 16
 KIND = "variants"  # metric label
 
 
-async def serve_variants(raw_request: Request, body: dict, *, chat: bool) -> Response:
-    state = state_of(raw_request)
-    labels = state.metrics.labels(None, KIND)
-    tracks: list[Track] = []
-    state.metrics.running.labels(**labels).inc()
-    call = CallStatus()
-    try:
-        with call.recording():
-            request, applied, seed, calls = _prepare(state, raw_request, body, chat=chat)
-            tracks[:] = [Track(labels=labels) for _ in calls]
-            for t, a in zip(tracks, applied, strict=True):
-                if a.reads:
-                    t.readout = RequestReadout(state.readouts, a.spec.readout, 1)
-            admit(state, len(calls))
-            results = await _run_together(raw_request, calls, tracks, chat=chat)
-            for r in results:
-                if isinstance(r, vllm_api.ErrorResponse):
-                    call.status = r.error.code
-                    return JSONResponse(r.model_dump(), status_code=call.status)
-            merged_id = vllm_api.response_id(raw_request, request, chat=chat)
-            call.status = 200
-            if is_whole_response(results[0]):
-                content = _merge(results, merged_id, tracks)
-                content["steering"] = await _echo(state, applied, tracks, seed)
-                return JSONResponse(content)
-            call.streaming = True
-            return StreamingResponse(
-                _stream(state, results, applied, tracks, seed, merged_id, labels, chat=chat),
-                media_type="text/event-stream",
-            )
-    finally:
-        if not call.streaming:
-            finish(state, Track.total(tracks or [Track()], labels), call.status)
+class VariantsCall(pipeline.Call):
+    """One choice per variant spec: each variant its own engine request, merged here."""
+
+    applied: list[Applied]
+    seed: int
+    merged_id: str
+    usage: dict[str, int] | None = None
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.labels = self.state.metrics.labels(None, KIND)
+        self.state.metrics.running.labels(**self.labels).inc()
+
+    def prepare(self) -> list[Any]:
+        request, self.applied, self.seed, calls = _prepare(
+            self.state, self.raw_request, self.body, chat=self.chat
+        )
+        self.tracks = [Track(labels=self.labels) for _ in calls]
+        for t, a in zip(self.tracks, self.applied, strict=True):
+            if a.reads:
+                t.readout = RequestReadout(self.state.readouts, a.spec.readout, 1)
+        self.merged_id = vllm_api.response_id(self.raw_request, request, chat=self.chat)
+        return calls
+
+    async def whole(self, results: list[Any]) -> dict[str, Any]:
+        content = _merge(results, self.merged_id, self.tracks)
+        content["steering"] = await self._echo()
+        return content
+
+    def event(self, index: int, data: dict[str, Any]) -> dict[str, Any] | None:
+        data["id"] = self.merged_id
+        if not data.get("choices") and data.get("usage"):
+            self.usage = _add_usage(self.usage, data["usage"])
+            return None  # one usage event for all variants, in the tail
+        reads = self.tracks[index].readout
+        for choice in data.get("choices", []):
+            choice["index"] = index
+            values = None if reads is None else reads.delta(0)
+            if values is not None:
+                choice["readout"] = values
+        if self.first_event(data):
+            data = {"steering": self._head_echo(), **data}
+        return data
+
+    async def tail(self) -> list[dict[str, Any]]:
+        events = []
+        rest = [
+            c
+            for i, t in enumerate(self.tracks)
+            if t.readout is not None
+            for c in rest_of_stream(t.readout, chat=self.chat, index=i)
+        ]
+        if rest:
+            events.append(self.headed(choices=rest))
+        if self.usage is not None:
+            events.append(self.headed(choices=[], usage=self.usage))
+        if any(a.reports_decoding for a in self.applied):
+            events.append(self.headed(choices=[], steering=await self._echo()))
+        return events
+
+    def end(self, status: int) -> None:
+        finish(self.state, Track.total(self.tracks or [Track()], self.labels), status)
+
+    def _head_echo(self) -> dict[str, Any]:
+        variants = [{"index": i, **a.echo()} for i, a in enumerate(self.applied)]
+        return {"variants": variants, "seed": self.seed}
+
+    async def _echo(self) -> dict[str, Any]:
+        out = []
+        for i, (a, t) in enumerate(zip(self.applied, self.tracks, strict=True)):
+            echo = {"index": i, **a.echo()}
+            if a.reports_decoding:
+                reports = await decoding_reports(self.state, t)
+                echo["decoding"]["choices"] = [{**r, "index": i} for r in reports]
+            out.append(echo)
+        return {"variants": out, "seed": self.seed}
 
 
 def _prepare(
@@ -115,22 +150,6 @@ def _prepare(
     return request, applied, seed, calls
 
 
-async def _run_together(
-    raw_request: Request, calls: list[Any], tracks: list[Track], *, chat: bool
-) -> list[Any]:
-    """vLLM's handler for every variant at once, so they enter the same engine steps."""
-    tasks = [
-        asyncio.ensure_future(run_handler(raw_request, sub, t, chat=chat))
-        for sub, t in zip(calls, tracks, strict=True)
-    ]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        raise
-
-
 def _resolve(state: ServerState, raw: Any, i: int, request: Any) -> Applied:
     if raw is not None and not isinstance(raw, dict):
         raise APIError(400, f"variants[{i}]: must be a steering spec or null", f"variants[{i}]")
@@ -162,108 +181,6 @@ def _merge(results: list[Any], merged_id: str, tracks: list[Track]) -> dict[str,
         },
     )
     return first
-
-
-async def _echo(
-    state: ServerState, applied: list[Applied], tracks: list[Track], seed: int
-) -> dict[str, Any]:
-    out = []
-    for i, (a, t) in enumerate(zip(applied, tracks, strict=True)):
-        echo = {"index": i, **a.echo()}
-        if a.reports_decoding:
-            reports = await decoding_reports(state, t)
-            echo["decoding"]["choices"] = [{**r, "index": i} for r in reports]
-        out.append(echo)
-    return {"variants": out, "seed": seed}
-
-
-async def _stream(
-    state: ServerState,
-    streams: list[Any],
-    applied: list[Applied],
-    tracks: list[Track],
-    seed: int,
-    merged_id: str,
-    labels: dict[str, str],
-    *,
-    chat: bool,
-) -> AsyncIterator[str]:
-    """The variants' chunks as they come, choice index = variant index, one usage chunk
-    and one `[DONE]` at the end."""
-    queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
-
-    async def pump(i: int, chunks: Any) -> None:
-        try:
-            async for chunk in chunks:
-                await queue.put((i, chunk))
-        finally:
-            await queue.put((i, None))
-
-    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    status = 200
-    usage: dict[str, int] | None = None
-    head: dict[str, Any] | None = None
-    open_streams = len(streams)
-    try:
-        while open_streams:
-            i, chunk = await queue.get()
-            if chunk is None:
-                open_streams -= 1
-                continue
-            if not chunk.startswith("data: {"):
-                continue  # each variant's [DONE]; ours comes last
-            data = json.loads(chunk[len("data: ") :])
-            if "error" in data:
-                status = data["error"].get("code", 500)
-                yield chunk
-                continue
-            data["id"] = merged_id
-            if not data.get("choices") and data.get("usage"):
-                usage = _add_usage(usage, data["usage"])
-                continue
-            reads = tracks[i].readout
-            for choice in data.get("choices", []):
-                choice["index"] = i
-                values = None if reads is None else reads.delta(0)
-                if values is not None:
-                    choice["readout"] = values
-            if head is None:
-                head = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
-                data = {
-                    "steering": {
-                        "variants": [{"index": k, **a.echo()} for k, a in enumerate(applied)],
-                        "seed": seed,
-                    },
-                    **data,
-                }
-            yield f"data: {json.dumps(data)}\n\n"
-        rest = [
-            c
-            for i, t in enumerate(tracks)
-            if t.readout is not None
-            for c in rest_of_stream(t.readout, chat=chat, index=i)
-        ]
-        if rest:
-            yield f"data: {json.dumps({**(head or {}), 'choices': rest})}\n\n"
-        if usage is not None:
-            yield f"data: {json.dumps({**(head or {}), 'choices': [], 'usage': usage})}\n\n"
-        if any(a.reports_decoding for a in applied):
-            tail = {
-                **(head or {}),
-                "choices": [],
-                "steering": await _echo(state, applied, tracks, seed),
-            }
-            yield f"data: {json.dumps(tail)}\n\n"
-        yield "data: [DONE]\n\n"
-    except (asyncio.CancelledError, GeneratorExit):
-        status = CLIENT_CLOSED
-        raise
-    finally:
-        for p in pumps:
-            p.cancel()
-        for s in streams:
-            await s.aclose()
-        finish(state, Track.total(tracks, labels), status)
 
 
 def _add_usage(total: dict[str, int] | None, usage: dict[str, Any]) -> dict[str, int]:

@@ -7,6 +7,7 @@ engines of conftest, so that its answers can be compared with them token for tok
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -606,3 +607,50 @@ def test_capabilities_describe_the_model_and_build_a_valid_spec(server):
     bad = {"heads": [{"layer": doc["num_layers"], "heads": [0]}]}
     with pytest.raises(openai.BadRequestError, match="out of range"):
         complete(client(server), bad)
+
+
+# Every route steerserve adds, by method (the auth and fuzzing tests walk this schema).
+STEERSERVE_ROUTES = {
+    "/v1/chat/completions": {"post"},
+    "/v1/completions": {"post"},
+    "/v1/vectors": {"get"},
+    "/v1/vectors/{name}": {"get", "put", "delete"},
+    "/v1/presets": {"get"},
+    "/v1/admin/reload": {"post"},
+    "/v1/steering/capabilities": {"get"},
+    "/v1/admin/experiments": {"get", "post"},
+    "/v1/admin/experiments/{name}": {"get", "put"},
+    "/v1/admin/experiments/{name}/{action}": {"post"},
+    "/v1/feedback": {"post"},
+    "/v1/experiments/{name}/report": {"get"},
+}
+
+
+def test_openapi_describes_every_steerserve_route_and_body(server):
+    schema = httpx.get(f"{server}/openapi.json", timeout=30).json()
+    for path, methods in STEERSERVE_ROUTES.items():
+        assert methods <= set(schema["paths"].get(path, {})), path
+    components = schema["components"]["schemas"]
+
+    def body_of(path: str, method: str) -> dict:
+        content = schema["paths"][path][method]["requestBody"]["content"]
+        ref = content["application/json"]["schema"]["$ref"]
+        return components[ref.rsplit("/", 1)[-1]]
+
+    chat = body_of("/v1/chat/completions", "post")
+    assert {"messages", "steering", "experiment", "variants"} <= set(chat["properties"])
+    completion = body_of("/v1/completions", "post")
+    assert {"prompt", "steering", "experiment", "variants"} <= set(completion["properties"])
+    steering = components["RequestSteering"]["properties"]
+    assert {"vectors", "heads", "experts", "decoding", "readout", "preset", "default"} <= set(
+        steering
+    )
+    assert "arms" in body_of("/v1/admin/experiments", "post")["properties"]
+    assert "arms" in body_of("/v1/admin/experiments/{name}", "put")["properties"]
+    assert {"id", "metric", "value"} <= set(body_of("/v1/feedback", "post")["properties"])
+    upload = schema["paths"]["/v1/vectors/{name}"]["put"]["requestBody"]["content"]
+    assert upload["application/octet-stream"]["schema"]["format"] == "binary"
+    # Every reference resolves: the schema is usable by generators and fuzzers as is.
+    text = json.dumps(schema)
+    for ref in set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text)):
+        assert ref in components, ref

@@ -21,8 +21,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..bodies import JSONBody, documented
 from ..errors import APIError, invalid
-from ..generation import JSONBody
 from ..state import state_of
 from .definition import METRIC_PATTERN, ExperimentDef
 from .registry import ExperimentRegistry
@@ -77,14 +77,14 @@ async def list_experiments(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_describe(r, exps.registry) for r in records]}
 
 
-@router.post("/v1/admin/experiments")
+@router.post("/v1/admin/experiments", openapi_extra=documented(ExperimentDef))
 async def create_experiment(request: Request, body: JSONBody) -> JSONResponse:
     exps = _experiments(request)
     record, _ = await _store_call(exps.put(_definition(body), create_only=True))
     return JSONResponse(_describe(record, exps.registry), status_code=201)
 
 
-@router.put("/v1/admin/experiments/{name}")
+@router.put("/v1/admin/experiments/{name}", openapi_extra=documented(ExperimentDef))
 async def put_experiment(request: Request, name: str, body: JSONBody) -> JSONResponse:
     exps = _experiments(request)
     record, changed = await _store_call(exps.put(_definition(body, name), create_only=False))
@@ -129,7 +129,7 @@ class FeedbackBody(BaseModel):
         return float(v)
 
 
-@router.post("/v1/feedback")
+@router.post("/v1/feedback", openapi_extra=documented(FeedbackBody))
 async def post_feedback(request: Request, body: JSONBody) -> dict[str, Any]:
     try:
         fb = FeedbackBody.model_validate(body)

@@ -10,16 +10,21 @@ relies on sit next to the engine hooks, pinned to the same release and checked b
 - its request models and the serving handlers the routes call,
 - how the engine names the requests of one HTTP call (for per-request reports),
 - its admission check (`--max-num-queued-reqs`), so a full queue is refused before a
-  streamed response has started.
+  streamed response has started,
+- the three places steerserve changes vLLM's objects in a server process: the engine's
+  `generate` (observed per HTTP call), the app's route list (ours first) and its
+  middleware stack (ours outermost).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.middleware import Middleware
 from vllm.engine.protocol import EngineClient
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
@@ -150,3 +155,42 @@ def first_token_latency(output: Any) -> float | None:
     stats = getattr(output, "metrics", None)
     latency = getattr(stats, "first_token_latency", 0.0)
     return latency if isinstance(latency, float) and latency > 0 else None
+
+
+def observe_generate(
+    engine: EngineClient, watch: Callable[[AsyncGenerator, str], AsyncGenerator]
+) -> None:
+    """Pass every output stream of `engine.generate` through `watch(outputs, request_id)`.
+
+    vLLM's handlers call `generate` themselves; this is the one way to see the engine
+    requests an HTTP call makes (token counts, first-token times, engine request ids)
+    without re-implementing the handlers.
+    """
+    original = engine.generate
+
+    def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kw: Any):
+        return watch(original(prompt, sampling_params, request_id, *args, **kw), request_id)
+
+    engine.generate = generate  # type: ignore[method-assign]
+
+
+def put_routes_first(app: FastAPI, routes: Sequence[Any]) -> None:
+    """Serve `routes` ahead of vLLM's, replacing any of its with the same path and method."""
+    ours = {(r.path, m) for r in routes if isinstance(r, APIRoute) for m in r.methods}
+    kept = [
+        r
+        for r in app.router.routes
+        if not (isinstance(r, APIRoute) and any((r.path, m) in ours for m in r.methods))
+    ]
+    app.router.routes[:] = [*routes, *kept]
+    app.openapi_schema = None  # rebuilt with our routes on the next /openapi.json
+
+
+def add_outer_middleware(app: FastAPI, middleware: Sequence[Middleware]) -> None:
+    """Run `middleware` (outermost first) before vLLM's own middleware and routes.
+
+    vLLM's app has built its middleware stack already (`add_middleware` refuses), so ours
+    goes ahead of its list and Starlette rebuilds the stack on the first request.
+    """
+    app.user_middleware[0:0] = list(middleware)
+    app.middleware_stack = None
