@@ -1,11 +1,12 @@
 """Offline throughput: what steering costs next to plain vLLM, measured in the same run.
 
-Protocol (DESIGN.md): the same model, requests and sampling (greedy, ignore_eos, fixed
-lengths) for every scenario; scenarios interleaved round by round (A B C A B C ...). The
-machine's speed drifts by 10-50% over minutes on a shared 2-core VM, in stretches that hit
-every scenario of a round alike, so a scenario's ratio to plain vLLM is taken within each
-round (plain time / scenario time, same batch size) and summarised by the median over
-rounds, with the interquartile range; the ratio of the two medians is kept in the JSON too.
+Protocol (docs/design.md#performance-protocol): the same model, requests and sampling
+(greedy, ignore_eos, fixed lengths) for every scenario; scenarios interleaved round by
+round (A B C A B C ...). The machine's speed drifts by 10-50% over minutes on a shared
+2-core VM, in stretches that hit every scenario of a round alike, so a scenario's ratio to
+plain vLLM is taken within each round (plain time / scenario time, same batch size) and
+summarised by the median over rounds, with the interquartile range; the ratio of the two
+medians is kept in the JSON too.
 Engines run in-process and side by side: "plain" is an engine with the extension switched
 off (`additional_config={"steerserve": {"enabled": False}}`: vLLM's own code path).
 "hf-hooks" is HF transformers' generate with steering hooks (benchmarks/hf_hooks.py) on

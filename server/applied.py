@@ -1,6 +1,6 @@
 """From a request's `steering` field to what the engine runs, and what the response echoes.
 
-Order of composition, documented in the README: the server's default spec (its preset
+Order of composition, documented in docs/serving.md: the server's default spec (its preset
 expanded first), then the request's preset, then the request's own entries; entries apply
 in that order inside each layer, and the last `decoding` given wins. A request opts out of
 the default with `"steering": {"default": false}`.

@@ -137,7 +137,7 @@ def serve(argv: list[str]) -> None:
         load_presets,
     )
 
-    # The steering hooks live in the V1 model runner (DESIGN.md).
+    # The steering hooks live in the V1 model runner (docs/design.md#dependencies-and-platforms).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     parser = vllm_api.arg_parser("steerserve serve")
     add_steering_args(parser)

@@ -7,7 +7,7 @@ tokens go on to vLLM's handler, so every chunk the handler writes can carry its 
 values. Pulls of all requests that wait at the same moment share one `collective_rpc` (the
 engine answers utility calls between steps: one call per step, not one per request).
 
-Response shapes (README "Reading the stream"):
+Response shapes (docs/spec.md, "Readout"):
 
     choices[i].readout = [{"name", "layer", "values": [per token], "prompt_values"?}]
     stream chunk choice.readout = [{"name", "layer", "start", "values", "prompt_values"?}]

@@ -1,7 +1,7 @@
 """The oracle: a spec applied to the HF transformers model with forward hooks, in float32.
 
 Deliberately independent of the engine path (`compile.py`, `engine/`): it applies each
-entry as DESIGN.md states it, one after the other, with no folding, slot tables or
+entry as docs/design.md states it, one after the other, with no folding, slot tables or
 per-token buffers, and recomputes the whole sequence at every greedy step (no KV cache),
 so every row's position class comes straight from its position.
 
@@ -18,7 +18,7 @@ computes its logits with F.linear on its own weight), then the family's routing 
 Decoding (fuse / contrast) is computed from every layer's output, captured by forward
 hooks registered after the steering hooks, and from the stream before each layer's MLP
 (the input of `pre_feedforward_layernorm` where the family has one, else of
-`post_attention_layernorm`), straight from the README's formulas; the logit lens is
+`post_attention_layernorm`), straight from the formulas of docs/spec.md; the logit lens is
 lm_head(final norm(h)) with the model's final logit soft-capping.
 """
 

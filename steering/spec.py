@@ -28,7 +28,8 @@ from pydantic_core import PydanticCustomError
 
 Op = Literal["add", "ablate", "clamp", "mix"]
 Site = Literal["residual", "heads"]
-# Which tokens an entry acts on, by rel = position - prompt_length (DESIGN.md):
+# Which tokens an entry acts on, by rel = position - prompt_length
+# (docs/design.md#token-classes-and-positions):
 # prompt rel < 0, generated rel >= 0, last_prompt rel == -1 (the row that predicts the
 # first generated token), from_last_prompt rel >= -1 (the last row of every forward pass).
 Positions = Literal["all", "prompt", "generated", "last_prompt", "from_last_prompt"]
@@ -520,7 +521,7 @@ class ExpertMask(BaseModel):
 
 
 class DecodingSpec(BaseModel):
-    """Decoding that reads intermediate layers (README "Layer-fused and contrastive decoding").
+    """Decoding that reads intermediate layers (docs/spec.md, layer-fused and contrastive).
 
     fuse:     logits <- (1-w) log_softmax(z_F) + w log_softmax(z_L); L fixed or "auto" (the
               latter-half layer with the lowest IKS at the last prompt row, once per request).

@@ -81,7 +81,7 @@ class TinySpec:
         return f"{self.arch}-h{self.hidden_size}-l{self.num_layers}-v{self.model_vocab_size or 0}"
 
 
-# The ~100M-parameter random model of DESIGN.md's performance protocol (134M with lm_head).
+# The ~100M-parameter random model of the performance protocol (docs/design.md) (134M with lm_head).
 BENCH_SPEC = TinySpec(
     arch="llama",
     hidden_size=768,

@@ -1,8 +1,8 @@
 """Steering-vector files: our safetensors format, llama.cpp/repeng GGUF, and a directory registry.
 
 Our file: safetensors with one 1-D float32 tensor per layer named `layer.<i>` (i = the layer
-whose *output* the vector applies to, the convention of DESIGN.md) and string metadata
-(format, architecture, hidden_size, num_layers, method, description, site).
+whose *output* the vector applies to: docs/design.md#layer-convention) and string
+metadata (format, architecture, hidden_size, num_layers, method, description, site).
 
 `site` says where a vector applies: "residual" (the residual stream after layer i; each
 tensor has hidden_size floats) or "heads" (the attention output of layer i, the input of

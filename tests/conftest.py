@@ -1,7 +1,7 @@
 """Shared fixtures: tiny models, a vectors directory, and vLLM engines built once per session.
 
 Engines run in-process (no engine-core subprocess) so that several small ones can be kept
-alive side by side on a 2-core machine; the V1 model runner is pinned as DESIGN.md asks.
+alive side by side on a 2-core machine; the V1 model runner is pinned as docs/design.md says.
 """
 
 from __future__ import annotations

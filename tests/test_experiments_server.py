@@ -497,7 +497,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ab"
 
 
 def test_readme_example_runs(exp_server, tmp_path):
-    """The README's worked example: its experiment file, its traffic script, its report."""
+    """docs/ab-testing.md's worked example: its experiment file, traffic script and report."""
     base, _ = exp_server
     # The test server runs a tiny random model: its registry's "happy" stands in for the
     # demo model's "positive" (the file is otherwise used as written).

@@ -281,7 +281,7 @@ def _active(positions: str, rel: int) -> bool:
 
 
 def _apply_directly(spec, layer: int, h: np.ndarray, rel: int) -> np.ndarray:
-    """DESIGN.md's formulas, entry by entry, for one token (float64)."""
+    """The formulas of docs/design.md, entry by entry, for one token (float64)."""
     h = h.astype(np.float64)
     for e in spec.vectors:
         v = e.resolved.get(layer)

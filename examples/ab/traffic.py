@@ -1,4 +1,4 @@
-"""Simulated traffic and feedback for the A/B example (README "A/B testing").
+"""Simulated traffic and feedback for the A/B example (docs/ab-testing.md).
 
 Each simulated user sends chat requests into the experiment (sticky by the OpenAI `user`
 field), then rates each reply through `POST /v1/feedback`. The rater is a stand-in for real

@@ -351,6 +351,13 @@ def check_openai_server() -> None:
         src = inspect.getsource(handler)
         call = "{self._base_request_id(raw_request, request.request_id)}"
         _require(f'f"{prefix}-{call}"' in src, f"{prefix} response ids")
+    # openai_server.observe_generate and server/sse.py: the handlers call the engine
+    # client's generate, and stream one `data: <json>` event per chunk, then `[DONE]`.
+    for handler in (OpenAIServingChat, OpenAIServingCompletion):
+        src = inspect.getsource(handler)
+        _require("self.engine_client.generate(" in src, f"{handler.__name__} calls generate")
+        _require('yield f"data: {data}\\n\\n"' in src, f"{handler.__name__} SSE events")
+        _require('yield "data: [DONE]\\n\\n"' in src, f"{handler.__name__} SSE [DONE]")
     # openai_server.first_token_latency: per-request stats on each RequestOutput.
     from vllm.v1.engine.output_processor import RequestState
     from vllm.v1.metrics.stats import RequestStateStats

@@ -1,4 +1,7 @@
-"""The only place that patches vLLM: method hooks on its runner and input processor.
+"""The engine's patches of vLLM: method hooks on its runner, engine core and input processor.
+
+The other two places that change vLLM objects are `layers.py` (the model's modules) and
+`openai_server.py` (the HTTP app); docs/design.md has the full table.
 
 Installed by the `vllm.general_plugins` entry point (`plugin.py`) in every vLLM process.
 Each hook does its part around vLLM's original method, and does nothing
