@@ -3,8 +3,8 @@
     steerserve serve [--model PATH] [vLLM engine/server flags] [steerserve flags]
 
 Every flag of `vllm serve` works unchanged (vLLM's own parser; `--help` lists them all).
-steerserve adds --admin-key, --vectors-dir, --presets, --default-steering,
---max-request-body-bytes, --max-inline-floats, --experiments, --database-url,
+steerserve adds --admin-key, --vectors-dir, --saes-dir, --max-steering-features, --presets,
+--default-steering, --max-request-body-bytes, --max-inline-floats, --experiments, --database-url,
 --enable-steering-decoding and --enable-steering-readout. With no model it serves the
 built-in demo model (`demo/model/`, a small Llama trained on the synthetic corpus of
 `demo/corpus.py`; nothing is downloaded) with its vectors in `vectors/`.
@@ -21,11 +21,19 @@ import argparse
 import os
 import sys
 
-from .demo import DEMO_MODEL, SHIPPED_VECTORS_DIR, demo_model
+from .demo import (
+    DEMO_MAX_FEATURES,
+    DEMO_MODEL,
+    DEMO_MODEL_DIR,
+    DEMO_SAES_DIR,
+    SHIPPED_VECTORS_DIR,
+    demo_model,
+)
 
 USAGE = """usage: steerserve serve [--model PATH] [vLLM flags] [steerserve flags] (see --help)
        steerserve experiments {report,list} ... (see steerserve experiments --help)
-       steerserve vectors {info,convert,train,eval} ... (see steerserve vectors --help)"""
+       steerserve vectors {info,convert,train,eval} ... (see steerserve vectors --help)
+       steerserve features {info,search} ... (see steerserve features --help)"""
 
 
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +50,20 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         "--vectors-dir",
         default=os.environ.get("STEERSERVE_VECTORS_DIR") or str(SHIPPED_VECTORS_DIR),
         help="Directory of named steering vectors (.safetensors / .gguf).",
+    )
+    group.add_argument(
+        "--saes-dir",
+        default=os.environ.get("STEERSERVE_SAES_DIR"),
+        help="Directory of named sparse autoencoders (our .safetensors, Gemma Scope, SAELens, "
+        "sparsify); the demo model's own SAE when serving the demo model.",
+    )
+    group.add_argument(
+        "--max-steering-features",
+        type=int,
+        default=None,
+        help="SAE feature clamps/scales one request may apply per layer (0, the default, "
+        f"turns those ops off; {DEMO_MAX_FEATURES} for the demo model). Each costs a dot "
+        "product per token and layer for every request.",
     )
     group.add_argument(
         "--presets", default=None, help="JSON/YAML file mapping preset names to steering specs."
@@ -96,6 +118,15 @@ def _steering_config(args: argparse.Namespace) -> None:
     extra = dict(args.additional_config or {})
     mine = dict(extra.get("steerserve", {}))
     mine.setdefault("vectors_dir", args.vectors_dir)
+    demo = str(getattr(args, "model", "")) == str(DEMO_MODEL_DIR)
+    saes = args.saes_dir or (str(DEMO_SAES_DIR) if demo else None)
+    if saes:
+        mine.setdefault("saes_dir", saes)
+    features = args.max_steering_features
+    if features is None and demo:
+        features = DEMO_MAX_FEATURES
+    if features is not None:
+        mine["max_features"] = features
     if args.enable_steering_decoding:
         mine["decoding"] = True
     if args.enable_steering_readout:
@@ -196,8 +227,15 @@ def main(argv: list[str] | None = None) -> None:
         from .vector_commands import main as vectors_main
 
         vectors_main(rest)
+    elif command == "features":
+        from .feature_commands import main as features_main
+
+        features_main(rest)
     else:
-        sys.exit(f"steerserve: unknown command {command!r} (known: serve, experiments, vectors)")
+        sys.exit(
+            f"steerserve: unknown command {command!r} (known: serve, experiments, vectors, "
+            "features)"
+        )
 
 
 if __name__ == "__main__":

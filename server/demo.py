@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = "steerserve-demo"
 DEMO_MODEL_DIR = ROOT / "demo" / "model"
 SHIPPED_VECTORS_DIR = ROOT / "vectors"
+DEMO_SAES_DIR = ROOT / "demo" / "saes"  # the demo model's SAE (python -m demo.sae)
+DEMO_MAX_FEATURES = 8
 
 
 def demo_model() -> Path:

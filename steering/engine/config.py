@@ -18,8 +18,10 @@ from typing import Any
 
 ENV_DISABLE = "STEERSERVE_DISABLE"
 ENV_VECTORS_DIR = "STEERSERVE_VECTORS_DIR"
+ENV_SAES_DIR = "STEERSERVE_SAES_DIR"
 CONFIG_KEY = "steerserve"
 DEFAULT_VECTORS_DIR = "vectors"
+DEFAULT_SAES_DIR = "saes"
 
 
 def disabled_by_env() -> bool:
@@ -35,6 +37,15 @@ class SteeringConfig:
     # Each costs a dot product per token and layer for every request in the batch, and
     # the buffers scale with it (layers x slots x max_projections x hidden).
     max_projections: int = 2
+    # Directory of named sparse autoencoders (steering/sae.py); API process only, like
+    # vectors (a compiled spec carries the features' rows to the workers).
+    saes_dir: str = DEFAULT_SAES_DIR
+    # SAE feature clamps/scales (spec `features`, ops "clamp"/"scale") one request may apply
+    # at one layer. Each costs a dot product and an axpy per token and layer for every
+    # request in the batch (tables layers x slots x max_features x hidden, twice), so it is
+    # opt-in: 0 (the default) refuses those ops with the switch to turn on. Feature adds are
+    # constants, folded like vector adds, and always available.
+    max_features: int = 0
     # Head interventions (masks, query masks, head-site vectors): a gathered multiply on
     # every layer's queries and a multiply-add on its o_proj input, with tables of
     # layers x slots x 3 x (H, H, H*D). Off: none of it exists and specs that use heads are
@@ -66,6 +77,8 @@ class SteeringConfig:
             "enabled",
             "vectors_dir",
             "max_projections",
+            "saes_dir",
+            "max_features",
             "heads",
             "decoding",
             "capture",
@@ -85,6 +98,9 @@ class SteeringConfig:
         max_proj = int(mine.get("max_projections", cls.max_projections))
         if not 0 <= max_proj <= 64:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_projections must be in 0..64")
+        max_features = int(mine.get("max_features", cls.max_features))
+        if not 0 <= max_features <= 64:
+            raise ValueError(f"additional_config.{CONFIG_KEY}.max_features must be in 0..64")
         max_readouts = int(mine.get("max_readouts", cls.max_readouts))
         if not 1 <= max_readouts <= 64:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_readouts must be in 1..64")
@@ -94,6 +110,8 @@ class SteeringConfig:
                 mine.get("vectors_dir") or os.environ.get(ENV_VECTORS_DIR) or DEFAULT_VECTORS_DIR
             ),
             max_projections=max_proj,
+            saes_dir=str(mine.get("saes_dir") or os.environ.get(ENV_SAES_DIR) or DEFAULT_SAES_DIR),
+            max_features=max_features,
             heads=bool(mine.get("heads", True)),
             decoding=bool(mine.get("decoding", False)),
             capture=bool(mine.get("capture", False)),

@@ -20,6 +20,7 @@ from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
 from steering.engine.capture import CaptureError
 from steering.engine.capture import parse_request as parse_capture
 from steering.engine.config import SteeringConfig
+from steering.sae import SaeRegistry
 from steering.spec import ModelShape, SpecContext, SpecError, SteeringSpec, parse_spec
 from steering.vectors import VectorRegistry
 
@@ -43,8 +44,15 @@ class SteeringFrontend:
         self.shape = ModelShape.from_hf_config(vllm_config.model_config.hf_config)
         self.speculative = getattr(vllm_config, "speculative_config", None) is not None
         self.registry = VectorRegistry(config.vectors_dir)
+        self.saes = SaeRegistry(config.saes_dir)
         readouts = config.max_readouts if config.readout else 0
-        self.context = SpecContext(self.shape, vectors=self.registry, max_readouts=readouts)
+        self.context = SpecContext(
+            self.shape,
+            vectors=self.registry,
+            saes=self.saes,
+            max_readouts=readouts,
+            max_features=config.max_features,
+        )
 
     def compile_request(self, params: Any) -> CompiledSpec | None:
         """Validate and compile `params.extra_args["steering"]`; None when unsteered.
