@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,10 @@ from steering.tiny_models import (  # noqa: E402
 
 DECODING_SCENARIOS = ("fuse-fixed", "contrast-high")
 READOUT_SCENARIOS = ("distinct-readouts",)
+# On an engine with SAE feature ops on (max_features = FEATURES_PER_LAYER), random SAEs of
+# width 8 x hidden at two layers (FEATURE_LAYERS of the depth).
+FEATURE_SCENARIOS = ("features-unsteered", "distinct-feature-clamps")
+FEATURES_PER_LAYER = 8
 HF_SCENARIOS = ("hf-hooks",)
 # On the MoE benchmark model (--moe): residual and head steering as on the dense model, and
 # router steering.
@@ -85,6 +90,8 @@ DESCRIPTIONS = {
     "fuse-fixed": "layer-fused decoding, fixed layer",
     "contrast-high": 'contrastive decoding, "high" bucket',
     "distinct-readouts": "reading 2 distinct directions per request",
+    "features-unsteered": "feature ops on (8 per layer), unsteered",
+    "distinct-feature-clamps": "8 distinct SAE feature clamps per request at each of 2 layers",
     "hf-hooks": "HF transformers + hooks, distinct vectors, all layers",
     "distinct-expert-masks": "a distinct expert masked out per request and MoE layer",
     "distinct-experts-and-vectors": "distinct expert masks and residual vectors, all layers",
@@ -170,7 +177,49 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
         return [
             {"readout": [readout(num_layers // 2), readout(num_layers * 2 // 3)]} for _ in range(n)
         ]
+    if scenario == "features-unsteered":
+        return [None] * n
+    if scenario == "distinct-feature-clamps":
+        width = 8 * hidden
+        return [
+            {
+                "features": [
+                    {"sae": f"bench{layer}", "feature": int(f), "op": "clamp", "value": float(v)}
+                    for layer in feature_layers(num_layers)
+                    for f, v in zip(
+                        rng.choice(width, FEATURES_PER_LAYER, replace=False),
+                        rng.uniform(0.0, 4.0, FEATURES_PER_LAYER),
+                        strict=True,
+                    )
+                ]
+            }
+            for _ in range(n)
+        ]
     raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def feature_layers(num_layers: int) -> tuple[int, int]:
+    return num_layers // 3, 2 * num_layers // 3
+
+
+def write_bench_saes(directory: Path, hidden: int, num_layers: int) -> Path:
+    """Random ReLU SAEs (width 8 x hidden) at feature_layers(), named bench<layer>."""
+    from steering.sae import SparseAutoencoder, save_sae
+
+    rng = np.random.default_rng(3)
+    width = 8 * hidden
+    for layer in feature_layers(num_layers):
+        w_dec = rng.standard_normal((width, hidden)).astype(np.float32)
+        w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
+        sae = SparseAutoencoder(
+            (w_dec.T * 0.5).copy(),
+            np.zeros(width, np.float32),
+            w_dec,
+            np.zeros(hidden, np.float32),
+            layer=layer,
+        )
+        save_sae(sae, directory / f"bench{layer}.safetensors")
+    return directory
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         if s in DECODING_SCENARIOS
         else "readout"
         if s in READOUT_SCENARIOS
+        else "features"
+        if s in FEATURE_SCENARIOS
         else "hf"
         if s in HF_SCENARIOS
         else "steer"
@@ -259,6 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if name != "plain" and args.max_projections is not None:
             settings["max_projections"] = args.max_projections
+        if name == "features":
+            saes = write_bench_saes(
+                Path(tempfile.mkdtemp(prefix="bench-saes-")), cfg.hidden_size, cfg.num_hidden_layers
+            )
+            settings.update(max_features=FEATURES_PER_LAYER, saes_dir=str(saes))
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
     if "hf" in engine_of.values():
         hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(

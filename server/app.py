@@ -18,7 +18,7 @@ from starlette.middleware import Middleware
 
 from steering.engine import openai_server as vllm_api
 
-from . import calls, capabilities, generation, registry_routes
+from . import calls, capabilities, generation, registry_routes, sae_routes
 from .applied import SteeringResolver
 from .bodies import add_body_schemas
 from .errors import APIError, api_error_handler
@@ -72,6 +72,7 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
         [
             *generation.router.routes,
             *registry_routes.router.routes,
+            *sae_routes.router.routes,
             *capabilities.router.routes,
             *experiment_routes.router.routes,
         ],

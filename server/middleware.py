@@ -2,7 +2,7 @@
 
 - `BodyLimit`: 413 for a body over the limit, before any route reads it.
 - `Authenticate`: API keys on `/v1/*` (as `vllm serve --api-key`), the admin key on
-  `/v1/admin/*` and on changes to `/v1/vectors/*`; 401 in OpenAI's error shape.
+  `/v1/admin/*` and on changes to `/v1/vectors/*` and `/v1/saes/*`; 401 in OpenAI's error shape.
 - `RefreshGauges`: reads the engine's slot counts right before `/metrics` is rendered.
 """
 
@@ -26,7 +26,7 @@ ADMIN_PREFIX = "/v1/admin"
 
 
 # Routes outside ADMIN_PREFIX whose writes are the admin's (reads take the API key).
-ADMIN_WRITES_PREFIX = "/v1/vectors/"
+ADMIN_WRITES_PREFIX = ("/v1/vectors/", "/v1/saes/")
 _WRITES = {"PUT", "POST", "DELETE", "PATCH"}
 
 

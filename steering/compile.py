@@ -28,6 +28,19 @@ factor folded by product, applied before the attention kernel.
 
 Expert masks (MoE layers) scale router probabilities: a product of scales per expert, kept
 as its logarithm, a bias on the router logits (-inf for 0), added before the router runs.
+
+SAE features (spec `features`) act at their SAE's layer after that layer's vector entries,
+in order. `add` is a constant (scale * W_dec[f]) and folds into b like a vector add. `clamp`
+and `scale` are not affine (the activation has a threshold): each is one in-graph op
+
+    s = alpha + beta * act(<e, h> + c),   act(x) = x if x > theta else 0,   h <- h + s d
+
+with e = W_enc[:, f], d = W_dec[f], c = b_enc[f] - <e, b_dec>, clamp (alpha, beta) =
+(value, -1) and scale (0, factor - 1). The constant b deferred to the end of the layer passes
+such an op unchanged if its input offset absorbs it: F(h + b) = F_{c + <e, b>}(h) + b. So per
+token class, c holds <e, b> of the constant folded so far, and (alpha, beta) are 0 where the
+entry's window does not cover the class. The ops are packed per layer (op k of layer i is
+the k-th clamp/scale at layer i).
 """
 
 from __future__ import annotations
@@ -39,10 +52,10 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from steering.spec import ModelShape, SteeringSpec, VectorEntry, unit
+from steering.spec import FeatureEntry, ModelShape, SteeringSpec, VectorEntry, unit
 
 PAYLOAD_KEY = "steerserve.compiled"
-PAYLOAD_VERSION = 5
+PAYLOAD_VERSION = 6
 
 NEVER = 1 << 62
 WINDOWS: dict[str, tuple[int, int]] = {
@@ -119,6 +132,35 @@ class ExpertOps:
         )
 
 
+# Columns of FeatureOps.coef: input offset c, threshold theta, alpha, beta.
+COEF_OFFSET, COEF_THRESHOLD, COEF_ALPHA, COEF_BETA = range(4)
+NUM_COEFS = 4
+
+
+@dataclass
+class FeatureOps:
+    """SAE feature clamps/scales, packed per layer: op k of layer i reads enc[i, k], writes
+    dec[i, k] with coef[i, class, k] = (c, theta, alpha, beta); all zeros is no op."""
+
+    layers: np.ndarray  # [m] int64
+    enc: np.ndarray  # [m, K, hidden] float32
+    dec: np.ndarray  # [m, K, hidden] float32
+    coef: np.ndarray  # [m, NUM_CLASSES, K, NUM_COEFS] float32
+
+    @classmethod
+    def identity(cls, hidden: int = 0) -> FeatureOps:
+        return cls(
+            np.zeros(0, dtype=np.int64),
+            np.zeros((0, 0, hidden), dtype=np.float32),
+            np.zeros((0, 0, hidden), dtype=np.float32),
+            np.zeros((0, NUM_CLASSES, 0, NUM_COEFS), dtype=np.float32),
+        )
+
+    @property
+    def per_layer(self) -> int:
+        return int(self.enc.shape[1])
+
+
 @dataclass(frozen=True)
 class Decoding:
     """What the sampler step does with intermediate layers (spec.DecodingSpec, resolved)."""
@@ -147,11 +189,21 @@ class Decoding:
 
 @dataclass(frozen=True)
 class Readout:
-    """One readout entry: the stream at the output of `layer` projected on `unit`."""
+    """One readout entry: the stream at the output of `layer` projected on `unit`; for an
+    SAE feature, `unit` is its encoder row and the value is where(x + offset > threshold,
+    x + offset, 0) of that projection x (threshold None: the projection itself)."""
 
     layer: int
-    unit: np.ndarray  # [hidden] float32, unit norm
+    unit: np.ndarray  # [hidden] float32 (unit norm for vectors)
     prompt: bool  # also per prompt token
+    offset: float = 0.0
+    threshold: float | None = None
+
+    def value(self, projection: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            return projection
+        pre = projection.astype(np.float64) + self.offset
+        return np.where(pre > self.threshold, pre, 0.0).astype(np.float32)
 
 
 @dataclass
@@ -166,6 +218,7 @@ class CompiledSpec:
     decoding: Decoding | None = None
     readout: list[Readout] = field(default_factory=list)
     experts: ExpertOps = field(default_factory=ExpertOps.identity)
+    features: FeatureOps = field(default_factory=FeatureOps.identity)
 
     @property
     def key(self) -> str:
@@ -175,7 +228,7 @@ class CompiledSpec:
             return self.fingerprint
         h = hashlib.sha256(self.fingerprint.encode())
         for r in self.readout:
-            h.update(repr((r.layer, r.prompt)).encode())
+            h.update(repr((r.layer, r.prompt, r.offset, r.threshold)).encode())
             h.update(r.unit.astype(np.float32).tobytes())
         return f"{self.fingerprint}+r{h.hexdigest()[:16]}"
 
@@ -191,6 +244,7 @@ class CompiledSpec:
             or self.const_layers.size
             or self.heads.layers.size
             or self.experts.layers.size
+            or self.features.layers.size
         )
 
     @property
@@ -231,9 +285,22 @@ class CompiledSpec:
             "const": self.const.astype(np.float32).tobytes(),
             "decoding": self.decoding.to_payload() if self.decoding else None,
             "readout": [
-                {"layer": r.layer, "prompt": r.prompt, "unit": r.unit.astype(np.float32).tobytes()}
+                {
+                    "layer": r.layer,
+                    "prompt": r.prompt,
+                    "unit": r.unit.astype(np.float32).tobytes(),
+                    "off": r.offset,
+                    "thr": r.threshold,
+                }
                 for r in self.readout
             ],
+            "features": {
+                "layers": self.features.layers.tolist(),
+                "k": self.features.per_layer,
+                "enc": self.features.enc.astype(np.float32).tobytes(),
+                "dec": self.features.dec.astype(np.float32).tobytes(),
+                "coef": self.features.coef.astype(np.float32).tobytes(),
+            },
             "experts": {
                 "n": self.experts.num_experts,
                 "layers": self.experts.layers.tolist(),
@@ -281,9 +348,17 @@ class CompiledSpec:
         )
         decoding = Decoding.from_payload(payload.get("decoding"))
         readout = [
-            Readout(r["layer"], floats(r["unit"], hidden), r["prompt"])
+            Readout(r["layer"], floats(r["unit"], hidden), r["prompt"], r["off"], r["thr"])
             for r in payload.get("readout", ())
         ]
+        f = payload["features"]
+        m, k = len(f["layers"]), f["k"]
+        features = FeatureOps(
+            np.asarray(f["layers"], dtype=np.int64),
+            floats(f["enc"], m, k, hidden),
+            floats(f["dec"], m, k, hidden),
+            floats(f["coef"], m, NUM_CLASSES, k, NUM_COEFS),
+        )
         e = payload["experts"]
         experts = ExpertOps(
             e["n"],
@@ -300,6 +375,7 @@ class CompiledSpec:
             decoding,
             readout,
             experts,
+            features,
         )
 
 
@@ -315,7 +391,9 @@ def read_payload(payload: Any) -> dict:
 def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
     """Lower a validated (resolved) spec; an empty spec compiles to the identity."""
     residual = [e for e in spec.vectors if e.site == "residual"]
-    projections, const_layers, const = _compile_residual(residual, shape.hidden_size)
+    projections, const_layers, const, features = _compile_residual(
+        residual, spec.features, shape.hidden_size
+    )
     heads = _compile_heads(spec, shape)
     decoding = None
     if spec.decoding is not None:
@@ -327,7 +405,9 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
             weight=float(d.weight or 0.0),
             alpha=float(d.alpha or 0.0),
         )
-    readout = [Readout(e.layer, e.unit_vector, e.prompt) for e in spec.readout]
+    readout = [
+        Readout(e.layer, e.unit_vector, e.prompt, e.offset, e.threshold) for e in spec.readout
+    ]
     return CompiledSpec(
         spec.fingerprint(),
         shape.hidden_size,
@@ -338,6 +418,7 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
         decoding,
         readout,
         _compile_experts(spec, shape),
+        features,
     )
 
 
@@ -364,8 +445,8 @@ def _classes(windows: list[str]) -> tuple[tuple[int, int], ...]:
 
 
 def _compile_residual(
-    entries: list[VectorEntry], hidden_size: int
-) -> tuple[list[Projection], np.ndarray, np.ndarray]:
+    entries: list[VectorEntry], features: list[FeatureEntry], hidden_size: int
+) -> tuple[list[Projection], np.ndarray, np.ndarray, FeatureOps]:
     projections: list[Projection] = []
     for entry in entries:
         if entry.op == "add":
@@ -375,11 +456,17 @@ def _compile_residual(
         gain = float(entry.scale) if entry.op == "ablate" else 1.0
         projections.append(Projection(*WINDOWS[entry.positions], gain, layers, units))
 
-    # Fold constants per layer and class, in float64, through the later projections.
-    classes = _classes([e.positions for e in entries])
+    # Fold constants per layer and class, in float64, through the later projections; the
+    # feature ops of a layer (after its vector entries) take <e, b> into their offsets.
+    classes = _classes([e.positions for e in entries] + [f.positions for f in features])
     consts: dict[int, np.ndarray] = {}
-    for layer in sorted({layer for e in entries for layer in e.resolved}):
+    feature_layers = {f.layer for f in features}
+    ops: dict[int, tuple[list[FeatureEntry], np.ndarray]] = {}
+    for layer in sorted({layer for e in entries for layer in e.resolved} | feature_layers):
         b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
+        here = [f for f in features if f.layer == layer]
+        gated = [f for f in here if f.op != "add"]
+        coef = np.zeros((NUM_CLASSES, len(gated), NUM_COEFS), dtype=np.float64)
         for c, cls in enumerate(classes):
             for entry in entries:
                 vec = entry.resolved.get(layer)
@@ -394,16 +481,53 @@ def _compile_residual(
                 b[c] -= gain * np.dot(b[c], u) * u
                 if entry.op == "clamp":
                     b[c] += entry.value * u
+            k = 0
+            for f in here:
+                active = _covers(WINDOWS[f.positions], cls)
+                if f.op == "add":
+                    if active:
+                        b[c] += f.add_scale * f.decoder.astype(np.float64)
+                    continue
+                sae = f.resolved_sae
+                enc = sae.encoder_row(f.feature).astype(np.float64)
+                coef[c, k, COEF_OFFSET] = sae.encoder_offset(f.feature) + np.dot(enc, b[c])
+                coef[c, k, COEF_THRESHOLD] = sae.feature_threshold(f.feature)
+                if active:
+                    alpha, beta = (f.value, -1.0) if f.op == "clamp" else (0.0, f.factor - 1.0)
+                    coef[c, k, COEF_ALPHA], coef[c, k, COEF_BETA] = alpha, beta
+                k += 1
         b[len(classes) :] = b[0]
+        coef[len(classes) :] = coef[0]
         if np.any(b):
             consts[layer] = b
+        if gated:
+            ops[layer] = (gated, coef)
     const_layers = np.array(sorted(consts), dtype=np.int64)
     const = (
         np.stack([consts[int(i)] for i in const_layers]).astype(np.float32)
         if consts
         else np.zeros((0, NUM_CLASSES, hidden_size), dtype=np.float32)
     )
-    return projections, const_layers, const
+    return projections, const_layers, const, _pack_features(ops, hidden_size)
+
+
+def _pack_features(
+    ops: dict[int, tuple[list[FeatureEntry], np.ndarray]], hidden_size: int
+) -> FeatureOps:
+    if not ops:
+        return FeatureOps.identity(hidden_size)
+    layers = sorted(ops)
+    width = max(len(gated) for gated, _ in ops.values())
+    enc = np.zeros((len(layers), width, hidden_size), dtype=np.float32)
+    dec = np.zeros_like(enc)
+    coef = np.zeros((len(layers), NUM_CLASSES, width, NUM_COEFS), dtype=np.float32)
+    for i, layer in enumerate(layers):
+        gated, c = ops[layer]
+        for k, f in enumerate(gated):
+            enc[i, k] = f.resolved_sae.encoder_row(f.feature)
+            dec[i, k] = f.decoder
+        coef[i, :, : len(gated)] = c
+    return FeatureOps(np.array(layers, dtype=np.int64), enc, dec, coef)
 
 
 def _compile_heads(spec: SteeringSpec, shape: ModelShape) -> HeadOps:

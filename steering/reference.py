@@ -86,7 +86,39 @@ class ReferenceModel:
                     delta = (entry.value - proj) * u
             mask = self._window(entry.positions, rel).to(torch.float64).unsqueeze(-1)
             h = (hd + mask * delta).to(h.dtype)
+        for f in spec.features:
+            if f.layer == layer:
+                h = self._apply_feature(f, h, rel)
         return h
+
+    def _apply_feature(self, f, h: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+        """An SAE feature op straight from the SAE's weights (docs/spec.md#sae-features)."""
+        sae = f.resolved_sae
+        hd = h.to(torch.float64)
+        d = torch.as_tensor(sae.w_dec[f.feature], dtype=torch.float64)
+        if f.op == "add":
+            coeff = f.scale * (float(sae.typical[f.feature]) if f.relative else 1.0)
+            delta = (coeff * d).expand_as(hd)
+        else:
+            a = self._feature_activation(sae, f.feature, hd).unsqueeze(-1)
+            delta = (f.value - a) * d if f.op == "clamp" else (f.factor - 1.0) * a * d
+        mask = self._window(f.positions, rel).to(torch.float64).unsqueeze(-1)
+        return (hd + mask * delta).to(h.dtype)
+
+    @staticmethod
+    def _feature_activation(sae, feature: int, h: torch.Tensor) -> torch.Tensor:
+        """a_f(h) = act(W_enc[:, f] . (h - b_dec) + b_enc[f]): ReLU, Gemma Scope's
+        relu(pre) * (pre > threshold), or (TopK SAEs) ReLU of the feature alone."""
+        x = h.to(torch.float64)
+        if sae.subtract_b_dec:
+            x = x - torch.as_tensor(sae.b_dec, dtype=torch.float64)
+        pre = x @ torch.as_tensor(sae.w_enc[:, feature], dtype=torch.float64) + float(
+            sae.b_enc[feature]
+        )
+        act = torch.relu(pre)
+        if sae.activation == "jumprelu":
+            act = act * (pre > float(sae.threshold[feature]))
+        return act
 
     def _query_factor(self, spec: SteeringSpec, layer: int, rel: torch.Tensor) -> torch.Tensor:
         """Per-token, per-head query factor [T, H] of the layer's query masks (float64)."""
@@ -201,7 +233,9 @@ class ReferenceModel:
     def steered(self, spec: SteeringSpec | None, prompt_len: int):
         """Hooks on each decoder layer's output for one unpadded sequence."""
         handles = []
-        residual = spec is not None and any(e.site == "residual" for e in spec.vectors)
+        residual = spec is not None and (
+            any(e.site == "residual" for e in spec.vectors) or bool(spec.features)
+        )
         heads = spec is not None and (spec.heads or any(e.site == "heads" for e in spec.vectors))
         query = spec is not None and any(m.target == "query" for m in spec.heads)
         for i, module in enumerate(self.model.model.layers):
@@ -269,7 +303,13 @@ class ReferenceModel:
             finally:
                 for handle in handles:
                     handle.remove()
-        columns = [streams[e.layer] @ torch.from_numpy(e.unit_vector) for e in spec.readout]
+        columns = []
+        for e in spec.readout:
+            if e.sae is not None:
+                sae = e.resolved_sae
+                columns.append(self._feature_activation(sae, e.feature, streams[e.layer]).float())
+            else:
+                columns.append(streams[e.layer] @ torch.from_numpy(e.unit_vector))
         return torch.stack(columns, dim=1).numpy()
 
     @contextmanager

@@ -15,9 +15,10 @@ that is ReLU without the top-k competition (which needs every feature's pre-acti
 `encode` applies the full top-k, as the top-k readout does.
 
 Files read: our safetensors (`save_sae`/`load_sae`), Gemma Scope (`params.npz` or
-safetensors with W_enc, W_dec, b_enc, b_dec, threshold), SAELens (`cfg.json` +
-`sae_weights.safetensors`: standard/ReLU, jumprelu, topk) and sparsify (`cfg.json` +
-`sae.safetensors`: TopK). `read_any` tells them apart.
+safetensors with W_enc, W_dec, b_enc, b_dec, threshold; its encoder reads h itself, without
+`- b_dec`), SAELens v5/v6 (`cfg.json` + `sae_weights.safetensors`: standard/ReLU, jumprelu,
+topk) and sparsify (`cfg.json` + `sae.safetensors`: TopK), float32/16 or bfloat16.
+`read_any` tells them apart.
 """
 
 from __future__ import annotations
@@ -185,7 +186,10 @@ class SparseAutoencoder:
         return acts @ self.w_dec.astype(np.float64) + self.b_dec
 
     def metadata(self) -> dict[str, str]:
-        meta = {
+        # Extras first: a stray "format" or "layer" among them must not make the file
+        # unreadable or change what it reads.
+        meta = dict(self.extra)
+        meta |= {
             "format": FORMAT,
             "layer": str(self.layer),
             "activation": self.activation,
@@ -199,7 +203,6 @@ class SparseAutoencoder:
             value = getattr(self, key)
             if value is not None:
                 meta[key] = value
-        meta.update(self.extra)
         return meta
 
 
@@ -232,7 +235,59 @@ def _tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     except SaeFileError:
         raise
     except Exception as e:
+        widened = _bfloat16_tensors(path)
+        if widened is not None:
+            return widened
         raise SaeFileError(f"{path.name}: not a readable safetensors file ({e})") from None
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+def _bfloat16_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+    """A safetensors file with bfloat16 tensors (as many released SAEs are), read by hand:
+    numpy has no bfloat16, so safetensors' numpy side refuses them. bfloat16 is the top
+    half of a float32, which is what it is widened to. None when the file is something
+    else (the caller then reports the library's own error)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+            meta = header.pop("__metadata__", None) or {}
+            if not any(info.get("dtype") == "BF16" for info in header.values()):
+                return None
+            body = f.read()
+        tensors = {}
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            shape = tuple(int(n) for n in info["shape"])
+            if not 0 <= start <= end <= len(body) or end - start != dtype.itemsize * int(
+                np.prod(shape, dtype=np.int64)
+            ):
+                return None
+            array = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
+            if info["dtype"] == "BF16":
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            tensors[name] = array
+        return tensors, {str(k): str(v) for k, v in meta.items()}
+    except Exception:
+        return None
 
 
 def _float_tensors(tensors: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -282,7 +337,7 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
         )
     except SaeFileError as e:
         raise SaeFileError(f"{path.name}: {e}") from None
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise SaeFileError(f"{path.name}: bad metadata ({e})") from None
 
 
@@ -331,6 +386,9 @@ def load_gemma_scope(path: str | Path, layer: int | None = None) -> SparseAutoen
             layer=layer,
             activation="jumprelu",
             threshold=tensors["threshold"],
+            # Gemma Scope's reference encoder is relu(h @ W_enc + b_enc) * mask: b_dec only
+            # enters the decoder (SAELens loads it with apply_b_dec_to_input=False).
+            subtract_b_dec=False,
             source_format="gemma-scope",
         )
     except SaeFileError as e:
@@ -359,6 +417,15 @@ def _hook_layer(hook: str, where: str) -> int:
     return block - 1
 
 
+def _saelens_field(cfg: dict[str, Any], key: str) -> Any:
+    """SAELens v6 keeps the hook and model under cfg["metadata"] ("meta" in some
+    pre-releases); v5 and earlier at the top level."""
+    for where in (cfg, cfg.get("metadata"), cfg.get("meta")):
+        if isinstance(where, dict) and where.get(key) is not None:
+            return where[key]
+    return None
+
+
 def load_saelens(directory: str | Path) -> SparseAutoencoder:
     """SAELens: `cfg.json` + `sae_weights.safetensors` (standard/ReLU, jumprelu, topk)."""
     directory = Path(directory)
@@ -366,12 +433,15 @@ def load_saelens(directory: str | Path) -> SparseAutoencoder:
     if not cfg_path.exists() or not weights.exists():
         raise SaeFileError(f"{directory}: an SAELens SAE is cfg.json + sae_weights.safetensors")
     cfg = _read_json(cfg_path)
-    arch = cfg.get("architecture", "standard")
+    arch = cfg.get("architecture") or "standard"
     activation = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}.get(
         arch
     )
     if activation is None:
-        raise SaeFileError(f"{directory.name}: SAELens architecture {arch!r} is not supported")
+        raise SaeFileError(
+            f"{directory.name}: SAELens architecture {arch!r} is not supported "
+            "(standard, jumprelu or topk)"
+        )
     fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
     if arch == "standard" and fn not in ("relu", None):
         activation = "topk" if fn == "topk" else None
@@ -384,25 +454,38 @@ def load_saelens(directory: str | Path) -> SparseAutoencoder:
             "encoding; only 'none' is supported"
         )
     tensors = _float_tensors(_tensors(weights)[0], weights.name)
-    _need(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), weights.name)
+    needed = ("W_enc", "b_enc", "W_dec", "b_dec", *(("threshold",) if arch == "jumprelu" else ()))
+    _need(tensors, needed, weights.name)
+    for key, axis in (("d_in", 1), ("d_sae", 0)):
+        if cfg.get(key) is not None and cfg[key] != tensors["W_dec"].shape[axis]:
+            raise SaeFileError(
+                f"{directory.name}: cfg.json says {key}={cfg[key]}, W_dec is "
+                f"{list(tensors['W_dec'].shape)}"
+            )
+    w_dec = tensors["W_dec"]
+    if cfg.get("finetuning_scaling_factor") and "scaling_factor" in tensors:
+        # SAELens v5 scales the activations by it before decoding: fold it into W_dec.
+        w_dec = w_dec * tensors["scaling_factor"].reshape(-1, 1)
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    layer = _hook_layer(cfg.get("hook_name", ""), directory.name)
+    layer = _hook_layer(_saelens_field(cfg, "hook_name") or "", directory.name)
     try:
         return SparseAutoencoder(
             tensors["W_enc"],
             tensors["b_enc"],
-            tensors["W_dec"],
+            w_dec,
             tensors["b_dec"],
             layer=layer,
             activation=activation,  # type: ignore[arg-type]
-            threshold=tensors.get("threshold") if activation == "jumprelu" else None,
+            threshold=tensors["threshold"] if activation == "jumprelu" else None,
             k=int(k) if activation == "topk" and k is not None else None,
             subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
             source_format="saelens",
-            architecture=cfg.get("model_name"),
+            architecture=_saelens_field(cfg, "model_name"),
         )
     except SaeFileError as e:
         raise SaeFileError(f"{directory.name}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise SaeFileError(f"{directory.name}: cfg.json: bad value ({e})") from None
 
 
 # --- EleutherAI sparsify -------------------------------------------------------------------
@@ -421,8 +504,25 @@ def load_sparsify(directory: str | Path, layer: int | None = None) -> SparseAuto
     cfg = _read_json(cfg_path)
     if cfg.get("transcode") or cfg.get("skip_connection"):
         raise SaeFileError(f"{directory.name}: transcoders are not residual SAEs")
+    if cfg.get("activation", "topk") != "topk":
+        # groupmax takes the max of each of k groups: a different sparsity than TopK.
+        raise SaeFileError(
+            f"{directory.name}: sparsify activation {cfg['activation']!r} is not supported "
+            "(only topk)"
+        )
+    for key in ("embed_skip", "gram_lookup"):
+        if cfg.get(key):
+            raise SaeFileError(
+                f"{directory.name}: {key}=true changes what the coder reads or writes beyond "
+                "an SAE of the stream; not supported"
+            )
     tensors = _float_tensors(_tensors(weights)[0], weights.name)
     _need(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), weights.name)
+    if cfg.get("d_in") is not None and cfg["d_in"] != tensors["W_dec"].shape[-1]:
+        raise SaeFileError(
+            f"{directory.name}: cfg.json says d_in={cfg['d_in']}, W_dec is "
+            f"{list(tensors['W_dec'].shape)}"
+        )
     if layer is None:
         m = _SPARSIFY_HOOK.search(directory.name)
         if m is None:
@@ -446,6 +546,8 @@ def load_sparsify(directory: str | Path, layer: int | None = None) -> SparseAuto
         raise SaeFileError(f"{directory.name}: {e}") from None
     except KeyError as e:
         raise SaeFileError(f"{directory.name}: cfg.json has no {e}") from None
+    except (TypeError, ValueError) as e:
+        raise SaeFileError(f"{directory.name}: cfg.json: bad value ({e})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -464,7 +566,12 @@ def read_any(path: str | Path, layer: int | None = None) -> SparseAutoencoder:
     path = Path(path)
     if path.is_dir():
         if (path / "sae_weights.safetensors").exists():
-            return load_saelens(path)
+            sae = load_saelens(path)
+            if layer is not None and layer != sae.layer:
+                raise SaeFileError(
+                    f"{path.name}: its hook reads layer {sae.layer}, not the layer {layer} given"
+                )
+            return sae
         if (path / "sae.safetensors").exists():
             return load_sparsify(path, layer)
         if (path / "params.npz").exists() or (path / "params.safetensors").exists():
@@ -492,6 +599,10 @@ def read_any(path: str | Path, layer: int | None = None) -> SparseAutoencoder:
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 MAX_ZIP_MEMBERS = 16
+# An archive may unpack to at most this many times its own size (and at least the floor):
+# SAE tensors hardly compress, so a larger ratio is a zip bomb, not an SAE.
+MAX_UNZIP_RATIO = 32
+MIN_UNZIP_LIMIT = 64 << 20
 
 
 def valid_name(name: str) -> bool:
@@ -500,38 +611,73 @@ def valid_name(name: str) -> bool:
 
 def parse_upload(data: bytes, layer: int | None = None) -> SparseAutoencoder:
     """An uploaded SAE: our .safetensors, a Gemma Scope params.npz / .safetensors (with
-    `layer`), or a .zip of an SAELens, sparsify or Gemma Scope directory."""
-    import io
+    `layer`), or a .zip of an SAELens, sparsify or Gemma Scope directory. A zip keeps the
+    directory the files sit in as their layer hint (sparsify's `layers.<i>/`, Gemma Scope's
+    `layer_<i>/...`)."""
     import tempfile
-    import zipfile
 
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(prefix="steerserve-sae-") as d:
         root = Path(d)
-        if data[:4] == b"PK\x03\x04":
-            try:
-                archive = zipfile.ZipFile(io.BytesIO(data))
-            except zipfile.BadZipFile as e:
-                raise SaeFileError(f"not a readable zip archive ({e})") from None
-            members = [m for m in archive.infolist() if not m.is_dir()]
-            if members and all(m.filename.endswith(".npy") for m in members):
-                path = root / "params.npz"  # a Gemma Scope params.npz (an .npz is a zip)
-                path.write_bytes(data)
-                return load_gemma_scope(path, layer)
-            if len(members) > MAX_ZIP_MEMBERS:
-                raise SaeFileError(
-                    f"the archive holds {len(members)} files, at most {MAX_ZIP_MEMBERS}"
-                )
-            folder = root / "sae"
-            folder.mkdir()
-            for m in members:
-                name = Path(m.filename).name  # flattened: no paths out of the folder
-                if name and not name.startswith("."):
-                    (folder / name).write_bytes(archive.read(m))
-            return read_any(folder, layer)
-        suffix = ".safetensors"
-        path = root / f"upload{suffix}"
-        path.write_bytes(data)
-        return read_any(path, layer)
+        try:
+            if data[:4] == b"PK\x03\x04":
+                return _parse_zip(data, root, layer)
+            path = root / "upload.safetensors"
+            path.write_bytes(data)
+            return read_any(path, layer)
+        except SaeFileError as e:
+            # The temporary directory means nothing to whoever uploaded the file.
+            message = str(e).replace(f"{root}/", "").replace(str(root), "upload")
+            raise SaeFileError(message) from None
+
+
+def _kept_member(filename: str) -> bool:
+    """Archive members worth unpacking: not macOS resource forks, not hidden files."""
+    parts = Path(filename).parts
+    return bool(parts) and not any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _parse_zip(data: bytes, root: Path, layer: int | None) -> SparseAutoencoder:
+    import io
+    import zipfile
+    import zlib
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        if members and all(m.filename.endswith(".npy") for m in members):
+            path = root / "params.npz"  # a Gemma Scope params.npz (an .npz is a zip)
+            path.write_bytes(data)
+            return load_gemma_scope(path, layer)
+        kept = [m for m in members if _kept_member(m.filename)]
+        if len(kept) > MAX_ZIP_MEMBERS:
+            raise SaeFileError(f"the archive holds {len(kept)} files, at most {MAX_ZIP_MEMBERS}")
+        unpacked = sum(m.file_size for m in kept)
+        limit = max(MIN_UNZIP_LIMIT, MAX_UNZIP_RATIO * len(data))
+        if unpacked > limit:
+            raise SaeFileError(f"the archive unpacks to {unpacked} bytes, at most {limit}")
+        names = [Path(m.filename).name for m in kept]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise SaeFileError(
+                f"the archive holds more than one {repeated[0]}: upload one SAE per archive"
+            )
+        # Flattened into one folder (no paths out of it), named after the members' own
+        # directory when they share one: that name is sparsify's only record of the layer.
+        parents = {Path(m.filename).parent.parts for m in kept}
+        hint = [p for p in next(iter(parents)) if p != "/"] if len(parents) == 1 else []
+        hint = [re.sub(r"[^A-Za-z0-9_.\-]", "_", p) for p in hint]
+        folder = root / (hint[-1] if hint else "upload")
+        folder.mkdir()
+        for m, name in zip(kept, names, strict=True):
+            (folder / name).write_bytes(archive.read(m))
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError) as e:
+        raise SaeFileError(f"not a readable zip archive ({e})") from None
+    gemma = any((folder / n).exists() for n in ("params.npz", "params.safetensors"))
+    if layer is None and gemma:
+        found = _LAYER_IN_PATH.findall("/".join(hint))
+        if found:
+            layer = int(found[-1])
+    return read_any(folder, layer)
 
 
 class SaeRegistry:
@@ -609,6 +755,10 @@ class SaeRegistry:
     def delete(self, name: str) -> None:
         import shutil
 
+        if not valid_name(name):
+            # "." or ".." would name the registry directory or its parent, which the
+            # rmtree below would then remove.
+            raise KeyError(name)
         files = []
         if self.directory is not None:
             files = [

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 Op = Literal["add", "ablate", "clamp", "mix"]
+FeatureOp = Literal["add", "clamp", "scale"]
 Site = Literal["residual", "heads"]
 # Which tokens an entry acts on, by rel = position - prompt_length
 # (docs/design.md#token-classes-and-positions):
@@ -135,6 +136,14 @@ class VectorSource(Protocol):
         ...
 
 
+class SaeSource(Protocol):
+    """Where named SAEs come from (a `steering.sae.SaeRegistry`)."""
+
+    def lookup(self, name: str, shape: ModelShape) -> Any:
+        """The `SparseAutoencoder` `name`; KeyError/ValueError with the reason."""
+        ...
+
+
 @dataclass
 class SpecContext:
     """The served model and the server's registries, against which a spec is validated."""
@@ -146,6 +155,9 @@ class SpecContext:
     max_head_masks: int = 256
     max_inline_floats: int = 1 << 22
     max_readouts: int = 0  # readout entries per request (0: the engine has readout off)
+    saes: SaeSource | None = None
+    max_features: int = 0  # feature clamps/scales per layer (0: the engine has them off)
+    max_feature_entries: int = 64
 
 
 class SpecError(ValueError):
@@ -424,6 +436,103 @@ class VectorEntry(BaseModel):
         return self._resolved
 
 
+def _sae_of(name: str, ctx: SpecContext) -> Any:
+    if ctx.saes is None:
+        raise _fail("unknown_sae", "no SAE registry is configured on this server")
+    try:
+        return ctx.saes.lookup(name, ctx.shape)
+    except (KeyError, ValueError) as e:
+        raise _fail("unknown_sae", "{reason}", reason=e.args[0] if e.args else str(e)) from e
+
+
+class FeatureEntry(BaseModel):
+    """One SAE feature op on the residual stream at the SAE's layer (docs/spec.md#sae-features):
+
+    add   : h += scale * W_dec[f]          (times the feature's typical activation if relative)
+    clamp : h += (value - a_f(h)) * W_dec[f]
+    scale : h += (factor - 1) * a_f(h) * W_dec[f]
+
+    with a_f(h) = act(W_enc[:, f] . (h - b_dec) + b_enc[f]) (steering/sae.py).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    sae: str
+    feature: int
+    op: FeatureOp = "add"
+    scale: float = 1.0
+    relative: bool = False
+    value: float | None = None
+    factor: float | None = None
+    positions: Positions = "all"
+
+    _sae: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> FeatureEntry:
+        if self.op == "clamp" and self.value is None:
+            raise _fail("clamp_value", "op 'clamp' needs 'value' (the activation to pin)")
+        if self.op != "clamp" and self.value is not None:
+            raise _fail("value_unused", "'value' is only used by op 'clamp'")
+        if self.op == "scale" and self.factor is None:
+            raise _fail("scale_factor", "op 'scale' needs 'factor' (multiplies the activation)")
+        if self.op != "scale" and self.factor is not None:
+            raise _fail("factor_unused", "'factor' is only used by op 'scale'")
+        if self.relative and self.op != "add":
+            raise _fail("relative_unused", "'relative' applies to op 'add' only")
+        if self.op != "add" and self.scale != 1.0:
+            raise _fail("scale_unused", "'scale' is only used by op 'add' ('factor' for 'scale')")
+        ctx = _context(info)
+        if ctx is None:
+            return self
+        sae = _sae_of(self.sae, ctx)
+        if not 0 <= self.feature < sae.width:
+            raise _fail(
+                "feature_range",
+                "feature {feature} is out of range for SAE {name} ({width} features: 0..{last})",
+                feature=self.feature,
+                name=repr(self.sae),
+                width=sae.width,
+                last=sae.width - 1,
+            )
+        if self.relative and sae.typical is None:
+            raise _fail(
+                "no_typical",
+                "SAE {name} records no typical activations, so 'relative' has no scale",
+                name=repr(self.sae),
+            )
+        if self.op != "add" and ctx.max_features == 0:
+            raise _fail(
+                "features_off",
+                "op '{op}' needs an engine started with feature ops on "
+                "(additional_config.steerserve.max_features; steerserve serve "
+                "--max-steering-features N); 'add' is always available",
+                op=self.op,
+            )
+        self._sae = sae
+        return self
+
+    @property
+    def layer(self) -> int:
+        return int(self.resolved_sae.layer)
+
+    @property
+    def resolved_sae(self) -> Any:
+        assert self._sae is not None, "validated without a model context"
+        return self._sae
+
+    @property
+    def decoder(self) -> np.ndarray:
+        return self.resolved_sae.decoder_row(self.feature)
+
+    @property
+    def add_scale(self) -> float:
+        """The coefficient of W_dec[f] of an `add`."""
+        if self.relative:
+            return self.scale * float(self.resolved_sae.typical[self.feature])
+        return self.scale
+
+
 class HeadMask(BaseModel):
     """Scale query heads at one layer: their attention output (the o_proj input slices,
     target "output") or their query vectors (target "query": 0 gives uniform attention
@@ -617,29 +726,46 @@ class DecodingSpec(BaseModel):
 
 class ReadoutEntry(BaseModel):
     """Read the residual stream at the output of `layer`: its projection on the unit vector
-    of a registered vector (`name`) or of inline `data`, per generated token (and per
-    prompt token with `prompt`)."""
+    of a registered vector (`name`) or of inline `data`, or the activation of SAE feature
+    `feature` of `sae` (at the SAE's layer), per generated token (and per prompt token with
+    `prompt`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str | None = None
     data: list[float] | None = None
-    layer: int
+    sae: str | None = None
+    feature: int | None = None
+    layer: int | None = None
     prompt: bool = False
 
     _unit: np.ndarray | None = PrivateAttr(default=None)
+    # A feature's activation: where(<e, h> + offset > threshold, <e, h> + offset, 0).
+    _offset: float = PrivateAttr(default=0.0)
+    _threshold: float | None = PrivateAttr(default=None)
+    _label: str | None = PrivateAttr(default=None)
+    _sae: Any = PrivateAttr(default=None)
 
     _layer_range = field_validator("layer")(_layer_in_range)
 
     @model_validator(mode="after")
     def _resolve(self, info: ValidationInfo) -> ReadoutEntry:
-        if (self.name is None) == (self.data is None):
+        sources = [x is not None for x in (self.name, self.data, self.sae)]
+        if sum(sources) != 1:
             raise _fail(
-                "source", "give exactly one of 'name' (a registered vector) or 'data' (inline)"
+                "source",
+                "give exactly one of 'name' (a registered vector), 'data' (inline) or 'sae' "
+                "with 'feature'",
             )
+        if (self.sae is None) != (self.feature is None):
+            raise _fail("feature", "'sae' and 'feature' go together")
+        if self.sae is None and self.layer is None:
+            raise _fail("layer", "a vector readout needs 'layer'")
         ctx = _context(info)
         if ctx is None:
             return self
+        if self.sae is not None:
+            return self._resolve_feature(ctx)
         if self.name is not None:
             found = _registered(self.name, ctx, "residual")
             layers = sorted(int(k) for k in found)
@@ -669,10 +795,64 @@ class ReadoutEntry(BaseModel):
         self._unit = unit(vec)
         return self
 
+    def _resolve_feature(self, ctx: SpecContext) -> ReadoutEntry:
+        assert self.sae is not None and self.feature is not None
+        sae = _sae_of(self.sae, ctx)
+        if not 0 <= self.feature < sae.width:
+            raise _fail(
+                "feature_range",
+                "feature {feature} is out of range for SAE {name} ({width} features: 0..{last})",
+                feature=self.feature,
+                name=repr(self.sae),
+                width=sae.width,
+                last=sae.width - 1,
+            )
+        if self.layer is not None and self.layer != sae.layer:
+            raise _fail(
+                "layer",
+                "SAE {name} reads layer {have}, not {layer} (omit 'layer')",
+                name=repr(self.sae),
+                have=sae.layer,
+                layer=self.layer,
+            )
+        self.layer = int(sae.layer)
+        self._unit = sae.encoder_row(self.feature)
+        self._offset = sae.encoder_offset(self.feature)
+        self._threshold = sae.feature_threshold(self.feature)
+        self._label = sae.label(self.feature)
+        self._sae = sae
+        return self
+
+    @property
+    def resolved_sae(self) -> Any:
+        """The SAE of a feature readout (None for a vector)."""
+        return self._sae
+
     @property
     def unit_vector(self) -> np.ndarray:
+        """The direction read: a unit vector, or a feature's encoder row (not unit norm)."""
         assert self._unit is not None, "validated without a model context"
         return self._unit
+
+    @property
+    def offset(self) -> float:
+        return self._offset
+
+    @property
+    def threshold(self) -> float | None:
+        """None for a vector (the projection itself); a feature's activation threshold."""
+        return self._threshold
+
+    @property
+    def label(self) -> str | None:
+        return self._label
+
+    def activation(self, projection: Any) -> Any:
+        """The value read from <direction, h>: itself for a vector, a_f for a feature."""
+        if self._threshold is None:
+            return projection
+        pre = projection + self._offset
+        return np.where(pre > self._threshold, pre, 0.0)
 
 
 class SteeringSpec(BaseModel):
@@ -684,6 +864,7 @@ class SteeringSpec(BaseModel):
     vectors: list[VectorEntry] = []
     heads: list[HeadMask] = []
     experts: list[ExpertMask] = []
+    features: list[FeatureEntry] = []
     decoding: DecodingSpec | None = None
     readout: list[ReadoutEntry] = []
 
@@ -718,6 +899,36 @@ class SteeringSpec(BaseModel):
                     k=k,
                 )
         return masks
+
+    @field_validator("features")
+    @classmethod
+    def _features_fit(cls, entries: list[FeatureEntry], info: ValidationInfo) -> list:
+        ctx = _context(info)
+        if ctx is None or not entries:
+            return entries
+        if len(entries) > ctx.max_feature_entries:
+            raise _fail(
+                "too_many",
+                "at most {n} feature entries per request (got {got})",
+                n=ctx.max_feature_entries,
+                got=len(entries),
+            )
+        per_layer: dict[int, int] = {}
+        for e in entries:
+            if e.op != "add":
+                per_layer[e.layer] = per_layer.get(e.layer, 0) + 1
+        for layer, n in sorted(per_layer.items()):
+            if n > ctx.max_features:
+                raise _fail(
+                    "too_many",
+                    "{n} feature clamps/scales at layer {layer}; this engine allows {lim} per "
+                    "layer (additional_config.steerserve.max_features; steerserve serve "
+                    "--max-steering-features)",
+                    n=n,
+                    layer=layer,
+                    lim=ctx.max_features,
+                )
+        return entries
 
     @field_validator("readout")
     @classmethod
@@ -778,6 +989,15 @@ class SteeringSpec(BaseModel):
             h.update(repr(("mask", m.layer, m.heads, m.scale, m.target, m.positions)).encode())
         for m in self.experts:
             h.update(repr(("experts", m.layer, m.experts, m.scale, m.positions)).encode())
+        for f in self.features:
+            # The feature's rows, not the SAE's name: replacing the SAE changes the KV.
+            sae = f.resolved_sae
+            fields = (f.op, f.add_scale, f.value, f.factor, f.positions, f.layer, f.feature)
+            h.update(repr(("feature", *fields, sae.activation)).encode())
+            h.update(
+                repr((sae.encoder_offset(f.feature), sae.feature_threshold(f.feature))).encode()
+            )
+            h.update(sae.encoder_row(f.feature).tobytes() + f.decoder.tobytes())
         return h.hexdigest()[:32]
 
 
@@ -852,6 +1072,7 @@ def compose(
         vectors=[*first.vectors, *then.vectors],
         heads=[*first.heads, *then.heads],
         experts=[*first.experts, *then.experts],
+        features=[*first.features, *then.features],
         decoding=then.decoding if then.decoding is not None else first.decoding,
         readout=[*first.readout, *then.readout],
     )
@@ -860,6 +1081,7 @@ def compose(
             ("vectors", len(merged.vectors), ctx.max_vectors),
             ("heads", len(merged.heads), ctx.max_head_masks),
             ("experts", len(merged.experts), ctx.max_head_masks),
+            ("features", len(merged.features), ctx.max_feature_entries),
             ("readout", len(merged.readout), ctx.max_readouts),
         ):
             if have > limit:

@@ -134,11 +134,21 @@ class Engines:
         "readout-compiled": dict(
             enforce_eager=False, additional_config={"steerserve": {"readout": True}}
         ),
+        # SAE feature clamps/scales (opt-in), with readout so feature activations are read.
+        "features": dict(
+            enforce_eager=True,
+            additional_config={"steerserve": {"max_features": 3, "readout": True}},
+        ),
+        "features-compiled": dict(
+            enforce_eager=False,
+            additional_config={"steerserve": {"max_features": 3, "readout": True}},
+        ),
     }
 
-    def __init__(self, model_dirs: dict[str, Path], vectors_dir: Path):
+    def __init__(self, model_dirs: dict[str, Path], vectors_dir: Path, saes_dir: Path):
         self.model_dirs = model_dirs
         self.vectors_dir = vectors_dir
+        self.saes_dir = saes_dir
         self._engines: dict[tuple[str, str], object] = {}
         self._refs: dict[str, object] = {}
 
@@ -151,7 +161,12 @@ class Engines:
             extra = kw.pop("additional_config", {"steerserve": {}})
             # Layer-reading decoding on (it is opt-in), so that every bit-identity and
             # invariance test also covers the capture buffers.
-            mine = {"decoding": True, **extra["steerserve"], "vectors_dir": str(self.vectors_dir)}
+            mine = {
+                "decoding": True,
+                **extra["steerserve"],
+                "vectors_dir": str(self.vectors_dir),
+                "saes_dir": str(self.saes_dir),
+            }
             extra["steerserve"] = mine
             self._engines[key] = LLM(str(self.model_dirs[arch]), additional_config=extra, **kw)
         return self._engines[key]
@@ -165,8 +180,16 @@ class Engines:
 
 
 @pytest.fixture(scope="session")
-def engines(model_dirs, vectors_dir) -> Engines:
-    return Engines(model_dirs, vectors_dir)
+def saes_dir(tmp_path_factory) -> Path:
+    """SAEs for the tiny models (hidden 128), one per format (tests/sae_fixtures.py)."""
+    from sae_fixtures import write_test_saes
+
+    return write_test_saes(tmp_path_factory.mktemp("saes"), HIDDEN)
+
+
+@pytest.fixture(scope="session")
+def engines(model_dirs, vectors_dir, saes_dir) -> Engines:
+    return Engines(model_dirs, vectors_dir, saes_dir)
 
 
 def sampling(spec=None, max_tokens: int = 8, prompt_logprobs: bool = False, **kw):

@@ -32,6 +32,7 @@ class Capacity:
     head_dim: int
     decoding: bool
     num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
+    max_features: int = 0  # SAE feature clamps/scales per layer (0: off)
 
     @classmethod
     def of_engine(cls, config: SteeringConfig, shape: ModelShape) -> Capacity:
@@ -45,6 +46,7 @@ class Capacity:
             head_dim=shape.head_dim,
             decoding=config.decoding,
             num_experts=shape.num_experts,
+            max_features=config.max_features,
         )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
@@ -56,6 +58,11 @@ class Capacity:
             return f"uses layer {deepest}, the model has {self.num_layers} layers"
         if len(spec.projections) > self.max_proj:
             return f"{len(spec.projections)} projections, the tables hold {self.max_proj}"
+        if spec.features.layers.size and spec.features.per_layer > self.max_features:
+            return (
+                f"{spec.features.per_layer} feature clamps/scales at one layer, the tables hold "
+                f"{self.max_features} (max_features)"
+            )
         if len(spec.readout) > self.max_read:
             return (
                 f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"
@@ -84,6 +91,7 @@ def _layers(spec: CompiledSpec) -> list[int]:
     out = [int(i) for p in spec.projections for i in p.layers]
     out += [int(i) for i in spec.const_layers] + [int(i) for i in spec.heads.layers]
     out += [r.layer for r in spec.readout] + [int(i) for i in spec.experts.layers]
+    out += [int(i) for i in spec.features.layers]
     if spec.decoding is not None:
         out += list(spec.decoding.candidates)
     return out

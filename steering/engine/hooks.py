@@ -124,6 +124,7 @@ def _after_load_model(runner: Any) -> None:
         stream_all=config.capture,
         max_read=config.max_readouts if config.readout else 0,
         num_experts=shape.num_experts,
+        max_features=config.max_features,
     )
     n = install(runner.get_model(), tables, shape, mid_layers)
     _mark_compile_cache(runner.vllm_config, config)

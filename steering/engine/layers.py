@@ -47,16 +47,45 @@ def apply_residual_ops(
     and a zero constant and come out bit-identical. Dot products accumulate in float32.
     """
     num_tokens = residual.shape[0]
+    if tables.max_proj or tables.max_features:
+        stream = (residual if hidden is None else hidden + residual).float()
     if tables.max_proj:
         units = tables.units[layer].index_select(0, tables.tok_slot[:num_tokens])
         gains = tables.tok_gain[:num_tokens]
-        stream = (residual if hidden is None else hidden + residual).float()
         for k in range(tables.max_proj):
             u = units[:, k].float()
             delta = (gains[:, k] * (stream * u).sum(dim=-1)).unsqueeze(-1) * u
             stream = stream - delta
             residual = residual - delta.to(residual.dtype)
+    if tables.max_features:
+        residual = apply_feature_ops(tables, layer, stream, residual)
     return residual + tables.const[layer].index_select(0, tables.tok_const[:num_tokens])
+
+
+def apply_feature_ops(
+    tables: SteeringTables, layer: int, stream: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """SAE feature clamps/scales (compile.py): for each op k, in order,
+
+    pre = <enc_k, h> + c,  s = alpha + beta * (pre if pre > theta else 0),  h <- h + s dec_k
+
+    The identity slot (and an unused op) has all-zero rows and coefficients: s = 0.
+    """
+    assert tables.feat_enc is not None and tables.feat_dec is not None
+    assert tables.feat_coef is not None
+    num_tokens = residual.shape[0]
+    slots = tables.tok_slot[:num_tokens]
+    enc = tables.feat_enc[layer].index_select(0, slots)
+    dec = tables.feat_dec[layer].index_select(0, slots)
+    coef = tables.feat_coef[layer].index_select(0, tables.tok_const[:num_tokens])
+    for k in range(tables.max_features):
+        c = coef[:, k]
+        pre = (stream * enc[:, k].float()).sum(dim=-1) + c[:, 0]
+        act = torch.where(pre > c[:, 1], pre, torch.zeros_like(pre))
+        delta = (c[:, 2] + c[:, 3] * act).unsqueeze(-1) * dec[:, k].float()
+        stream = stream + delta
+        residual = residual + delta.to(residual.dtype)
+    return residual
 
 
 def apply_head_ops(tables: SteeringTables, layer: int, z: torch.Tensor) -> torch.Tensor:

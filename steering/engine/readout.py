@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from steering.compile import CompiledSpec
+from steering.compile import CompiledSpec, Readout
 from steering.engine.request_ids import api_request_key, choice_index
 from steering.engine.token_runs import TokenRun, token_runs
 
@@ -37,6 +37,15 @@ class ReadoutState:
     prompt_len: int
     prompt: np.ndarray | None  # [prompt_len, entries]; NaN where not computed (yet)
     generated: list[np.ndarray] = field(default_factory=list)  # per token: [entries]
+    # Entries whose value is an SAE feature's activation of the projection (compile.Readout).
+    features: list[tuple[int, Readout]] = field(default_factory=list)
+
+    def values(self, projections: np.ndarray) -> np.ndarray:
+        """[rows, entries] values from the rows' projections."""
+        out = projections[:, : self.entries].copy()
+        for k, r in self.features:
+            out[:, k] = r.value(out[:, k])
+        return out
 
     def result(self) -> dict:
         return {
@@ -57,7 +66,8 @@ class ReadoutBook:
     def register(self, req_id: str, spec: CompiledSpec, prompt_len: int) -> None:
         n = len(spec.readout)
         prompt = np.full((prompt_len, n), np.nan, dtype=np.float32) if spec.reads_prompt else None
-        self.live[req_id] = ReadoutState(n, prompt_len, prompt)
+        features = [(k, r) for k, r in enumerate(spec.readout) if r.threshold is not None]
+        self.live[req_id] = ReadoutState(n, prompt_len, prompt, features=features)
         self.by_key[api_request_key(req_id)] = req_id
 
     def plan_step(self, req_ids: list[str], req_indices: np.ndarray, positions: np.ndarray) -> None:
@@ -88,12 +98,12 @@ class ReadoutBook:
         for p, prompt_rows, g in reads:
             s = p.state
             if prompt_rows:
-                s.prompt[p.first_pos : p.first_pos + prompt_rows] = values[
-                    at : at + prompt_rows, : s.entries
-                ]
+                s.prompt[p.first_pos : p.first_pos + prompt_rows] = s.values(
+                    values[at : at + prompt_rows]
+                )
                 at += prompt_rows
             if g is not None:
-                value = values[at, : s.entries].copy()
+                value = s.values(values[at : at + 1])[0]
                 at += 1
                 if g < len(s.generated):
                     s.generated[g] = value  # recomputed after preemption: the same token

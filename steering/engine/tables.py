@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from steering.compile import NUM_CLASSES, CompiledSpec
+from steering.compile import NUM_CLASSES, NUM_COEFS, CompiledSpec
 from steering.engine.capacity import Capacity
 
 IDENTITY_SLOT = 0
@@ -46,6 +46,10 @@ class SteeringTables:
     query_scale [layers, slots * NUM_CLASSES, H_local]       per-head query factor (1 = identity)
     expert_bias [layers, slots * NUM_CLASSES, experts]       router-logit bias (0 = identity),
                                                              MoE models only (float32)
+    feat_enc, feat_dec [layers, slots, max_features, hidden] SAE feature ops' encoder rows and
+                                                             decoder rows (model dtype)
+    feat_coef [layers, slots * NUM_CLASSES, max_features, 4] their (offset, threshold, alpha,
+                                                             beta); zeros = no op (float32)
 
     sample_idx [max_rows]                    token index of each batch row's sampled row (int64)
     capture    [layers, max_rows, hidden]    residual stream after each layer, sampled rows
@@ -75,6 +79,7 @@ class SteeringTables:
         stream_all: bool = False,
         max_read: int = 0,
         num_experts: int = 0,
+        max_features: int = 0,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -109,6 +114,22 @@ class SteeringTables:
             rows = num_slots * NUM_CLASSES
             self.expert_bias = torch.zeros(
                 num_layers, rows, num_experts, dtype=torch.float32, device=device
+            )
+        self.max_features = max_features
+        self.feat_enc: torch.Tensor | None = None
+        self.feat_dec: torch.Tensor | None = None
+        self.feat_coef: torch.Tensor | None = None
+        if max_features:
+            shape = (num_layers, num_slots, max_features, hidden_size)
+            self.feat_enc = torch.zeros(shape, dtype=dtype, device=device)
+            self.feat_dec = torch.zeros(shape, dtype=dtype, device=device)
+            self.feat_coef = torch.zeros(
+                num_layers,
+                num_slots * NUM_CLASSES,
+                max_features,
+                NUM_COEFS,
+                dtype=torch.float32,
+                device=device,
             )
         self.sample_idx: torch.Tensor | None = None
         self.capture: torch.Tensor | None = None
@@ -162,7 +183,16 @@ class SteeringTables:
             self.read_units,
             self.read_out,
         )
-        tensors = (self.units, self.const, *heads, self.expert_bias, *capture, *self._per_token)
+        features = (self.feat_enc, self.feat_dec, self.feat_coef)
+        tensors = (
+            self.units,
+            self.const,
+            *heads,
+            self.expert_bias,
+            *features,
+            *capture,
+            *self._per_token,
+        )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def publish(self, num_tokens: int) -> None:
@@ -204,6 +234,8 @@ class SteeringTables:
             if ops.layers.size:
                 layers = torch.from_numpy(ops.layers).to(self.device)
                 self.expert_bias[layers, rows] = torch.from_numpy(ops.bias).to(self.device)
+        if self.feat_enc is not None:
+            self._write_features(slot, rows, spec)
         if self.read_units is not None:
             self.read_units[:, slot].zero_()
             for k, r in enumerate(spec.readout):
@@ -223,7 +255,25 @@ class SteeringTables:
             head_dim=self.head_dim,
             decoding=self.capture is not None,
             num_experts=self.num_experts,
+            max_features=self.max_features,
         ).misfit(spec)
+
+    def _write_features(self, slot: int, rows: slice, spec: CompiledSpec) -> None:
+        assert self.feat_enc is not None and self.feat_dec is not None
+        assert self.feat_coef is not None
+        self.feat_enc[:, slot].zero_()
+        self.feat_dec[:, slot].zero_()
+        self.feat_coef[:, rows].zero_()
+        ops = spec.features
+        if not ops.layers.size:
+            return
+        k = ops.per_layer
+        layers = torch.from_numpy(ops.layers).to(self.device)
+        dtype = self.feat_enc.dtype
+        self.feat_enc[layers, slot, :k] = torch.from_numpy(ops.enc).to(self.device, dtype)
+        self.feat_dec[layers, slot, :k] = torch.from_numpy(ops.dec).to(self.device, dtype)
+        coef = torch.from_numpy(ops.coef).to(self.device)
+        self.feat_coef[layers, rows, :k] = coef
 
     def _write_heads(self, rows: slice, spec: CompiledSpec) -> None:
         assert self.head_scale is not None and self.head_const is not None
