@@ -51,6 +51,8 @@ READOUT_SCENARIOS = ("distinct-readouts",)
 # On an engine with SAE feature ops on (max_features = FEATURES_PER_LAYER), random SAEs of
 # width 8 x hidden at two layers (FEATURE_LAYERS of the depth).
 FEATURE_SCENARIOS = ("features-unsteered", "distinct-feature-clamps")
+# The same on an engine that runs feature ops only at the SAEs' layers (feature_layers).
+FEATURE_AT_SCENARIOS = ("features-at-unsteered", "distinct-feature-clamps-at")
 FEATURES_PER_LAYER = 8
 HF_SCENARIOS = ("hf-hooks",)
 # On the MoE benchmark model (--moe): residual and head steering as on the dense model, and
@@ -92,6 +94,8 @@ DESCRIPTIONS = {
     "distinct-readouts": "reading 2 distinct directions per request",
     "features-unsteered": "feature ops on (8 per layer), unsteered",
     "distinct-feature-clamps": "8 distinct SAE feature clamps per request at each of 2 layers",
+    "features-at-unsteered": "feature ops on at the SAEs' 2 layers only, unsteered",
+    "distinct-feature-clamps-at": "the same 8 x 2 clamps, feature ops at those 2 layers only",
     "hf-hooks": "HF transformers + hooks, distinct vectors, all layers",
     "distinct-expert-masks": "a distinct expert masked out per request and MoE layer",
     "distinct-experts-and-vectors": "distinct expert masks and residual vectors, all layers",
@@ -177,9 +181,9 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
         return [
             {"readout": [readout(num_layers // 2), readout(num_layers * 2 // 3)]} for _ in range(n)
         ]
-    if scenario == "features-unsteered":
+    if scenario in ("features-unsteered", "features-at-unsteered"):
         return [None] * n
-    if scenario == "distinct-feature-clamps":
+    if scenario in ("distinct-feature-clamps", "distinct-feature-clamps-at"):
         width = 8 * hidden
         return [
             {
@@ -282,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         if s in READOUT_SCENARIOS
         else "features"
         if s in FEATURE_SCENARIOS
+        else "features-at"
+        if s in FEATURE_AT_SCENARIOS
         else "hf"
         if s in HF_SCENARIOS
         else "steer"
@@ -310,11 +316,13 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if name != "plain" and args.max_projections is not None:
             settings["max_projections"] = args.max_projections
-        if name == "features":
+        if name in ("features", "features-at"):
             saes = write_bench_saes(
                 Path(tempfile.mkdtemp(prefix="bench-saes-")), cfg.hidden_size, cfg.num_hidden_layers
             )
             settings.update(max_features=FEATURES_PER_LAYER, saes_dir=str(saes))
+            if name == "features-at":
+                settings["feature_layers"] = list(feature_layers(cfg.num_hidden_layers))
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
     if "hf" in engine_of.values():
         hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(

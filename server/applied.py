@@ -38,6 +38,7 @@ class Applied:
             for name, used in (
                 ("vectors", bool(self.spec.vectors)),
                 ("heads", bool(self.spec.heads)),
+                ("features", bool(self.spec.features)),
                 ("decoding", self.spec.decoding is not None),
                 ("readout", bool(self.spec.readout)),
             )
@@ -71,9 +72,29 @@ class Applied:
         }
         if self.spec.decoding is not None:
             out["decoding"] = {"mode": self.spec.decoding.mode}
+        if self.spec.features:
+            out["features"] = [
+                {"sae": f.sae, "feature": f.feature, "op": f.op, "layer": f.layer}
+                | (
+                    {"label": f.resolved_sae.label(f.feature)}
+                    if f.resolved_sae.label(f.feature)
+                    else {}
+                )
+                for f in self.spec.features
+            ]
         if self.spec.readout:
-            out["readout"] = [{"name": shown_name(e), "layer": e.layer} for e in self.spec.readout]
+            out["readout"] = [readout_item(e) for e in self.spec.readout]
         return out
+
+
+def readout_item(entry: Any) -> dict[str, Any]:
+    """How responses name a readout entry: its vector and layer, or its SAE feature."""
+    if entry.sae is None:
+        return {"name": shown_name(entry), "layer": entry.layer}
+    item = {"sae": entry.sae, "feature": entry.feature, "layer": entry.layer}
+    if entry.label is not None:
+        item["label"] = entry.label
+    return item
 
 
 def shown_name(entry: Any) -> str:
@@ -108,7 +129,9 @@ class SteeringResolver:
             use_default = flag
             raw = {k: v for k, v in raw.items() if k != "default"}
         default = self.default if use_default else None
-        if base is not None and not (base.vectors or base.heads or base.decoding or base.readout):
+        if base is not None and not (
+            base.vectors or base.heads or base.features or base.decoding or base.readout
+        ):
             base = None
         if raw is None or (isinstance(raw, Mapping) and not raw):
             if default is None and base is None:

@@ -66,6 +66,13 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         "product per token and layer for every request.",
     )
     group.add_argument(
+        "--steering-feature-layers",
+        default=None,
+        help="Comma-separated layers where feature clamps/scales run (default: every layer). "
+        "They cost every request at each layer they run at; an engine whose SAEs read a few "
+        "layers is faster with just those.",
+    )
+    group.add_argument(
         "--presets", default=None, help="JSON/YAML file mapping preset names to steering specs."
     )
     group.add_argument(
@@ -127,6 +134,11 @@ def _steering_config(args: argparse.Namespace) -> None:
         features = DEMO_MAX_FEATURES
     if features is not None:
         mine["max_features"] = features
+    if args.steering_feature_layers:
+        try:
+            mine["feature_layers"] = [int(x) for x in args.steering_feature_layers.split(",")]
+        except ValueError:
+            sys.exit("steerserve serve: --steering-feature-layers takes layers such as 4,8")
     if args.enable_steering_decoding:
         mine["decoding"] = True
     if args.enable_steering_readout:

@@ -28,7 +28,7 @@ from typing import Any
 from steering.engine import openai_server as vllm_api
 from steering.spec import ReadoutEntry
 
-from .applied import shown_name
+from .applied import readout_item
 
 # A pull that finds fewer values than tokens is repeated (the worker is a step behind);
 # past this many tries the missing values are sent as null rather than holding the stream.
@@ -152,7 +152,7 @@ class RequestReadout:
     def _format(self, values: list, prompt: list | None, start: int | None = None) -> list[dict]:
         out = []
         for k, e in enumerate(self.entries):
-            item: dict[str, Any] = {"name": shown_name(e), "layer": e.layer}
+            item: dict[str, Any] = readout_item(e)
             if start is not None:
                 item["start"] = start
             item["values"] = [v[k] for v in values]

@@ -460,11 +460,13 @@ def _compile_residual(
     # feature ops of a layer (after its vector entries) take <e, b> into their offsets.
     classes = _classes([e.positions for e in entries] + [f.positions for f in features])
     consts: dict[int, np.ndarray] = {}
-    feature_layers = {f.layer for f in features}
+    at_layer: dict[int, list[FeatureEntry]] = {}
+    for f in features:
+        at_layer.setdefault(f.rows.layer, []).append(f)
     ops: dict[int, tuple[list[FeatureEntry], np.ndarray]] = {}
-    for layer in sorted({layer for e in entries for layer in e.resolved} | feature_layers):
+    for layer in sorted({layer for e in entries for layer in e.resolved} | set(at_layer)):
         b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
-        here = [f for f in features if f.layer == layer]
+        here = at_layer.get(layer, [])
         gated = [f for f in here if f.op != "add"]
         coef = np.zeros((NUM_CLASSES, len(gated), NUM_COEFS), dtype=np.float64)
         for c, cls in enumerate(classes):
@@ -488,10 +490,9 @@ def _compile_residual(
                     if active:
                         b[c] += f.add_scale * f.decoder.astype(np.float64)
                     continue
-                sae = f.resolved_sae
-                enc = sae.encoder_row(f.feature).astype(np.float64)
-                coef[c, k, COEF_OFFSET] = sae.encoder_offset(f.feature) + np.dot(enc, b[c])
-                coef[c, k, COEF_THRESHOLD] = sae.feature_threshold(f.feature)
+                rows = f.rows
+                coef[c, k, COEF_OFFSET] = rows.offset + np.dot(rows.enc, b[c])
+                coef[c, k, COEF_THRESHOLD] = rows.threshold
                 if active:
                     alpha, beta = (f.value, -1.0) if f.op == "clamp" else (0.0, f.factor - 1.0)
                     coef[c, k, COEF_ALPHA], coef[c, k, COEF_BETA] = alpha, beta
@@ -524,8 +525,8 @@ def _pack_features(
     for i, layer in enumerate(layers):
         gated, c = ops[layer]
         for k, f in enumerate(gated):
-            enc[i, k] = f.resolved_sae.encoder_row(f.feature)
-            dec[i, k] = f.decoder
+            enc[i, k] = f.rows.enc
+            dec[i, k] = f.rows.dec
         coef[i, :, : len(gated)] = c
     return FeatureOps(np.array(layers, dtype=np.int64), enc, dec, coef)
 

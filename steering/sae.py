@@ -23,6 +23,7 @@ topk) and sparsify (`cfg.json` + `sae.safetensors`: TopK), float32/16 or bfloat1
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -135,16 +136,25 @@ class SparseAutoencoder:
 
     # --- one feature, as the ops use it --------------------------------------------------
 
+    @functools.cached_property
+    def _encoder_rows(self) -> np.ndarray:
+        # W_enc^T once: a spec reads a feature's column many times (compile, fingerprint).
+        return np.ascontiguousarray(self.w_enc.T)
+
+    @functools.cached_property
+    def _offsets(self) -> np.ndarray:
+        off = self.b_enc.astype(np.float64)
+        if self.subtract_b_dec:
+            off = off - self.w_enc.T.astype(np.float64) @ self.b_dec.astype(np.float64)
+        return off
+
     def encoder_row(self, feature: int) -> np.ndarray:
         """W_enc[:, f]: pre_f(h) = <encoder_row, h> + encoder_offset."""
-        return np.ascontiguousarray(self.w_enc[:, feature])
+        return self._encoder_rows[feature]
 
     def encoder_offset(self, feature: int) -> float:
         """b_enc[f] - <W_enc[:, f], b_dec> (the b_dec subtraction folded into the bias)."""
-        off = float(self.b_enc[feature])
-        if self.subtract_b_dec:
-            off -= float(np.dot(self.w_enc[:, feature].astype(np.float64), self.b_dec))
-        return off
+        return float(self._offsets[feature])
 
     def feature_threshold(self, feature: int) -> float:
         """theta_f: a_f = pre_f if pre_f > theta_f else 0."""

@@ -157,6 +157,7 @@ class SpecContext:
     max_readouts: int = 0  # readout entries per request (0: the engine has readout off)
     saes: SaeSource | None = None
     max_features: int = 0  # feature clamps/scales per layer (0: the engine has them off)
+    feature_layers: tuple[int, ...] | None = None  # where they run (None: every layer)
     max_feature_entries: int = 64
 
 
@@ -445,6 +446,18 @@ def _sae_of(name: str, ctx: SpecContext) -> Any:
         raise _fail("unknown_sae", "{reason}", reason=e.args[0] if e.args else str(e)) from e
 
 
+@dataclass(frozen=True)
+class FeatureRows:
+    """What the engine needs of one feature: pre = <enc, h> + offset, a = pre if pre >
+    threshold else 0, and the decoder row it writes along."""
+
+    layer: int
+    enc: np.ndarray
+    dec: np.ndarray
+    offset: float
+    threshold: float
+
+
 class FeatureEntry(BaseModel):
     """One SAE feature op on the residual stream at the SAE's layer (docs/spec.md#sae-features):
 
@@ -467,6 +480,7 @@ class FeatureEntry(BaseModel):
     positions: Positions = "all"
 
     _sae: Any = PrivateAttr(default=None)
+    _rows: FeatureRows | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> FeatureEntry:
@@ -509,12 +523,39 @@ class FeatureEntry(BaseModel):
                 "--max-steering-features N); 'add' is always available",
                 op=self.op,
             )
+        if (
+            self.op != "add"
+            and ctx.feature_layers is not None
+            and sae.layer not in ctx.feature_layers
+        ):
+            raise _fail(
+                "feature_layer",
+                "SAE {name} reads layer {layer}; this engine runs feature clamps/scales at "
+                "layers {layers} only (additional_config.steerserve.feature_layers; "
+                "steerserve serve --steering-feature-layers)",
+                name=repr(self.sae),
+                layer=sae.layer,
+                layers=list(ctx.feature_layers),
+            )
         self._sae = sae
+        self._rows = FeatureRows(
+            int(sae.layer),
+            sae.encoder_row(self.feature),
+            sae.decoder_row(self.feature),
+            sae.encoder_offset(self.feature),
+            sae.feature_threshold(self.feature),
+        )
         return self
 
     @property
+    def rows(self) -> FeatureRows:
+        """The feature's encoder and decoder rows, offset and threshold (validated)."""
+        assert self._rows is not None, "validated without a model context"
+        return self._rows
+
+    @property
     def layer(self) -> int:
-        return int(self.resolved_sae.layer)
+        return self.rows.layer
 
     @property
     def resolved_sae(self) -> Any:
@@ -523,7 +564,7 @@ class FeatureEntry(BaseModel):
 
     @property
     def decoder(self) -> np.ndarray:
-        return self.resolved_sae.decoder_row(self.feature)
+        return self.rows.dec
 
     @property
     def add_scale(self) -> float:

@@ -260,3 +260,16 @@ def test_feature_ops_need_the_switch(engines):
     run = generate_one(llm, prompt, sampling(raw))
     tokens, _ = _ref(engines).greedy(prompt, 8, _spec(engines, raw))
     assert run.tokens == tokens
+
+
+def test_feature_layers_restrict_where_clamps_run(engines):
+    """An engine that runs feature ops at some layers only refuses clamps elsewhere, naming
+    them (adds stay constants and are accepted anywhere)."""
+    from steering.spec import SpecError
+
+    clamp = {"features": [{"sae": "relu", "feature": 1, "op": "clamp", "value": 1.0}]}
+    with pytest.raises(SpecError) as e:
+        _spec(engines, clamp, feature_layers=(2,))
+    assert "steering.features[0]" in str(e.value) and "at layers [2] only" in str(e.value)
+    _spec(engines, {"features": [{"sae": "relu", "feature": 1}]}, feature_layers=(2,))
+    _spec(engines, clamp, feature_layers=(1, 2))

@@ -33,6 +33,7 @@ class Capacity:
     decoding: bool
     num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
     max_features: int = 0  # SAE feature clamps/scales per layer (0: off)
+    feature_layers: tuple[int, ...] | None = None  # where they run (None: every layer)
 
     @classmethod
     def of_engine(cls, config: SteeringConfig, shape: ModelShape) -> Capacity:
@@ -47,6 +48,7 @@ class Capacity:
             decoding=config.decoding,
             num_experts=shape.num_experts,
             max_features=config.max_features,
+            feature_layers=config.feature_layers,
         )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
@@ -63,6 +65,11 @@ class Capacity:
                 f"{spec.features.per_layer} feature clamps/scales at one layer, the tables hold "
                 f"{self.max_features} (max_features)"
             )
+        if self.feature_layers is not None:
+            outside = sorted(set(spec.features.layers.tolist()) - set(self.feature_layers))
+            if outside:
+                where = list(self.feature_layers)
+                return f"feature ops at layer(s) {outside}, this engine runs them at {where}"
         if len(spec.readout) > self.max_read:
             return (
                 f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"

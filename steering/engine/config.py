@@ -46,6 +46,10 @@ class SteeringConfig:
     # opt-in: 0 (the default) refuses those ops with the switch to turn on. Feature adds are
     # constants, folded like vector adds, and always available.
     max_features: int = 0
+    # The layers where feature ops run (None: every layer). The ops cost every request at
+    # every layer they run at, so an engine whose SAEs read two layers can run them there
+    # only; specs with clamps/scales elsewhere are refused naming these layers.
+    feature_layers: tuple[int, ...] | None = None
     # Head interventions (masks, query masks, head-site vectors): a gathered multiply on
     # every layer's queries and a multiply-add on its o_proj input, with tables of
     # layers x slots x 3 x (H, H, H*D). Off: none of it exists and specs that use heads are
@@ -79,6 +83,7 @@ class SteeringConfig:
             "max_projections",
             "saes_dir",
             "max_features",
+            "feature_layers",
             "heads",
             "decoding",
             "capture",
@@ -101,6 +106,14 @@ class SteeringConfig:
         max_features = int(mine.get("max_features", cls.max_features))
         if not 0 <= max_features <= 64:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_features must be in 0..64")
+        feature_layers = mine.get("feature_layers")
+        if feature_layers is not None:
+            try:
+                feature_layers = tuple(sorted({int(i) for i in feature_layers}))
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"additional_config.{CONFIG_KEY}.feature_layers must be a list of layers"
+                ) from None
         max_readouts = int(mine.get("max_readouts", cls.max_readouts))
         if not 1 <= max_readouts <= 64:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_readouts must be in 1..64")
@@ -112,6 +125,7 @@ class SteeringConfig:
             max_projections=max_proj,
             saes_dir=str(mine.get("saes_dir") or os.environ.get(ENV_SAES_DIR) or DEFAULT_SAES_DIR),
             max_features=max_features,
+            feature_layers=feature_layers,
             heads=bool(mine.get("heads", True)),
             decoding=bool(mine.get("decoding", False)),
             capture=bool(mine.get("capture", False)),

@@ -52,6 +52,7 @@ class SteeringFrontend:
             saes=self.saes,
             max_readouts=readouts,
             max_features=config.max_features,
+            feature_layers=config.feature_layers,
         )
 
     def compile_request(self, params: Any) -> CompiledSpec | None:

@@ -125,6 +125,7 @@ def _after_load_model(runner: Any) -> None:
         max_read=config.max_readouts if config.readout else 0,
         num_experts=shape.num_experts,
         max_features=config.max_features,
+        feature_layers=config.feature_layers,
     )
     n = install(runner.get_model(), tables, shape, mid_layers)
     _mark_compile_cache(runner.vllm_config, config)

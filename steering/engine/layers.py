@@ -47,7 +47,8 @@ def apply_residual_ops(
     and a zero constant and come out bit-identical. Dot products accumulate in float32.
     """
     num_tokens = residual.shape[0]
-    if tables.max_proj or tables.max_features:
+    features = bool(tables.max_features) and layer in tables.feature_layers
+    if tables.max_proj or features:
         stream = (residual if hidden is None else hidden + residual).float()
     if tables.max_proj:
         units = tables.units[layer].index_select(0, tables.tok_slot[:num_tokens])
@@ -57,7 +58,7 @@ def apply_residual_ops(
             delta = (gains[:, k] * (stream * u).sum(dim=-1)).unsqueeze(-1) * u
             stream = stream - delta
             residual = residual - delta.to(residual.dtype)
-    if tables.max_features:
+    if features:
         residual = apply_feature_ops(tables, layer, stream, residual)
     return residual + tables.const[layer].index_select(0, tables.tok_const[:num_tokens])
 

@@ -80,6 +80,7 @@ class SteeringTables:
         max_read: int = 0,
         num_experts: int = 0,
         max_features: int = 0,
+        feature_layers: tuple[int, ...] | None = None,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -116,6 +117,10 @@ class SteeringTables:
                 num_layers, rows, num_experts, dtype=torch.float32, device=device
             )
         self.max_features = max_features
+        # Layers whose forward runs the feature ops (a constant of the trace, like `layer`).
+        self.feature_layers = frozenset(
+            range(num_layers) if feature_layers is None else feature_layers
+        )
         self.feat_enc: torch.Tensor | None = None
         self.feat_dec: torch.Tensor | None = None
         self.feat_coef: torch.Tensor | None = None
@@ -256,6 +261,7 @@ class SteeringTables:
             decoding=self.capture is not None,
             num_experts=self.num_experts,
             max_features=self.max_features,
+            feature_layers=tuple(sorted(self.feature_layers)),
         ).misfit(spec)
 
     def _write_features(self, slot: int, rows: slice, spec: CompiledSpec) -> None:
