@@ -160,13 +160,15 @@ async def list_presets(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/admin/reload")
 async def reload(request: Request) -> dict[str, Any]:
-    """Re-read the vectors directory and the presets file; all or nothing for presets.
+    """Re-read the vectors and SAE directories and the presets file; all or nothing for
+    presets.
 
-    Running requests keep the vectors they were compiled with.
+    Running requests keep the vectors and features they were compiled with.
     """
     state = state_of(request)
     frontend = _frontend(request)
-    frontend.registry.reload()
+    await asyncio.to_thread(frontend.registry.reload)
+    await asyncio.to_thread(frontend.saes.reload)
     try:
         presets = load_presets(state.settings.presets_path)
         check_presets(frontend, presets)
@@ -176,6 +178,8 @@ async def reload(request: Request) -> dict[str, Any]:
     return {
         "vectors": sorted(frontend.registry.vectors),
         "skipped_files": dict(frontend.registry.errors),
+        "saes": frontend.saes.names(),
+        "skipped_sae_files": dict(frontend.saes.errors),
         "presets": sorted(presets),
     }
 

@@ -57,6 +57,17 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
         },
         "heads": None,
         "experts": None,
+        "features": {
+            # add is a constant (always); clamp/scale need the engine's feature tables.
+            "ops": ["add", "clamp", "scale"] if config.max_features else ["add"],
+            "positions": positions,
+            "max_entries": context.max_feature_entries,
+            "max_per_layer": config.max_features,
+            "layers": list(config.feature_layers)
+            if config.feature_layers is not None
+            else list(range(shape.num_layers)),
+            "readout": config.readout,
+        },
         "decoding": None,
         "readout": None,
     }

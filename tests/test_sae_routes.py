@@ -299,9 +299,16 @@ def test_stored_saes_survive_a_reload(sae_server, tmp_path):
     np.testing.assert_array_equal(kept.w_dec, sent.w_dec)
     assert kept.labels == {0: "zero"} and kept.layer == 1
     assert "broken.safetensors" in fresh.errors
+    # A file dropped into the directory is served after the reload, and the reload
+    # reports what it skipped.
+    save_sae(_ours(72), saes / "dropped.safetensors")
+    assert _get(base, "/v1/saes/dropped").status_code == 404
     r = httpx.post(f"{base}/v1/admin/reload", headers=ADMIN_H, timeout=30)
     assert r.status_code == 200, r.text
+    assert {"kept", "dropped"} <= set(r.json()["saes"])
+    assert "broken.safetensors" in r.json()["skipped_sae_files"]
     assert _get(base, "/v1/saes/kept").json()["labels"] == {"0": "zero"}
+    assert _get(base, "/v1/saes/dropped").status_code == 200
 
 
 def test_sae_writes_are_admin_routes_in_the_middleware():

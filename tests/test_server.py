@@ -595,6 +595,8 @@ def test_capabilities_describe_the_model_and_build_a_valid_spec(server):
     assert fields["vectors"]["widths"] == {"residual": 128, "heads": 256}
     assert fields["decoding"]["modes"] == ["fuse", "contrast", "lfd"]
     assert fields["readout"]["max_entries"] >= 1
+    # This server runs without feature tables: feature adds only, at any layer.
+    assert fields["features"]["ops"] == ["add"] and fields["features"]["layers"] == [0, 1, 2, 3]
     # A spec built from the document alone is accepted, and steers.
     last = fields["heads"]["layers"][-1]
     spec = {
