@@ -458,6 +458,18 @@ class FeatureRows:
     threshold: float
 
 
+def _check_feature(sae: Any, name: str, feature: int) -> None:
+    if not 0 <= feature < sae.width:
+        raise _fail(
+            "feature_range",
+            "feature {feature} is out of range for SAE {name} ({width} features: 0..{last})",
+            feature=feature,
+            name=repr(name),
+            width=sae.width,
+            last=sae.width - 1,
+        )
+
+
 class FeatureEntry(BaseModel):
     """One SAE feature op on the residual stream at the SAE's layer (docs/spec.md#sae-features):
 
@@ -500,15 +512,7 @@ class FeatureEntry(BaseModel):
         if ctx is None:
             return self
         sae = _sae_of(self.sae, ctx)
-        if not 0 <= self.feature < sae.width:
-            raise _fail(
-                "feature_range",
-                "feature {feature} is out of range for SAE {name} ({width} features: 0..{last})",
-                feature=self.feature,
-                name=repr(self.sae),
-                width=sae.width,
-                last=sae.width - 1,
-            )
+        _check_feature(sae, self.sae, self.feature)
         if self.relative and sae.typical is None:
             raise _fail(
                 "no_typical",
@@ -839,15 +843,7 @@ class ReadoutEntry(BaseModel):
     def _resolve_feature(self, ctx: SpecContext) -> ReadoutEntry:
         assert self.sae is not None and self.feature is not None
         sae = _sae_of(self.sae, ctx)
-        if not 0 <= self.feature < sae.width:
-            raise _fail(
-                "feature_range",
-                "feature {feature} is out of range for SAE {name} ({width} features: 0..{last})",
-                feature=self.feature,
-                name=repr(self.sae),
-                width=sae.width,
-                last=sae.width - 1,
-            )
+        _check_feature(sae, self.sae, self.feature)
         if self.layer is not None and self.layer != sae.layer:
             raise _fail(
                 "layer",

@@ -417,7 +417,13 @@ def test_ttft_of_non_streamed_requests_is_the_first_token_not_the_last(exp_serve
     one_arm = {"name": "ttft", "arms": [{"name": "only", "steering": HAPPY}]}
     assert _post(base, "/v1/admin/experiments", one_arm, ADMIN_H).status_code == 201
     _complete(base, {"experiment": "ttft", "max_tokens": 400})
-    arm = httpx.get(f"{base}/v1/experiments/ttft/report", timeout=30).json()["arms"][0]
+    # The outcome is stored in the store's next batch: wait for it to be reported.
+    deadline = time.time() + 30
+    while True:
+        arm = httpx.get(f"{base}/v1/experiments/ttft/report", timeout=30).json()["arms"][0]
+        if arm["ttft_seconds"]["p50"] is not None or time.time() > deadline:
+            break
+        time.sleep(0.3)
     assert 0 < arm["ttft_seconds"]["p50"] < 0.25 * arm["latency_seconds"]["p50"], arm
 
 
