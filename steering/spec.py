@@ -884,13 +884,6 @@ class ReadoutEntry(BaseModel):
     def label(self) -> str | None:
         return self._label
 
-    def activation(self, projection: Any) -> Any:
-        """The value read from <direction, h>: itself for a vector, a_f for a feature."""
-        if self._threshold is None:
-            return projection
-        pre = projection + self._offset
-        return np.where(pre > self._threshold, pre, 0.0)
-
 
 class SteeringSpec(BaseModel):
     """A request's intervention spec."""
@@ -943,13 +936,6 @@ class SteeringSpec(BaseModel):
         ctx = _context(info)
         if ctx is None or not entries:
             return entries
-        if len(entries) > ctx.max_feature_entries:
-            raise _fail(
-                "too_many",
-                "at most {n} feature entries per request (got {got})",
-                n=ctx.max_feature_entries,
-                got=len(entries),
-            )
         per_layer: dict[int, int] = {}
         for e in entries:
             if e.op != "add":
@@ -988,7 +974,7 @@ class SteeringSpec(BaseModel):
             )
         return entries
 
-    @field_validator("vectors", "heads")
+    @field_validator("vectors", "heads", "features")
     @classmethod
     def _not_too_many(cls, entries: list, info: ValidationInfo) -> list:
         ctx = _context(info)
@@ -997,6 +983,7 @@ class SteeringSpec(BaseModel):
         limit, what = {
             "vectors": (ctx.max_vectors, "vector entries"),
             "heads": (ctx.max_head_masks, "head masks"),
+            "features": (ctx.max_feature_entries, "feature entries"),
         }[info.field_name]
         if len(entries) > limit:
             raise _fail(
