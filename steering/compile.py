@@ -52,6 +52,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from steering.sae import FeatureRows
 from steering.spec import FeatureEntry, ModelShape, SteeringSpec, VectorEntry, unit
 
 PAYLOAD_KEY = "steerserve.compiled"
@@ -460,14 +461,15 @@ def _compile_residual(
     # feature ops of a layer (after its vector entries) take <e, b> into their offsets.
     classes = _classes([e.positions for e in entries] + [f.positions for f in features])
     consts: dict[int, np.ndarray] = {}
-    at_layer: dict[int, list[FeatureEntry]] = {}
+    at_layer: dict[int, list[tuple[FeatureEntry, FeatureRows]]] = {}
     for f in features:
-        at_layer.setdefault(f.rows.layer, []).append(f)
-    ops: dict[int, tuple[list[FeatureEntry], np.ndarray]] = {}
+        rows = f.rows  # a pydantic private attribute: read once, not per class
+        at_layer.setdefault(rows.layer, []).append((f, rows))
+    ops: dict[int, tuple[list[FeatureRows], np.ndarray]] = {}
     for layer in sorted({layer for e in entries for layer in e.resolved} | set(at_layer)):
         b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
         here = at_layer.get(layer, [])
-        gated = [f for f in here if f.op != "add"]
+        gated = [rows for f, rows in here if f.op != "add"]
         coef = np.zeros((NUM_CLASSES, len(gated), NUM_COEFS), dtype=np.float64)
         for c, cls in enumerate(classes):
             for entry in entries:
@@ -484,13 +486,12 @@ def _compile_residual(
                 if entry.op == "clamp":
                     b[c] += entry.value * u
             k = 0
-            for f in here:
+            for f, rows in here:
                 active = _covers(WINDOWS[f.positions], cls)
                 if f.op == "add":
                     if active:
-                        b[c] += f.add_scale * f.decoder.astype(np.float64)
+                        b[c] += f.add_scale * rows.dec.astype(np.float64)
                     continue
-                rows = f.rows
                 coef[c, k, COEF_OFFSET] = rows.offset + np.dot(rows.enc, b[c])
                 coef[c, k, COEF_THRESHOLD] = rows.threshold
                 if active:
@@ -513,7 +514,7 @@ def _compile_residual(
 
 
 def _pack_features(
-    ops: dict[int, tuple[list[FeatureEntry], np.ndarray]], hidden_size: int
+    ops: dict[int, tuple[list[FeatureRows], np.ndarray]], hidden_size: int
 ) -> FeatureOps:
     if not ops:
         return FeatureOps.identity(hidden_size)
@@ -524,9 +525,9 @@ def _pack_features(
     coef = np.zeros((len(layers), NUM_CLASSES, width, NUM_COEFS), dtype=np.float32)
     for i, layer in enumerate(layers):
         gated, c = ops[layer]
-        for k, f in enumerate(gated):
-            enc[i, k] = f.rows.enc
-            dec[i, k] = f.rows.dec
+        for k, rows in enumerate(gated):
+            enc[i, k] = rows.enc
+            dec[i, k] = rows.dec
         coef[i, :, : len(gated)] = c
     return FeatureOps(np.array(layers, dtype=np.int64), enc, dec, coef)
 

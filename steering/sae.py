@@ -24,6 +24,7 @@ topk) and sparsify (`cfg.json` + `sae.safetensors`: TopK), float32/16 or bfloat1
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,20 @@ ACTIVATIONS = ("relu", "jumprelu", "topk")
 
 class SaeFileError(ValueError):
     """An SAE that cannot be used; the message names the reason."""
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """What the engine needs of one feature: pre = <enc, h> + offset, a = pre if pre >
+    threshold else 0, and the decoder row it writes along. `digest` hashes all of it (and the
+    activation), so a spec's fingerprint follows the SAE's content, not its name."""
+
+    layer: int
+    enc: np.ndarray
+    dec: np.ndarray
+    offset: float
+    threshold: float
+    digest: bytes
 
 
 @dataclass
@@ -165,6 +180,25 @@ class SparseAutoencoder:
 
     def decoder_row(self, feature: int) -> np.ndarray:
         return np.ascontiguousarray(self.w_dec[feature])
+
+    def feature_rows(self, feature: int) -> FeatureRows:
+        """One feature's rows, built once per SAE: every spec naming the feature reuses them
+        (validation, compile and fingerprint are per request; the rows are not)."""
+        rows = self._feature_rows.get(feature)
+        if rows is None:
+            enc, dec = self.encoder_row(feature), self.decoder_row(feature)
+            enc.flags.writeable = dec.flags.writeable = False  # shared by every spec
+            offset, threshold = self.encoder_offset(feature), self.feature_threshold(feature)
+            h = hashlib.sha256(repr((self.layer, self.activation, offset, threshold)).encode())
+            h.update(enc.tobytes())
+            h.update(dec.tobytes())
+            rows = FeatureRows(self.layer, enc, dec, offset, threshold, h.digest())
+            self._feature_rows[feature] = rows
+        return rows
+
+    @functools.cached_property
+    def _feature_rows(self) -> dict[int, FeatureRows]:
+        return {}
 
     def label(self, feature: int) -> str | None:
         return self.labels.get(feature)

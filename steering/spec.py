@@ -12,7 +12,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from pydantic import (
@@ -25,6 +25,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:  # sae.py imports this module
+    from steering.sae import FeatureRows
 
 Op = Literal["add", "ablate", "clamp", "mix"]
 FeatureOp = Literal["add", "clamp", "scale"]
@@ -446,18 +449,6 @@ def _sae_of(name: str, ctx: SpecContext) -> Any:
         raise _fail("unknown_sae", "{reason}", reason=e.args[0] if e.args else str(e)) from e
 
 
-@dataclass(frozen=True)
-class FeatureRows:
-    """What the engine needs of one feature: pre = <enc, h> + offset, a = pre if pre >
-    threshold else 0, and the decoder row it writes along."""
-
-    layer: int
-    enc: np.ndarray
-    dec: np.ndarray
-    offset: float
-    threshold: float
-
-
 def _check_feature(sae: Any, name: str, feature: int) -> None:
     if not 0 <= feature < sae.width:
         raise _fail(
@@ -542,13 +533,7 @@ class FeatureEntry(BaseModel):
                 layers=list(ctx.feature_layers),
             )
         self._sae = sae
-        self._rows = FeatureRows(
-            int(sae.layer),
-            sae.encoder_row(self.feature),
-            sae.decoder_row(self.feature),
-            sae.encoder_offset(self.feature),
-            sae.feature_threshold(self.feature),
-        )
+        self._rows = sae.feature_rows(self.feature)
         return self
 
     @property
@@ -853,9 +838,8 @@ class ReadoutEntry(BaseModel):
                 layer=self.layer,
             )
         self.layer = int(sae.layer)
-        self._unit = sae.encoder_row(self.feature)
-        self._offset = sae.encoder_offset(self.feature)
-        self._threshold = sae.feature_threshold(self.feature)
+        rows = sae.feature_rows(self.feature)
+        self._unit, self._offset, self._threshold = rows.enc, rows.offset, rows.threshold
         self._label = sae.label(self.feature)
         self._sae = sae
         return self
@@ -939,7 +923,8 @@ class SteeringSpec(BaseModel):
         per_layer: dict[int, int] = {}
         for e in entries:
             if e.op != "add":
-                per_layer[e.layer] = per_layer.get(e.layer, 0) + 1
+                layer = e.rows.layer
+                per_layer[layer] = per_layer.get(layer, 0) + 1
         for layer, n in sorted(per_layer.items()):
             if n > ctx.max_features:
                 raise _fail(
@@ -1015,13 +1000,9 @@ class SteeringSpec(BaseModel):
             h.update(repr(("experts", m.layer, m.experts, m.scale, m.positions)).encode())
         for f in self.features:
             # The feature's rows, not the SAE's name: replacing the SAE changes the KV.
-            sae = f.resolved_sae
-            fields = (f.op, f.add_scale, f.value, f.factor, f.positions, f.layer, f.feature)
-            h.update(repr(("feature", *fields, sae.activation)).encode())
-            h.update(
-                repr((sae.encoder_offset(f.feature), sae.feature_threshold(f.feature))).encode()
-            )
-            h.update(sae.encoder_row(f.feature).tobytes() + f.decoder.tobytes())
+            fields = (f.op, f.add_scale, f.value, f.factor, f.positions, f.feature)
+            h.update(repr(("feature", *fields)).encode())
+            h.update(f.rows.digest)
         return h.hexdigest()[:32]
 
 
