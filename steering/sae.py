@@ -48,7 +48,8 @@ class SaeFileError(ValueError):
 class FeatureRows:
     """What the engine needs of one feature: pre = <enc, h> + offset, a = pre if pre >
     threshold else 0, and the decoder row it writes along. `digest` hashes all of it (and the
-    activation), so a spec's fingerprint follows the SAE's content, not its name."""
+    SAE's activation function), so a spec's fingerprint follows the SAE's content, not its
+    name."""
 
     layer: int
     enc: np.ndarray
@@ -189,10 +190,11 @@ class SparseAutoencoder:
             enc, dec = self.encoder_row(feature), self.decoder_row(feature)
             enc.flags.writeable = dec.flags.writeable = False  # shared by every spec
             offset, threshold = self.encoder_offset(feature), self.feature_threshold(feature)
-            h = hashlib.sha256(repr((self.layer, self.activation, offset, threshold)).encode())
+            layer = int(self.layer)
+            h = hashlib.sha256(repr((layer, self.activation, offset, threshold)).encode())
             h.update(enc.tobytes())
             h.update(dec.tobytes())
-            rows = FeatureRows(self.layer, enc, dec, offset, threshold, h.digest())
+            rows = FeatureRows(layer, enc, dec, offset, threshold, h.digest())
             self._feature_rows[feature] = rows
         return rows
 

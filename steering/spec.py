@@ -552,10 +552,6 @@ class FeatureEntry(BaseModel):
         return self._sae
 
     @property
-    def decoder(self) -> np.ndarray:
-        return self.rows.dec
-
-    @property
     def add_scale(self) -> float:
         """The coefficient of W_dec[f] of an `add`."""
         if self.relative:
@@ -923,8 +919,7 @@ class SteeringSpec(BaseModel):
         per_layer: dict[int, int] = {}
         for e in entries:
             if e.op != "add":
-                layer = e.rows.layer
-                per_layer[layer] = per_layer.get(layer, 0) + 1
+                per_layer[e.layer] = per_layer.get(e.layer, 0) + 1
         for layer, n in sorted(per_layer.items()):
             if n > ctx.max_features:
                 raise _fail(
