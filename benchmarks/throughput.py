@@ -54,6 +54,11 @@ FEATURE_SCENARIOS = ("features-unsteered", "distinct-feature-clamps")
 # The same on an engine that runs feature ops only at the SAEs' layers (feature_layers).
 FEATURE_AT_SCENARIOS = ("features-at-unsteered", "distinct-feature-clamps-at")
 FEATURES_PER_LAYER = 8
+# On an engine with a top-k SAE (the first bench SAE, width 8 x hidden): its cost when no
+# request asks (one stream copy per step), and every request reading its top TOPK_K
+# features per generated token (the full encoder on those rows at the sampler step).
+TOPK_SCENARIOS = ("topk-unsteered", "topk-readouts")
+TOPK_K = 16
 HF_SCENARIOS = ("hf-hooks",)
 # On the MoE benchmark model (--moe): residual and head steering as on the dense model, and
 # router steering.
@@ -96,6 +101,8 @@ DESCRIPTIONS = {
     "distinct-feature-clamps": "8 distinct SAE feature clamps per request at each of 2 layers",
     "features-at-unsteered": "feature ops on at the SAEs' 2 layers only, unsteered",
     "distinct-feature-clamps-at": "the same 8 x 2 clamps, feature ops at those 2 layers only",
+    "topk-unsteered": "top-k readout SAE loaded (width 8 x hidden), no request asks",
+    "topk-readouts": f"every request reads its top {TOPK_K} SAE features per token",
     "hf-hooks": "HF transformers + hooks, distinct vectors, all layers",
     "distinct-expert-masks": "a distinct expert masked out per request and MoE layer",
     "distinct-experts-and-vectors": "distinct expert masks and residual vectors, all layers",
@@ -181,8 +188,11 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
         return [
             {"readout": [readout(num_layers // 2), readout(num_layers * 2 // 3)]} for _ in range(n)
         ]
-    if scenario in ("features-unsteered", "features-at-unsteered"):
+    if scenario in ("features-unsteered", "features-at-unsteered", "topk-unsteered"):
         return [None] * n
+    if scenario == "topk-readouts":
+        sae = f"bench{feature_layers(num_layers)[0]}"
+        return [{"readout": [{"sae": sae, "top_k": TOPK_K}]}] * n
     if scenario in ("distinct-feature-clamps", "distinct-feature-clamps-at"):
         width = 8 * hidden
         return [
@@ -288,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
         if s in FEATURE_SCENARIOS
         else "features-at"
         if s in FEATURE_AT_SCENARIOS
+        else "topk"
+        if s in TOPK_SCENARIOS
         else "hf"
         if s in HF_SCENARIOS
         else "steer"
@@ -323,6 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
             settings.update(max_features=FEATURES_PER_LAYER, saes_dir=str(saes))
             if name == "features-at":
                 settings["feature_layers"] = list(feature_layers(cfg.num_hidden_layers))
+        if name == "topk":
+            saes = write_bench_saes(
+                Path(tempfile.mkdtemp(prefix="bench-saes-")), cfg.hidden_size, cfg.num_hidden_layers
+            )
+            first = feature_layers(cfg.num_hidden_layers)[0]
+            settings.update(saes_dir=str(saes), topk_sae=f"bench{first}")
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
     if "hf" in engine_of.values():
         hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(

@@ -91,6 +91,8 @@ def readout_item(entry: Any) -> dict[str, Any]:
     """How responses name a readout entry: its vector and layer, or its SAE feature."""
     if entry.sae is None:
         return {"name": shown_name(entry), "layer": entry.layer}
+    if entry.top_k is not None:
+        return {"sae": entry.sae, "top_k": entry.top_k, "layer": entry.layer}
     item = {"sae": entry.sae, "feature": entry.feature, "layer": entry.layer}
     if entry.label is not None:
         item["label"] = entry.label

@@ -5,7 +5,8 @@
 Every flag of `vllm serve` works unchanged (vLLM's own parser; `--help` lists them all).
 steerserve adds --admin-key, --vectors-dir, --saes-dir, --max-steering-features, --presets,
 --default-steering, --max-request-body-bytes, --max-inline-floats, --experiments, --database-url,
---enable-steering-decoding and --enable-steering-readout. With no model it serves the
+--enable-steering-decoding, --enable-steering-readout, --steering-topk-sae and
+--max-steering-topk. With no model it serves the
 built-in demo model (`demo/model/`, a small Llama trained on the synthetic corpus of
 `demo/corpus.py`; nothing is downloaded) with its vectors in `vectors/`.
 
@@ -26,6 +27,7 @@ from .demo import (
     DEMO_MODEL,
     DEMO_MODEL_DIR,
     DEMO_SAES_DIR,
+    DEMO_TOPK_SAE,
     SHIPPED_VECTORS_DIR,
     demo_model,
 )
@@ -71,6 +73,20 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         help="Comma-separated layers where feature clamps/scales run (default: every layer). "
         "They cost every request at each layer they run at; an engine whose SAEs read a few "
         "layers is faster with just those.",
+    )
+    group.add_argument(
+        "--steering-topk-sae",
+        default=None,
+        help="An SAE of --saes-dir whose top-k active features per token requests may read "
+        '(readout entry {"sae", "top_k"}; the demo SAE for the demo model). Costs one '
+        "copy of the stream at its layer per step; its full encoder runs only on the rows "
+        "of requests that ask. It cannot be replaced or deleted while the server runs.",
+    )
+    group.add_argument(
+        "--max-steering-topk",
+        type=int,
+        default=None,
+        help="The largest top_k a request may ask for (default 64).",
     )
     group.add_argument(
         "--presets", default=None, help="JSON/YAML file mapping preset names to steering specs."
@@ -143,6 +159,11 @@ def _steering_config(args: argparse.Namespace) -> None:
         mine["decoding"] = True
     if args.enable_steering_readout:
         mine["readout"] = True
+    topk_sae = args.steering_topk_sae or (DEMO_TOPK_SAE if demo and not args.saes_dir else None)
+    if topk_sae:
+        mine["topk_sae"] = topk_sae
+    if args.max_steering_topk is not None:
+        mine["max_topk"] = args.max_steering_topk
     extra["steerserve"] = mine
     args.additional_config = extra
 

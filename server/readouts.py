@@ -10,6 +10,7 @@ engine answers utility calls between steps: one call per step, not one per reque
 Response shapes (docs/spec.md, "Readout"):
 
     choices[i].readout = [{"name", "layer", "values": [per token], "prompt_values"?}]
+    (a top-k entry: {"sae", "top_k", "layer", "values": [per token: [[feature, activation]]]})
     stream chunk choice.readout = [{"name", "layer", "start", "values", "prompt_values"?}]
 
 A stream chunk carries the values of the tokens delivered since that choice's previous
@@ -162,9 +163,10 @@ class RequestReadout:
         return out
 
 
-def _clean(row: list[float]) -> list[float | None]:
-    # JSON has no NaN: a value the engine did not compute is null.
-    return [v if math.isfinite(v) else None for v in row]
+def _clean(row: list) -> list:
+    # JSON has no NaN: a value the engine did not compute is null. A top-k entry's value
+    # is its [[feature, activation], ...] list, or already None.
+    return [v if v is None or isinstance(v, list) or math.isfinite(v) else None for v in row]
 
 
 def rest_of_stream(readout: RequestReadout, *, chat: bool, index: int | None = None) -> list[dict]:

@@ -68,6 +68,18 @@ def _describe(name: str, sae: SparseAutoencoder, frontend: SteeringFrontend) -> 
     }
 
 
+def _not_the_topk_sae(frontend: SteeringFrontend, name: str) -> None:
+    # The engine's workers loaded its full encoder at start; a new file under the name
+    # would make top-k readout read one SAE while the feature entries name another.
+    if name == frontend.config.topk_sae:
+        raise APIError(
+            409,
+            f"name: SAE {name!r} is this server's top-k readout SAE (--steering-topk-sae), "
+            "which the engine loaded at start; restart the server to replace or delete it",
+            "name",
+        )
+
+
 def _sae(frontend: SteeringFrontend, name: str) -> SparseAutoencoder:
     registry = frontend.saes
     sae = registry.saes.get(name)
@@ -194,6 +206,7 @@ async def put_sae(
             f"layer: {layer} is out of range (the model has {frontend.shape.num_layers} layers)",
             "layer",
         )
+    _not_the_topk_sae(frontend, name)
     data = await request.body()
     if not data:
         raise APIError(400, "the body must be an SAE file (.safetensors, .npz or .zip)")
@@ -212,6 +225,7 @@ async def put_sae(
 async def delete_sae(request: Request, name: str) -> dict[str, Any]:
     state = state_of(request)
     frontend = _frontend(request)
+    _not_the_topk_sae(frontend, name)
     try:
         await asyncio.to_thread(frontend.saes.delete, name)
     except KeyError:

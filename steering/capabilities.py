@@ -96,5 +96,17 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
         }
     if config.readout:
         fields["readout"] = {"max_entries": config.max_readouts}
+    if config.topk_sae:
+        readout = fields["readout"] or {"max_entries": 0}
+        topk: dict[str, Any] = {"sae": config.topk_sae, "max_k": config.max_topk}
+        try:
+            sae = context.saes.lookup(config.topk_sae, shape) if context.saes else None
+        except (KeyError, ValueError):
+            sae = None  # the engine refused to start with it: not reached in a live server
+        if sae is not None:
+            topk |= {"layer": int(sae.layer), "width": sae.width}
+            topk["max_k"] = min(config.max_topk, sae.width)
+        readout["top_k"] = topk
+        fields["readout"] = readout
     doc["fields"] = fields
     return doc

@@ -188,17 +188,24 @@ class Decoding:
         return cls(p["mode"], tuple(p["cand"]), p["auto"], p["w"], p["alpha"])
 
 
+_NO_UNIT = np.zeros(0, dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class Readout:
     """One readout entry: the stream at the output of `layer` projected on `unit`; for an
     SAE feature, `unit` is its encoder row and the value is where(x + offset > threshold,
-    x + offset, 0) of that projection x (threshold None: the projection itself)."""
+    x + offset, 0) of that projection x (threshold None: the projection itself).
+
+    `top_k` > 0: the engine's top-k SAE's `top_k` most active features at `layer` instead
+    (engine/topk.py); no unit, no projection column."""
 
     layer: int
-    unit: np.ndarray  # [hidden] float32 (unit norm for vectors)
+    unit: np.ndarray  # [hidden] float32 (unit norm for vectors); empty for top-k
     prompt: bool  # also per prompt token
     offset: float = 0.0
     threshold: float | None = None
+    top_k: int = 0
 
     def value(self, projection: np.ndarray) -> np.ndarray:
         if self.threshold is None:
@@ -229,7 +236,7 @@ class CompiledSpec:
             return self.fingerprint
         h = hashlib.sha256(self.fingerprint.encode())
         for r in self.readout:
-            h.update(repr((r.layer, r.prompt, r.offset, r.threshold)).encode())
+            h.update(repr((r.layer, r.prompt, r.offset, r.threshold, r.top_k)).encode())
             h.update(r.unit.astype(np.float32).tobytes())
         return f"{self.fingerprint}+r{h.hexdigest()[:16]}"
 
@@ -292,6 +299,7 @@ class CompiledSpec:
                     "unit": r.unit.astype(np.float32).tobytes(),
                     "off": r.offset,
                     "thr": r.threshold,
+                    "k": r.top_k,
                 }
                 for r in self.readout
             ],
@@ -349,7 +357,14 @@ class CompiledSpec:
         )
         decoding = Decoding.from_payload(payload.get("decoding"))
         readout = [
-            Readout(r["layer"], floats(r["unit"], hidden), r["prompt"], r["off"], r["thr"])
+            Readout(
+                r["layer"],
+                floats(r["unit"], 0 if r.get("k") else hidden),
+                r["prompt"],
+                r["off"],
+                r["thr"],
+                int(r.get("k") or 0),
+            )
             for r in payload.get("readout", ())
         ]
         f = payload["features"]
@@ -407,7 +422,10 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
             alpha=float(d.alpha or 0.0),
         )
     readout = [
-        Readout(e.layer, e.unit_vector, e.prompt, e.offset, e.threshold) for e in spec.readout
+        Readout(e.layer, _NO_UNIT, e.prompt, top_k=e.top_k)
+        if e.top_k is not None
+        else Readout(e.layer, e.unit_vector, e.prompt, e.offset, e.threshold)
+        for e in spec.readout
     ]
     return CompiledSpec(
         spec.fingerprint(),

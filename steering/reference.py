@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from steering.spec import ModelShape, SpecContext, SteeringSpec, parse_spec
@@ -286,7 +287,37 @@ class ReferenceModel:
     @torch.no_grad()
     def readout(self, token_ids: Sequence[int], prompt_len: int, spec: SteeringSpec):
         """[len(token_ids), len(spec.readout)]: each row's stream at the output of each
-        readout entry's layer (after that layer's steering) projected on its unit vector."""
+        readout entry's layer (after that layer's steering) projected on its unit vector
+        (top-k entries: see `topk_readout`)."""
+        streams = self._streams(token_ids, prompt_len, spec)
+        columns = []
+        for e in spec.readout:
+            if e.top_k is not None:
+                continue
+            if e.sae is not None:
+                sae = e.resolved_sae
+                columns.append(self._feature_activation(sae, e.feature, streams[e.layer]).float())
+            else:
+                columns.append(streams[e.layer] @ torch.from_numpy(e.unit_vector))
+        return torch.stack(columns, dim=1).numpy()
+
+    def topk_readout(
+        self, token_ids: Sequence[int], prompt_len: int, spec: SteeringSpec
+    ) -> list[list[tuple[int, float]]]:
+        """Per row, the spec's top-k entry: the k largest activations > 0 of its SAE's full
+        encoding (`SparseAutoencoder.encode`, TopK competition included), descending."""
+        (entry,) = [e for e in spec.readout if e.top_k is not None]
+        streams = self._streams(token_ids, prompt_len, spec)
+        acts = entry.resolved_sae.encode(streams[entry.layer].numpy())
+        out = []
+        for row in acts:
+            order = np.argsort(-row, kind="stable")[: entry.top_k]
+            out.append([(int(f), float(row[f])) for f in order if row[f] > 0.0])
+        return out
+
+    @torch.no_grad()
+    def _streams(self, token_ids: Sequence[int], prompt_len: int, spec: SteeringSpec):
+        """Each layer's output stream (after its steering), float32 [tokens, hidden]."""
         ids = torch.tensor([list(token_ids)])
         streams: dict[int, torch.Tensor] = {}
         handles = []
@@ -303,14 +334,7 @@ class ReferenceModel:
             finally:
                 for handle in handles:
                     handle.remove()
-        columns = []
-        for e in spec.readout:
-            if e.sae is not None:
-                sae = e.resolved_sae
-                columns.append(self._feature_activation(sae, e.feature, streams[e.layer]).float())
-            else:
-                columns.append(streams[e.layer] @ torch.from_numpy(e.unit_vector))
-        return torch.stack(columns, dim=1).numpy()
+        return streams
 
     @contextmanager
     def _captured(self, spec, after: dict, before: dict):

@@ -726,6 +726,31 @@ def _parse_zip(data: bytes, root: Path, layer: int | None) -> SparseAutoencoder:
     return read_any(folder, layer)
 
 
+def sae_paths(directory: Path) -> list[tuple[str, Path]]:
+    """(name, path) of each candidate SAE in `directory`, in path order: `<name>.safetensors`,
+    `<name>.npz` or a directory `<name>/`."""
+    if not directory.is_dir():
+        return []
+    out = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            out.append((path.name, path))
+        elif path.suffix in (".safetensors", ".npz"):
+            out.append((path.stem, path))
+    return out
+
+
+def load_named(directory: str | Path, name: str) -> SparseAutoencoder:
+    """The SAE a registry of `directory` serves as `name` (the first file of that name),
+    read alone; KeyError if there is none, SaeFileError if it does not load."""
+    for found, path in sae_paths(Path(directory)):
+        if found == name:
+            return read_any(path)
+    raise KeyError(f"no SAE {name!r} in {directory}")
+
+
 class SaeRegistry:
     """Named SAEs from a directory: `<name>.safetensors` (ours or Gemma Scope's, the latter
     with a layer_<i> in its name) or `<name>/` (an SAELens, sparsify or Gemma Scope
@@ -743,17 +768,9 @@ class SaeRegistry:
         import logging
 
         self.saes, self.errors = {}, {}
-        if self.directory is None or not self.directory.is_dir():
+        if self.directory is None:
             return
-        for path in sorted(self.directory.iterdir()):
-            if path.name.startswith("."):
-                continue
-            if path.is_dir():
-                name = path.name
-            elif path.suffix in (".safetensors", ".npz"):
-                name = path.stem
-            else:
-                continue
+        for name, path in sae_paths(self.directory):
             if not valid_name(name):
                 self.errors[path.name] = f"{name!r} is not a valid SAE name"
             elif name in self.saes:

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -162,6 +163,8 @@ class SpecContext:
     max_features: int = 0  # feature clamps/scales per layer (0: the engine has them off)
     feature_layers: tuple[int, ...] | None = None  # where they run (None: every layer)
     max_feature_entries: int = 64
+    topk_sae: str | None = None  # the SAE top-k readout reads (None: the engine has it off)
+    max_topk: int = 0
 
 
 class SpecError(ValueError):
@@ -752,9 +755,9 @@ class DecodingSpec(BaseModel):
 
 class ReadoutEntry(BaseModel):
     """Read the residual stream at the output of `layer`: its projection on the unit vector
-    of a registered vector (`name`) or of inline `data`, or the activation of SAE feature
-    `feature` of `sae` (at the SAE's layer), per generated token (and per prompt token with
-    `prompt`)."""
+    of a registered vector (`name`) or of inline `data`, the activation of SAE feature
+    `feature` of `sae` (at the SAE's layer), or the `top_k` most active features of `sae`
+    (the server's top-k SAE), per generated token (and per prompt token with `prompt`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -762,6 +765,7 @@ class ReadoutEntry(BaseModel):
     data: list[float] | None = None
     sae: str | None = None
     feature: int | None = None
+    top_k: int | None = Field(default=None, ge=1)
     layer: int | None = None
     prompt: bool = False
 
@@ -781,15 +785,19 @@ class ReadoutEntry(BaseModel):
             raise _fail(
                 "source",
                 "give exactly one of 'name' (a registered vector), 'data' (inline) or 'sae' "
-                "with 'feature'",
+                "with 'feature' or 'top_k'",
             )
-        if (self.sae is None) != (self.feature is None):
-            raise _fail("feature", "'sae' and 'feature' go together")
+        if self.sae is None and (self.feature is not None or self.top_k is not None):
+            raise _fail("sae", "'feature' and 'top_k' read an SAE: give 'sae'")
+        if self.sae is not None and (self.feature is None) == (self.top_k is None):
+            raise _fail("feature", "'sae' takes one of 'feature' (its activation) or 'top_k'")
         if self.sae is None and self.layer is None:
             raise _fail("layer", "a vector readout needs 'layer'")
         ctx = _context(info)
         if ctx is None:
             return self
+        if self.top_k is not None:
+            return self._resolve_topk(ctx)
         if self.sae is not None:
             return self._resolve_feature(ctx)
         if self.name is not None:
@@ -823,8 +831,45 @@ class ReadoutEntry(BaseModel):
 
     def _resolve_feature(self, ctx: SpecContext) -> ReadoutEntry:
         assert self.sae is not None and self.feature is not None
-        sae = _sae_of(self.sae, ctx)
+        sae = self._sae_at_its_layer(ctx)
         _check_feature(sae, self.sae, self.feature)
+        rows = sae.feature_rows(self.feature)
+        self._unit, self._offset, self._threshold = rows.enc, rows.offset, rows.threshold
+        self._label = sae.label(self.feature)
+        return self
+
+    def _resolve_topk(self, ctx: SpecContext) -> ReadoutEntry:
+        assert self.sae is not None and self.top_k is not None
+        if ctx.topk_sae is None:
+            raise _fail(
+                "topk_off",
+                "top-k readout needs an engine started with a top-k SAE "
+                "(steerserve serve --steering-topk-sae NAME; additional_config.steerserve."
+                "topk_sae)",
+            )
+        if self.sae != ctx.topk_sae:
+            raise _fail(
+                "topk_sae",
+                "top-k readout on this server reads SAE {want} (one per server), not {name}",
+                want=repr(ctx.topk_sae),
+                name=repr(self.sae),
+            )
+        sae = self._sae_at_its_layer(ctx)
+        limit = min(ctx.max_topk, sae.width)
+        if self.top_k > limit:
+            raise _fail(
+                "topk_range",
+                "top_k {k} is more than this server allows ({limit}: max_topk {m}, SAE width {w})",
+                k=self.top_k,
+                limit=limit,
+                m=ctx.max_topk,
+                w=sae.width,
+            )
+        return self
+
+    def _sae_at_its_layer(self, ctx: SpecContext) -> Any:
+        assert self.sae is not None
+        sae = _sae_of(self.sae, ctx)
         if self.layer is not None and self.layer != sae.layer:
             raise _fail(
                 "layer",
@@ -834,11 +879,8 @@ class ReadoutEntry(BaseModel):
                 layer=self.layer,
             )
         self.layer = int(sae.layer)
-        rows = sae.feature_rows(self.feature)
-        self._unit, self._offset, self._threshold = rows.enc, rows.offset, rows.threshold
-        self._label = sae.label(self.feature)
         self._sae = sae
-        return self
+        return sae
 
     @property
     def resolved_sae(self) -> Any:
@@ -939,19 +981,9 @@ class SteeringSpec(BaseModel):
         ctx = _context(info)
         if ctx is None or not entries:
             return entries
-        if ctx.max_readouts == 0:
-            raise _fail(
-                "readout_off",
-                "needs an engine started with readout on (additional_config.steerserve.readout;"
-                " steerserve serve --enable-steering-readout)",
-            )
-        if len(entries) > ctx.max_readouts:
-            raise _fail(
-                "too_many",
-                "at most {n} readout entries per request (got {got})",
-                n=ctx.max_readouts,
-                got=len(entries),
-            )
+        problem = _readout_misfit(entries, ctx)
+        if problem is not None:
+            raise _fail(*problem)
         return entries
 
     @field_validator("vectors", "heads", "features")
@@ -1082,7 +1114,6 @@ def compose(
             ("heads", len(merged.heads), ctx.max_head_masks),
             ("experts", len(merged.experts), ctx.max_head_masks),
             ("features", len(merged.features), ctx.max_feature_entries),
-            ("readout", len(merged.readout), ctx.max_readouts),
         ):
             if have > limit:
                 raise SpecError(
@@ -1093,7 +1124,30 @@ def compose(
                         )
                     ]
                 )
+        problem = _readout_misfit(merged.readout, ctx)
+        if problem is not None:
+            raise SpecError([(f"{root}.readout", f"{what}: {problem[1]}")])
     return merged
+
+
+def _readout_misfit(entries: list[ReadoutEntry], ctx: SpecContext) -> tuple[str, str] | None:
+    """(kind, message) if the readout entries exceed what the engine reads; top-k entries
+    do not take a projection column, and one SAE per server gives at most one of them."""
+    projections = sum(1 for e in entries if e.top_k is None)
+    if projections and ctx.max_readouts == 0:
+        return (
+            "readout_off",
+            "needs an engine started with readout on (additional_config.steerserve.readout;"
+            " steerserve serve --enable-steering-readout)",
+        )
+    if projections > ctx.max_readouts:
+        return (
+            "too_many",
+            f"at most {ctx.max_readouts} readout entries per request (got {projections})",
+        )
+    if len(entries) - projections > 1:
+        return ("too_many", "at most one top-k readout entry per request")
+    return None
 
 
 def _spec_error(e: ValidationError, root: str) -> SpecError:

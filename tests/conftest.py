@@ -116,6 +116,9 @@ class Run:
     num_cached_tokens: int
 
 
+FEATURES = {"max_features": 3, "readout": True, "topk_sae": "sparsify.layers.1", "max_topk": 24}
+
+
 class Engines:
     """Lazily started engines, keyed by (architecture, variant); one of each per session."""
 
@@ -134,15 +137,15 @@ class Engines:
         "readout-compiled": dict(
             enforce_eager=False, additional_config={"steerserve": {"readout": True}}
         ),
-        # SAE feature clamps/scales (opt-in), with readout so feature activations are read.
-        "features": dict(
+        # SAE feature clamps/scales (opt-in), with readout so feature activations are read,
+        # and top-k readout on a TopK SAE (k 8 of 64 features, layer 1).
+        "features": dict(enforce_eager=True, additional_config={"steerserve": FEATURES}),
+        # Top-k readout alone: no projection tables (readout off).
+        "topk-only": dict(
             enforce_eager=True,
-            additional_config={"steerserve": {"max_features": 3, "readout": True}},
+            additional_config={"steerserve": {"decoding": False, "topk_sae": FEATURES["topk_sae"]}},
         ),
-        "features-compiled": dict(
-            enforce_eager=False,
-            additional_config={"steerserve": {"max_features": 3, "readout": True}},
-        ),
+        "features-compiled": dict(enforce_eager=False, additional_config={"steerserve": FEATURES}),
     }
 
     def __init__(self, model_dirs: dict[str, Path], vectors_dir: Path, saes_dir: Path):

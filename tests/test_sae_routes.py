@@ -15,7 +15,8 @@ import pytest
 from conftest import HIDDEN, NUM_LAYERS
 from live_server import live_server
 from safetensors.numpy import save_file
-from test_server import server_args
+from test_sae_topk import _assert_same_top
+from test_server import MESSAGES, MODEL, PROMPT, _joined, client, complete, server_args
 
 from steering.sae import SaeRegistry, SparseAutoencoder, load_sae, save_sae
 from steering.spec import ModelShape
@@ -97,6 +98,9 @@ def sae_server(model_dirs, vectors_dir, tmp_path_factory):
         ADMIN,
         "--saes-dir",
         str(saes),
+        # Top-k readout without --enable-steering-readout: it needs no projection tables.
+        "--steering-topk-sae",
+        "preloaded",
     ]
     with live_server(args, d / "serve.log") as (base, _):
         yield base, saes
@@ -343,3 +347,60 @@ def test_openapi_describes_the_upload(sae_server):
     feature = schema["paths"]["/v1/saes/{name}/features/{feature}"]["get"]
     (param,) = [p for p in feature["parameters"] if p["name"] == "feature"]
     assert param["schema"]["type"] == "integer"
+
+
+# --- top-k readout (the server's top-k SAE is `preloaded`) -------------------------------
+
+TOPK = {"readout": [{"sae": "preloaded", "top_k": 4, "prompt": True}]}
+
+
+def test_topk_readout_over_http_equals_the_reference(sae_server, engines):
+    base, saes = sae_server
+    r, tokens, _ = complete(client(base), TOPK, max_tokens=6)
+    (item,) = r.choices[0].model_extra["readout"]
+    assert (item["sae"], item["top_k"], item["layer"]) == ("preloaded", 4, 1)
+    assert len(item["values"]) == 6 and len(item["prompt_values"]) == len(PROMPT)
+    ref = engines.reference("llama")
+    spec = ref.spec(TOPK, saes=SaeRegistry(saes), topk_sae="preloaded", max_topk=64)
+    want = ref.topk_readout(PROMPT + tokens[:-1], len(PROMPT), spec)
+    for i, pairs in enumerate(item["prompt_values"] + item["values"][1:]):
+        _assert_same_top([tuple(p) for p in pairs], want[i], f"row {i}")
+    assert max(len(p) for p in item["values"]) == 4
+    assert r.model_extra["steering"]["readout"] == [{"sae": "preloaded", "top_k": 4, "layer": 1}]
+
+
+def test_streamed_topk_readout_joins_to_the_non_streamed_one(sae_server):
+
+    base = sae_server[0]
+    c = client(base)
+    extra = {"ignore_eos": True, "steering": TOPK}
+    kw = dict(model=MODEL, max_tokens=8, temperature=0.9, seed=3, n=2, extra_body=extra)
+    full = c.chat.completions.create(messages=MESSAGES, **kw)
+    chunks = list(c.chat.completions.create(messages=MESSAGES, stream=True, **kw))
+    for choice in full.choices:
+        (want,) = choice.model_extra["readout"]
+        (got,) = _joined(chunks, choice.index)
+        assert len(want["values"]) == 8 and None not in want["values"]
+        for g, w in zip(
+            got["values"] + got["prompt_values"],
+            want["values"] + want["prompt_values"],
+            strict=True,
+        ):
+            _assert_same_top([tuple(p) for p in g], [tuple(p) for p in w], "streamed")
+    caps = httpx.get(f"{base}/v1/steering/capabilities", timeout=30).json()
+    assert caps["fields"]["readout"]["top_k"] == {
+        "sae": "preloaded",
+        "max_k": 64,
+        "layer": 1,
+        "width": WIDTH,
+    }
+
+
+def test_the_topk_sae_cannot_be_replaced_or_deleted(sae_server, tmp_path):
+    base, saes = sae_server
+    before = (saes / "preloaded.safetensors").read_bytes()
+    err = _error(_put(base, "preloaded", _ours_bytes(tmp_path, 71)), 409)
+    assert err["param"] == "name" and "--steering-topk-sae" in err["message"]
+    err = _error(httpx.delete(f"{base}/v1/saes/preloaded", headers=ADMIN_H, timeout=30), 409)
+    assert err["param"] == "name" and "restart the server" in err["message"]
+    assert (saes / "preloaded.safetensors").read_bytes() == before

@@ -34,6 +34,8 @@ class Capacity:
     num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
     max_features: int = 0  # SAE feature clamps/scales per layer (0: off)
     feature_layers: tuple[int, ...] | None = None  # where they run (None: every layer)
+    max_topk: int = 0  # top-k readout's largest k (0: no top-k SAE)
+    topk_layer: int | None = None  # its SAE's layer (None: not known here, unchecked)
 
     @classmethod
     def of_engine(cls, config: SteeringConfig, shape: ModelShape) -> Capacity:
@@ -49,6 +51,7 @@ class Capacity:
             num_experts=shape.num_experts,
             max_features=config.max_features,
             feature_layers=config.feature_layers,
+            max_topk=config.max_topk if config.topk_sae else 0,
         )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
@@ -70,11 +73,19 @@ class Capacity:
             if outside:
                 where = list(self.feature_layers)
                 return f"feature ops at layer(s) {outside}, this engine runs them at {where}"
-        if len(spec.readout) > self.max_read:
+        projections = [r for r in spec.readout if not r.top_k]
+        if len(projections) > self.max_read:
             return (
-                f"{len(spec.readout)} readout entries, the tables hold {self.max_read}"
+                f"{len(projections)} readout entries, the tables hold {self.max_read}"
                 " (readout off?)"
             )
+        for r in spec.readout:
+            if not r.top_k:
+                continue
+            if r.top_k > self.max_topk:
+                return f"top-k readout of {r.top_k} features, this engine reads {self.max_topk}"
+            if self.topk_layer is not None and r.layer != self.topk_layer:
+                return f"top-k readout at layer {r.layer}, the engine's SAE reads {self.topk_layer}"
         if spec.experts.layers.size and spec.experts.num_experts != self.num_experts:
             return (
                 f"compiled for {spec.experts.num_experts} experts per layer, the model has "

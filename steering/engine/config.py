@@ -69,6 +69,13 @@ class SteeringConfig:
     # the batch), so it is opt-in like decoding. Off: specs with `readout` are refused.
     readout: bool = False
     max_readouts: int = 4
+    # Top-k readout (readout entries {"sae", "top_k"}): the SAE of `saes_dir` whose full
+    # encoder the sampler step runs on the rows of requests that ask (engine/topk.py). In
+    # the forward pass it costs one copy of the stream at the SAE's layer per step; the
+    # encoder ([hidden, width] float32 on the device) runs only for asking rows. One SAE per
+    # engine; None: top-k entries are refused.
+    topk_sae: str | None = None
+    max_topk: int = 64
     # Steer an architecture that is mapped but not verified against the oracle here
     # (architectures.MAPPED_NOT_VERIFIED names why each is not): at the user's own risk.
     allow_unverified: bool = False
@@ -89,6 +96,8 @@ class SteeringConfig:
             "capture",
             "readout",
             "max_readouts",
+            "topk_sae",
+            "max_topk",
             "allow_unverified",
         )
         unknown = set(mine) - set(known)
@@ -117,6 +126,10 @@ class SteeringConfig:
         max_readouts = int(mine.get("max_readouts", cls.max_readouts))
         if not 1 <= max_readouts <= 64:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_readouts must be in 1..64")
+        max_topk = int(mine.get("max_topk", cls.max_topk))
+        if not 1 <= max_topk <= 1024:
+            raise ValueError(f"additional_config.{CONFIG_KEY}.max_topk must be in 1..1024")
+        topk_sae = mine.get("topk_sae") or None
         return cls(
             enabled=enabled,
             vectors_dir=str(
@@ -131,5 +144,7 @@ class SteeringConfig:
             capture=bool(mine.get("capture", False)),
             readout=bool(mine.get("readout", False)),
             max_readouts=max_readouts,
+            topk_sae=None if topk_sae is None else str(topk_sae),
+            max_topk=max_topk,
             allow_unverified=bool(mine.get("allow_unverified", False)),
         )

@@ -53,6 +53,8 @@ class SteeringFrontend:
             max_readouts=readouts,
             max_features=config.max_features,
             feature_layers=config.feature_layers,
+            topk_sae=config.topk_sae,
+            max_topk=config.max_topk if config.topk_sae else 0,
         )
 
     def compile_request(self, params: Any) -> CompiledSpec | None:

@@ -58,7 +58,7 @@ def runtime_of(runner: Any):
 # --- runner ------------------------------------------------------------------------------
 
 
-def _mark_compile_cache(vllm_config: Any, config: SteeringConfig) -> None:
+def _mark_compile_cache(vllm_config: Any, config: SteeringConfig, topk_layer: int | None) -> None:
     """Keep vLLM's on-disk torch.compile cache apart for steered and plain engines.
 
     vLLM keys its AOT compile cache by `vllm_config.compute_hash()` (which includes
@@ -73,6 +73,7 @@ def _mark_compile_cache(vllm_config: Any, config: SteeringConfig) -> None:
             f"{compat.release()}:heads={config.heads}:max_projections={config.max_projections}"
             f":decoding={config.decoding}:capture={config.capture}"
             f":readout={config.max_readouts if config.readout else 0}"
+            f":topk_layer={topk_layer}"  # a constant of the trace, read from the SAE file
         )
     else:
         log.warning(
@@ -110,6 +111,12 @@ def _after_load_model(runner: Any) -> None:
         heads = local_heads(shape.num_heads, rank, size)
     # The stream before the MLP: IKS ("auto" fuse, lfd) may ask for any layer but the last.
     mid_layers = range(shape.num_layers - 1) if config.decoding else range(0)
+    topk = None
+    if config.topk_sae:
+        from steering.engine.topk import load_encoder
+
+        device = torch.device(runner.device)
+        topk = load_encoder(config.saes_dir, config.topk_sae, shape, config.max_topk, device)
     tables = SteeringTables(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -126,10 +133,12 @@ def _after_load_model(runner: Any) -> None:
         num_experts=shape.num_experts,
         max_features=config.max_features,
         feature_layers=config.feature_layers,
+        topk_layer=None if topk is None else topk.layer,
+        max_topk=0 if topk is None else topk.max_k,
     )
     n = install(runner.get_model(), tables, shape, mid_layers)
-    _mark_compile_cache(runner.vllm_config, config)
-    runtime = SteeringRuntime(tables, runner.max_num_reqs)
+    _mark_compile_cache(runner.vllm_config, config, tables.topk_layer)
+    runtime = SteeringRuntime(tables, runner.max_num_reqs, topk)
     # Contrastive scoring is torch.compile'd when the model is (enforce_eager: eager too).
     runtime.compiled_decoding = not runner.model_config.enforce_eager
     if config.decoding:

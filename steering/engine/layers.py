@@ -155,6 +155,9 @@ def _steered_layer_forward(self, *args, **kwargs):
             tables.stream_all[layer, : stream.shape[0]].copy_(stream)
         if tables.read_units is not None:
             apply_readout(tables, layer, stream)
+        if layer == tables.topk_layer:
+            assert tables.topk_stream is not None
+            tables.topk_stream[: stream.shape[0]].copy_(stream)
     return hidden, residual
 
 

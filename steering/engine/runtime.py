@@ -27,6 +27,7 @@ from steering.engine.decoding import DecodingState, PlannedRow
 from steering.engine.readout import ReadoutBook
 from steering.engine.request_ids import choice_index
 from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
+from steering.engine.topk import TopKEncoder
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ MAX_REPORTS = 4096
 
 
 class SteeringRuntime:
-    def __init__(self, tables: SteeringTables, max_rows: int):
+    def __init__(self, tables: SteeringTables, max_rows: int, topk: TopKEncoder | None = None):
         self.tables = tables
         self.bank = SlotBank(tables)
         self.req_spec: dict[str, CompiledSpec | None] = {}
@@ -52,7 +53,9 @@ class SteeringRuntime:
         self.plan: list[PlannedRow] = []  # this step's rows with layer-reading decoding
         self.compiled_decoding = False  # contrastive scoring through torch.compile
         self.captures = CaptureBook(tables.stream_all) if tables.stream_all is not None else None
-        self.readouts = ReadoutBook(tables.read_out) if tables.read_out is not None else None
+        self.readouts: ReadoutBook | None = None
+        if tables.read_out is not None or topk is not None:
+            self.readouts = ReadoutBook(tables.read_out, tables.topk_stream, topk)
 
     # --- request lifecycle -------------------------------------------------------------
 

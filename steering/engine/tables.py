@@ -57,6 +57,8 @@ class SteeringTables:
     stream_all [layers, max_tokens, hidden]  stream after each layer, every token (capture.py)
     read_units [layers, slots, max_read, hidden]  readout unit vectors (zero where unused)
     read_out   [max_tokens, max_read]         each token's readout projections (float32)
+    topk_stream[max_tokens, hidden]           stream after layer `topk_layer`, every token
+                                              (top-k readout's SAE reads it, topk.py)
 
     The head tables hold only this rank's heads (`heads`, a range of query heads) and are
     absent (None) when the engine runs without head interventions; the capture buffers are
@@ -81,6 +83,8 @@ class SteeringTables:
         num_experts: int = 0,
         max_features: int = 0,
         feature_layers: tuple[int, ...] | None = None,
+        topk_layer: int | None = None,
+        max_topk: int = 0,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -161,9 +165,16 @@ class SteeringTables:
             self.stream_all = torch.zeros(
                 num_layers, max_tokens, hidden_size, dtype=dtype, device=device
             )
+        # Top-k readout: one layer's stream, every token (a constant of the trace like `layer`).
+        self.topk_layer = topk_layer
+        self.max_topk = max_topk if topk_layer is not None else 0
+        self.topk_stream: torch.Tensor | None = None
+        if topk_layer is not None:
+            self.topk_stream = torch.zeros(max_tokens, hidden_size, dtype=dtype, device=device)
         # Whether the layers form the stream (hidden + residual) for any buffer above.
         self.reads_stream = any(
-            t is not None for t in (self.capture, self.stream_all, self.read_units)
+            t is not None
+            for t in (self.capture, self.stream_all, self.read_units, self.topk_stream)
         )
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
         self._per_token = (self.tok_slot, self.tok_const, self.tok_gain)
@@ -187,6 +198,7 @@ class SteeringTables:
             self.stream_all,
             self.read_units,
             self.read_out,
+            self.topk_stream,
         )
         features = (self.feat_enc, self.feat_dec, self.feat_coef)
         tensors = (
@@ -243,7 +255,8 @@ class SteeringTables:
             self._write_features(slot, rows, spec)
         if self.read_units is not None:
             self.read_units[:, slot].zero_()
-            for k, r in enumerate(spec.readout):
+            projections = [r for r in spec.readout if not r.top_k]  # top-k: no column
+            for k, r in enumerate(projections):
                 self.read_units[r.layer, slot, k] = torch.from_numpy(r.unit).to(
                     device=self.device, dtype=self.read_units.dtype
                 )
@@ -262,6 +275,8 @@ class SteeringTables:
             num_experts=self.num_experts,
             max_features=self.max_features,
             feature_layers=tuple(sorted(self.feature_layers)),
+            max_topk=self.max_topk,
+            topk_layer=self.topk_layer,
         ).misfit(spec)
 
     def _write_features(self, slot: int, rows: slice, spec: CompiledSpec) -> None:
