@@ -160,6 +160,21 @@ def test_encoder_equals_the_sae_encoding(activation):
     assert enc.effective_k(48) == (6 if activation == "topk" else 48)
 
 
+def test_bfloat16_encoder_is_within_its_rounding():
+    """In a bfloat16 model the encoder's matmul runs in bfloat16: each activation within
+    bfloat16's rounding of the float32 encoding of the same rows, the top feature kept."""
+    a = sae_arrays(6, 64, width=96)
+    sae = SparseAutoencoder(a["W_enc"], a["b_enc"], a["W_dec"], a["b_dec"], layer=0)
+    rows = torch.from_numpy(np.random.default_rng(1).standard_normal((50, 64)) * 2).bfloat16()
+    full = sae.encode(rows.float().numpy())
+    enc = TopKEncoder(sae, 8, torch.device("cpu"), torch.bfloat16)
+    ids, values = enc.encode(rows, 8)
+    got = np.take_along_axis(full, ids.astype(np.int64), axis=1)
+    scale = np.abs(full).max(axis=1, keepdims=True)
+    assert np.abs(values - got).max() <= 0.02 * scale.max()  # bfloat16: 8 significant bits
+    assert np.mean(ids[:, 0] == full.argmax(axis=1)) >= 0.9
+
+
 def _error(llm, raw) -> str:
     with pytest.raises(SteeringValidationError) as e:
         llm.generate([{"prompt_token_ids": [5, 6, 7]}], sampling(raw), use_tqdm=False)

@@ -116,7 +116,8 @@ def _after_load_model(runner: Any) -> None:
         from steering.engine.topk import load_encoder
 
         device = torch.device(runner.device)
-        topk = load_encoder(config.saes_dir, config.topk_sae, shape, config.max_topk, device)
+        dtype = runner.model_config.dtype
+        topk = load_encoder(config.saes_dir, config.topk_sae, shape, config.max_topk, device, dtype)
     tables = SteeringTables(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,

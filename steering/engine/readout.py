@@ -207,7 +207,8 @@ class ReadoutBook:
                 if g < len(t.generated):
                     t.generated[g] = token  # recomputed after preemption: the same token
                 else:
-                    t.generated.extend([t.not_computed()] * (g - len(t.generated)))
+                    if g > len(t.generated):
+                        t.generated.extend([t.not_computed()] * (g - len(t.generated)))
                     t.generated.append(token)
 
     def release(self, req_id: str) -> None:

@@ -23,7 +23,18 @@ from steering.spec import ModelShape
 
 
 class TopKEncoder:
-    def __init__(self, sae: SparseAutoencoder, max_k: int, device: torch.device):
+    """The SAE's encoder on the device. W_enc is kept in the model's dtype, as the feature
+    ops' and readout's rows are: in a bfloat16 model the matmul runs in bfloat16 (float32
+    accumulation, one bfloat16 rounding of each pre-activation, about 4x faster on CPU than
+    float32 here); biases, threshold and top-k are float32."""
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        max_k: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ):
         def f32(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
 
@@ -31,7 +42,7 @@ class TopKEncoder:
         self.width = sae.width
         self.max_k = min(max_k, sae.width)
         self.sae_k = sae.k if sae.activation == "topk" else None
-        self.w_enc = f32(sae.w_enc)  # [hidden, width]
+        self.w_enc = f32(sae.w_enc).to(dtype)  # [hidden, width]
         self.b_enc = f32(sae.b_enc)
         self.b_dec = f32(sae.b_dec) if sae.subtract_b_dec else None
         self.theta: torch.Tensor | None = None  # JumpReLU: fires where pre > max(threshold, 0)
@@ -45,10 +56,10 @@ class TopKEncoder:
     def encode(self, rows: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Features [n, k] (int32) and their activations [n, k] (float32) of the k largest
         activations of each row, descending; an activation of 0 is a feature that is off."""
-        x = rows.float()
+        x = rows
         if self.b_dec is not None:
-            x = x - self.b_dec
-        pre = torch.addmm(self.b_enc, x, self.w_enc)
+            x = rows.float() - self.b_dec
+        pre = (x.to(self.w_enc.dtype) @ self.w_enc).float() + self.b_enc
         if self.theta is not None:
             acts = torch.where(pre > self.theta, pre, torch.zeros_like(pre))
         else:
@@ -57,7 +68,9 @@ class TopKEncoder:
         return ids.to(torch.int32).cpu().numpy(), values.cpu().numpy()
 
 
-def load_encoder(saes_dir: str, name: str, shape: ModelShape, max_k: int, device) -> TopKEncoder:
+def load_encoder(
+    saes_dir: str, name: str, shape: ModelShape, max_k: int, device, dtype: torch.dtype
+) -> TopKEncoder:
     """The engine's top-k SAE, checked against the model; a clear error at start if not."""
     try:
         sae = load_named(saes_dir, name)
@@ -71,7 +84,7 @@ def load_encoder(saes_dir: str, name: str, shape: ModelShape, max_k: int, device
     problem = sae.fits(shape)
     if problem is not None:
         raise ValueError(f"steerserve: top-k SAE {name!r} {problem}")
-    return TopKEncoder(sae, max_k, device)
+    return TopKEncoder(sae, max_k, device, dtype)
 
 
 def active_pairs(ids: np.ndarray, values: np.ndarray) -> list[list[float]] | None:
