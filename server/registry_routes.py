@@ -168,7 +168,7 @@ async def reload(request: Request) -> dict[str, Any]:
     state = state_of(request)
     frontend = _frontend(request)
     await asyncio.to_thread(frontend.registry.reload)
-    await asyncio.to_thread(frontend.saes.reload)
+    await asyncio.to_thread(frontend.reload_saes)
     try:
         presets = load_presets(state.settings.presets_path)
         check_presets(frontend, presets)

@@ -726,6 +726,24 @@ def _parse_zip(data: bytes, root: Path, layer: int | None) -> SparseAutoencoder:
     return read_any(folder, layer)
 
 
+def same_sae(a: SparseAutoencoder | None, b: SparseAutoencoder | None) -> bool:
+    """Whether two SAEs encode and decode alike (weights, layer, activation, k)."""
+    if a is None or b is None:
+        return a is b
+
+    def kind(s: SparseAutoencoder) -> tuple:
+        return (s.layer, s.activation, s.k, s.subtract_b_dec)
+
+    if kind(a) != kind(b):
+        return False
+    pairs = [(a.w_enc, b.w_enc), (a.w_dec, b.w_dec), (a.b_enc, b.b_enc), (a.b_dec, b.b_dec)]
+    if (a.threshold is None) != (b.threshold is None):
+        return False
+    if a.threshold is not None:
+        pairs.append((a.threshold, b.threshold))
+    return all(np.array_equal(x, y) for x, y in pairs)
+
+
 def sae_paths(directory: Path) -> list[tuple[str, Path]]:
     """(name, path) of each candidate SAE in `directory`, in path order: `<name>.safetensors`,
     `<name>.npz` or a directory `<name>/`."""

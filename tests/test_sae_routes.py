@@ -404,3 +404,26 @@ def test_the_topk_sae_cannot_be_replaced_or_deleted(sae_server, tmp_path):
     err = _error(httpx.delete(f"{base}/v1/saes/preloaded", headers=ADMIN_H, timeout=30), 409)
     assert err["param"] == "name" and "restart the server" in err["message"]
     assert (saes / "preloaded.safetensors").read_bytes() == before
+
+
+def test_reload_keeps_the_topk_sae_the_engine_holds(sae_server, tmp_path):
+    """A changed file under the top-k SAE's name is reported by a reload, not served: the
+    workers keep the SAE they loaded at start, and so does validation."""
+    base, saes = sae_server
+    path = saes / "preloaded.safetensors"
+    original = path.read_bytes()
+    before = _get(base, "/v1/saes/preloaded").json()
+    try:
+        save_sae(_ours(81, layer=2), path)
+        r = httpx.post(f"{base}/v1/admin/reload", headers=ADMIN_H, timeout=30)
+        assert r.status_code == 200, r.text
+        skipped = r.json()["skipped_sae_files"]
+        assert "loaded at start" in skipped["preloaded (top-k SAE)"]
+        assert _get(base, "/v1/saes/preloaded").json() == before  # still layer 1
+        r, _, _ = complete(client(base), TOPK, max_tokens=3)
+        assert r.choices[0].model_extra["readout"][0]["layer"] == 1
+    finally:
+        path.write_bytes(original)
+        httpx.post(f"{base}/v1/admin/reload", headers=ADMIN_H, timeout=30)
+    skipped = _get(base, "/v1/saes").json()["skipped_files"]
+    assert "preloaded (top-k SAE)" not in skipped

@@ -20,7 +20,7 @@ from steering.engine.capture import REQUEST_KEY as CAPTURE_KEY
 from steering.engine.capture import CaptureError
 from steering.engine.capture import parse_request as parse_capture
 from steering.engine.config import SteeringConfig
-from steering.sae import SaeRegistry
+from steering.sae import SaeRegistry, same_sae
 from steering.spec import ModelShape, SpecContext, SpecError, SteeringSpec, parse_spec
 from steering.vectors import VectorRegistry
 
@@ -45,6 +45,8 @@ class SteeringFrontend:
         self.speculative = getattr(vllm_config, "speculative_config", None) is not None
         self.registry = VectorRegistry(config.vectors_dir)
         self.saes = SaeRegistry(config.saes_dir)
+        # The top-k SAE as the workers loaded it at start (same directory, same moment).
+        self.topk_sae = self.saes.saes.get(config.topk_sae) if config.topk_sae else None
         readouts = config.max_readouts if config.readout else 0
         self.context = SpecContext(
             self.shape,
@@ -56,6 +58,20 @@ class SteeringFrontend:
             topk_sae=config.topk_sae,
             max_topk=config.max_topk if config.topk_sae else 0,
         )
+
+    def reload_saes(self) -> None:
+        """Re-read the SAE directory. The top-k SAE stays the one the workers hold: a file
+        changed or removed under its name is reported in `saes.errors`, not served."""
+        self.saes.reload()
+        name, pinned = self.config.topk_sae, self.topk_sae
+        if name is None or pinned is None:
+            return
+        if not same_sae(self.saes.saes.get(name), pinned):
+            self.saes.saes[name] = pinned
+            self.saes.errors[f"{name} (top-k SAE)"] = (
+                "its file changed or went away; the engine keeps reading the SAE it loaded at "
+                "start, and so does this server until it restarts"
+            )
 
     def compile_request(self, params: Any) -> CompiledSpec | None:
         """Validate and compile `params.extra_args["steering"]`; None when unsteered.
