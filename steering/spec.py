@@ -542,8 +542,11 @@ class FeatureEntry(BaseModel):
     @property
     def rows(self) -> FeatureRows:
         """The feature's encoder and decoder rows, offset and threshold (validated)."""
-        assert self._rows is not None, "validated without a model context"
-        return self._rows
+        # Read past pydantic's __getattr__ (about 4 us a read; compile reads rows several
+        # times per entry, 16 entries per request in the feature benchmark).
+        rows = (self.__pydantic_private__ or {}).get("_rows")
+        assert rows is not None, "validated without a model context"
+        return rows
 
     @property
     def layer(self) -> int:
