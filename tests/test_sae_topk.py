@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import FEATURES, generate, prompt_ids, sampling
 from sae_fixtures import sae_arrays
+from test_sae_features import _error
 
-from steering.engine.frontend import SteeringValidationError
 from steering.engine.topk import TopKEncoder, active_pairs
 from steering.engine.worker import readouts
 from steering.sae import SaeRegistry, SparseAutoencoder
@@ -173,12 +173,6 @@ def test_bfloat16_encoder_is_within_its_rounding():
     scale = np.abs(full).max(axis=1, keepdims=True)
     assert np.abs(values - got).max() <= 0.02 * scale.max()  # bfloat16: 8 significant bits
     assert np.mean(ids[:, 0] == full.argmax(axis=1)) >= 0.9
-
-
-def _error(llm, raw) -> str:
-    with pytest.raises(SteeringValidationError) as e:
-        llm.generate([{"prompt_token_ids": [5, 6, 7]}], sampling(raw), use_tqdm=False)
-    return str(e.value)
 
 
 def test_topk_spec_errors_name_the_field(engines):
