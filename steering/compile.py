@@ -241,6 +241,11 @@ class CompiledSpec:
         return f"{self.fingerprint}+r{h.hexdigest()[:16]}"
 
     @property
+    def projection_readouts(self) -> list[Readout]:
+        """The readout entries that take a projection column (all but top-k), in order."""
+        return [r for r in self.readout if not r.top_k]
+
+    @property
     def reads_prompt(self) -> bool:
         return any(r.prompt for r in self.readout)
 

@@ -73,12 +73,9 @@ class Capacity:
             if outside:
                 where = list(self.feature_layers)
                 return f"feature ops at layer(s) {outside}, this engine runs them at {where}"
-        projections = [r for r in spec.readout if not r.top_k]
-        if len(projections) > self.max_read:
-            return (
-                f"{len(projections)} readout entries, the tables hold {self.max_read}"
-                " (readout off?)"
-            )
+        projections = len(spec.projection_readouts)
+        if projections > self.max_read:
+            return f"{projections} readout entries, the tables hold {self.max_read} (readout off?)"
         for r in spec.readout:
             if not r.top_k:
                 continue

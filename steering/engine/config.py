@@ -72,8 +72,8 @@ class SteeringConfig:
     # Top-k readout (readout entries {"sae", "top_k"}): the SAE of `saes_dir` whose full
     # encoder the sampler step runs on the rows of requests that ask (engine/topk.py). In
     # the forward pass it costs one copy of the stream at the SAE's layer per step; the
-    # encoder ([hidden, width] float32 on the device) runs only for asking rows. One SAE per
-    # engine; None: top-k entries are refused.
+    # encoder ([hidden, width] in the model's dtype, on the device) runs only for asking
+    # rows. One SAE per engine; None: top-k entries are refused.
     topk_sae: str | None = None
     max_topk: int = 64
     # Steer an architecture that is mapped but not verified against the oracle here

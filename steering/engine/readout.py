@@ -22,6 +22,7 @@ are kept for `MAX_FINISHED` more requests.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,9 @@ class ReadoutState:
     features: list[tuple[int, Readout]] = field(default_factory=list)
     topk: TopKState | None = None
 
+    def not_computed(self) -> np.ndarray:
+        return np.full(self.entries, np.nan, np.float32)
+
     def values(self, projections: np.ndarray) -> np.ndarray:
         """[rows, entries] values from the rows' projections."""
         out = projections[:, : self.entries].copy()
@@ -95,6 +99,16 @@ class ReadoutState:
         return {"generated": self.rows(), "prompt": self.prompt_rows()}
 
 
+def _put_token(tokens: list, g: int, value: object, missing: Callable[[], object]) -> None:
+    """tokens[g] = value; a gap before it (tokens no step read) is filled with missing()."""
+    if g < len(tokens):
+        tokens[g] = value  # recomputed after preemption: the same token
+        return
+    if g > len(tokens):
+        tokens.extend([missing()] * (g - len(tokens)))
+    tokens.append(value)
+
+
 class ReadoutBook:
     def __init__(
         self,
@@ -112,7 +126,7 @@ class ReadoutBook:
         self.by_key: dict[str, str] = {}
 
     def register(self, req_id: str, spec: CompiledSpec, prompt_len: int) -> None:
-        projections = [r for r in spec.readout if not r.top_k]
+        projections = spec.projection_readouts
         n = len(projections)
         prompt = np.full((prompt_len, n), np.nan, dtype=np.float32) if spec.reads_prompt else None
         features = [(k, r) for k, r in enumerate(projections) if r.threshold is not None]
@@ -165,13 +179,7 @@ class ReadoutBook:
             if g is not None:
                 value = s.values(values[at : at + 1])[0]
                 at += 1
-                if g < len(s.generated):
-                    s.generated[g] = value  # recomputed after preemption: the same token
-                else:
-                    s.generated.extend(
-                        [np.full(s.entries, np.nan, np.float32)] * (g - len(s.generated))
-                    )
-                    s.generated.append(value)
+                _put_token(s.generated, g, value, s.not_computed)
 
     def _collect_topk(self, reads: list[tuple[TokenRun[ReadoutState], int, int | None]]) -> None:
         """The top-k entries' rows of this step through the SAE's encoder, in one call."""
@@ -204,12 +212,7 @@ class ReadoutBook:
             if g is not None:
                 token = (ids[at, : t.k].copy(), values[at, : t.k].copy())
                 at += 1
-                if g < len(t.generated):
-                    t.generated[g] = token  # recomputed after preemption: the same token
-                else:
-                    if g > len(t.generated):
-                        t.generated.extend([t.not_computed()] * (g - len(t.generated)))
-                    t.generated.append(token)
+                _put_token(t.generated, g, token, t.not_computed)
 
     def release(self, req_id: str) -> None:
         state = self.live.pop(req_id, None)

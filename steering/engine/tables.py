@@ -255,8 +255,7 @@ class SteeringTables:
             self._write_features(slot, rows, spec)
         if self.read_units is not None:
             self.read_units[:, slot].zero_()
-            projections = [r for r in spec.readout if not r.top_k]  # top-k: no column
-            for k, r in enumerate(projections):
+            for k, r in enumerate(spec.projection_readouts):  # top-k entries: no column
                 self.read_units[r.layer, slot, k] = torch.from_numpy(r.unit).to(
                     device=self.device, dtype=self.read_units.dtype
                 )

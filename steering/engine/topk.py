@@ -39,7 +39,6 @@ class TopKEncoder:
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
 
         self.layer = int(sae.layer)
-        self.width = sae.width
         self.max_k = min(max_k, sae.width)
         self.sae_k = sae.k if sae.activation == "topk" else None
         self.w_enc = f32(sae.w_enc).to(dtype)  # [hidden, width]
