@@ -3,7 +3,8 @@
     steerserve serve [--model PATH] [vLLM engine/server flags] [steerserve flags]
 
 Every flag of `vllm serve` works unchanged (vLLM's own parser; `--help` lists them all).
-steerserve adds --admin-key, --vectors-dir, --saes-dir, --max-steering-features, --presets,
+steerserve adds --admin-key, --vectors-dir, --saes-dir, --max-steering-features,
+--max-steering-dynamic, --presets,
 --default-steering, --max-request-body-bytes, --max-inline-floats, --experiments, --database-url,
 --enable-steering-decoding, --enable-steering-readout, --steering-topk-sae and
 --max-steering-topk. With no model it serves the
@@ -23,6 +24,7 @@ import os
 import sys
 
 from .demo import (
+    DEMO_MAX_DYNAMIC,
     DEMO_MAX_FEATURES,
     DEMO_MODEL,
     DEMO_MODEL_DIR,
@@ -66,6 +68,14 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         help="SAE feature clamps/scales one request may apply per layer (0, the default, "
         f"turns those ops off; {DEMO_MAX_FEATURES} for the demo model). Each costs a dot "
         "product per token and layer for every request.",
+    )
+    group.add_argument(
+        "--max-steering-dynamic",
+        type=int,
+        default=None,
+        help="Scheduled and RMS-relative adds (vector entries with `schedule` / `relative`) "
+        f"one request may use (0, the default, turns them off; {DEMO_MAX_DYNAMIC} for the "
+        "demo model). Each costs an axpy per token and layer for every request.",
     )
     group.add_argument(
         "--steering-feature-layers",
@@ -150,6 +160,11 @@ def _steering_config(args: argparse.Namespace) -> None:
         features = DEMO_MAX_FEATURES
     if features is not None:
         mine["max_features"] = features
+    dynamic = args.max_steering_dynamic
+    if dynamic is None and demo:
+        dynamic = DEMO_MAX_DYNAMIC
+    if dynamic is not None:
+        mine["max_dynamic"] = dynamic
     if args.steering_feature_layers:
         try:
             mine["feature_layers"] = [int(x) for x in args.steering_feature_layers.split(",")]

@@ -12,7 +12,15 @@ from typing import Any, get_args
 
 from steering.engine.architectures import refusal
 from steering.engine.config import SteeringConfig
-from steering.spec import Op, Positions, Site, SpecContext, dola_buckets, lfd_layers
+from steering.spec import (
+    Op,
+    Positions,
+    ScheduleKind,
+    Site,
+    SpecContext,
+    dola_buckets,
+    lfd_layers,
+)
 
 
 def describe(model: str, context: SpecContext, config: SteeringConfig | None) -> dict[str, Any]:
@@ -54,6 +62,9 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
             "max_projections": config.max_projections,
             "widths": {"residual": shape.hidden_size, "heads": shape.width("heads")},
             "max_inline_floats": context.max_inline_floats,
+            # Adds with `schedule` / `relative: "rms"` per request (0: off on this server).
+            "max_dynamic": config.max_dynamic,
+            "schedules": list(get_args(ScheduleKind)) if config.max_dynamic else [],
         },
         "heads": None,
         "experts": None,

@@ -41,22 +41,36 @@ such an op unchanged if its input offset absorbs it: F(h + b) = F_{c + <e, b>}(h
 token class, c holds <e, b> of the constant folded so far, and (alpha, beta) are 0 where the
 entry's window does not cover the class. The ops are packed per layer (op k of layer i is
 the k-th clamp/scale at layer i).
+
+Dynamic adds (a `schedule` or `relative: "rms"`) have a per-token strength, so they cannot
+fold into b. Each is a direction per layer and class, d_j = the add's vector pushed through
+the projections after it at that layer (linear, so the per-token coefficient factors out),
+and the forward pass adds sum_j coef_j(t) d_j after the projections, before the feature ops
+(which then see it in the stream). coef_j(t) = scale * window * schedule(g) (host, per token,
+`dynamic_coef`), times RMS(h) of the layer's own output for relative adds (in the graph).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import numpy as np
 
 from steering.sae import FeatureRows
-from steering.spec import FeatureEntry, ModelShape, SteeringSpec, VectorEntry, unit
+from steering.spec import (
+    FeatureEntry,
+    ModelShape,
+    ScheduleKind,
+    SteeringSpec,
+    VectorEntry,
+    unit,
+)
 
 PAYLOAD_KEY = "steerserve.compiled"
-PAYLOAD_VERSION = 6
+PAYLOAD_VERSION = 7
 
 NEVER = 1 << 62
 WINDOWS: dict[str, tuple[int, int]] = {
@@ -162,6 +176,79 @@ class FeatureOps:
         return int(self.enc.shape[1])
 
 
+SCHEDULE_KINDS = get_args(ScheduleKind)  # their codes in DynamicAdds.params
+# Columns of DynamicAdds.params.
+(
+    DYN_LO,
+    DYN_HI,
+    DYN_SCALE,
+    DYN_RMS,
+    DYN_KIND,
+    DYN_START,
+    DYN_STEPS,
+    DYN_END,
+    DYN_HALF_LIFE,
+    DYN_STOP,
+) = range(10)
+NUM_DYN_PARAMS = 10
+
+
+@dataclass
+class DynamicAdds:
+    """Adds with a per-token strength (see the module doc): add j's direction at layer
+    i and token class c is dirs[i, c, j]; params[j] its window, scale and schedule."""
+
+    layers: np.ndarray  # [m] int64
+    dirs: np.ndarray  # [m, NUM_CLASSES, J, hidden] float32
+    params: np.ndarray  # [J, NUM_DYN_PARAMS] float64
+
+    @classmethod
+    def identity(cls, hidden: int = 0) -> DynamicAdds:
+        return cls(
+            np.zeros(0, dtype=np.int64),
+            np.zeros((0, NUM_CLASSES, 0, hidden), dtype=np.float32),
+            np.zeros((0, NUM_DYN_PARAMS), dtype=np.float64),
+        )
+
+    @property
+    def count(self) -> int:
+        return int(self.params.shape[0])
+
+
+def dynamic_params(entry: VectorEntry) -> np.ndarray:
+    p = np.zeros(NUM_DYN_PARAMS, dtype=np.float64)
+    p[DYN_LO], p[DYN_HI] = WINDOWS[entry.positions]
+    p[DYN_SCALE] = entry.scale
+    p[DYN_RMS] = entry.relative == "rms"
+    s = entry.schedule
+    if s is not None:
+        p[DYN_KIND] = SCHEDULE_KINDS.index(s.kind)
+        p[DYN_START] = s.start
+        p[DYN_STEPS] = s.steps or 1
+        p[DYN_END] = s.end or 0.0
+        p[DYN_HALF_LIFE] = s.half_life or 1.0
+        p[DYN_STOP] = s.stop or 0
+    return p
+
+
+def dynamic_coef(params: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    """scale * window * schedule(rel) for tokens at `rel` with params [..., J, P] per token
+    (vectorised over tokens and adds; all-zero params give 0)."""
+    g = rel.astype(np.float64)[:, None]
+    after = g - params[..., DYN_START]
+    kind = params[..., DYN_KIND]
+    # Unused columns (all zeros) divide by zero here; np.select never picks those values.
+    with np.errstate(all="ignore"):
+        linear = 1.0 + (params[..., DYN_END] - 1.0) * np.clip(after / params[..., DYN_STEPS], 0, 1)
+        exp = np.exp2(-np.maximum(after, 0.0) / params[..., DYN_HALF_LIFE])
+    window = (after >= 0) & (g < params[..., DYN_STOP])
+    factor = np.select(
+        [kind == 1, kind == 2, kind == 3], [linear, exp, window.astype(np.float64)], 1.0
+    )
+    inside = (g >= params[..., DYN_LO]) & (g < params[..., DYN_HI])
+    return (params[..., DYN_SCALE] * inside * factor).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Decoding:
     """What the sampler step does with intermediate layers (spec.DecodingSpec, resolved)."""
@@ -227,6 +314,7 @@ class CompiledSpec:
     readout: list[Readout] = field(default_factory=list)
     experts: ExpertOps = field(default_factory=ExpertOps.identity)
     features: FeatureOps = field(default_factory=FeatureOps.identity)
+    dynamic: DynamicAdds = field(default_factory=DynamicAdds.identity)
 
     @property
     def key(self) -> str:
@@ -258,6 +346,7 @@ class CompiledSpec:
             or self.heads.layers.size
             or self.experts.layers.size
             or self.features.layers.size
+            or self.dynamic.layers.size
         )
 
     @property
@@ -319,6 +408,11 @@ class CompiledSpec:
                 "n": self.experts.num_experts,
                 "layers": self.experts.layers.tolist(),
                 "bias": self.experts.bias.astype(np.float32).tobytes(),
+            },
+            "dynamic": {
+                "layers": self.dynamic.layers.tolist(),
+                "dirs": self.dynamic.dirs.astype(np.float32).tobytes(),
+                "params": self.dynamic.params.astype(np.float64).tobytes(),
             },
         }
 
@@ -386,6 +480,13 @@ class CompiledSpec:
             np.asarray(e["layers"], dtype=np.int64),
             floats(e["bias"], len(e["layers"]), NUM_CLASSES, e["n"]),
         )
+        d = payload["dynamic"]
+        params = np.frombuffer(d["params"], dtype=np.float64).reshape(-1, NUM_DYN_PARAMS).copy()
+        dynamic = DynamicAdds(
+            np.asarray(d["layers"], dtype=np.int64),
+            floats(d["dirs"], len(d["layers"]), NUM_CLASSES, len(params), hidden),
+            params,
+        )
         return cls(
             payload["fp"],
             hidden,
@@ -397,6 +498,7 @@ class CompiledSpec:
             readout,
             experts,
             features,
+            dynamic,
         )
 
 
@@ -412,7 +514,7 @@ def read_payload(payload: Any) -> dict:
 def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
     """Lower a validated (resolved) spec; an empty spec compiles to the identity."""
     residual = [e for e in spec.vectors if e.site == "residual"]
-    projections, const_layers, const, features = _compile_residual(
+    projections, const_layers, const, features, dynamic = _compile_residual(
         residual, spec.features, shape.hidden_size
     )
     heads = _compile_heads(spec, shape)
@@ -443,6 +545,7 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
         readout,
         _compile_experts(spec, shape),
         features,
+        dynamic,
     )
 
 
@@ -470,7 +573,7 @@ def _classes(windows: list[str]) -> tuple[tuple[int, int], ...]:
 
 def _compile_residual(
     entries: list[VectorEntry], features: list[FeatureEntry], hidden_size: int
-) -> tuple[list[Projection], np.ndarray, np.ndarray, FeatureOps]:
+) -> tuple[list[Projection], np.ndarray, np.ndarray, FeatureOps, DynamicAdds]:
     projections: list[Projection] = []
     for entry in entries:
         if entry.op == "add":
@@ -489,14 +592,24 @@ def _compile_residual(
         rows = f.rows  # a pydantic private attribute: read once, not per class
         at_layer.setdefault(rows.layer, []).append((f, rows))
     ops: dict[int, tuple[list[FeatureRows], np.ndarray]] = {}
+    dyn_index = {id(e): j for j, e in enumerate(e for e in entries if e.is_dynamic)}
+    dyn_dirs: dict[int, np.ndarray] = {}
     for layer in sorted({layer for e in entries for layer in e.resolved} | set(at_layer)):
         b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
+        # Dynamic adds at this layer: their directions, pushed through later projections.
+        d = np.zeros((NUM_CLASSES, len(dyn_index), hidden_size), dtype=np.float64)
+        here_dyn = False
         here = at_layer.get(layer, [])
         gated = [rows for f, rows in here if f.op != "add"]
         coef = np.zeros((NUM_CLASSES, len(gated), NUM_COEFS), dtype=np.float64)
         for c, cls in enumerate(classes):
             for entry in entries:
                 vec = entry.resolved.get(layer)
+                if vec is not None and entry.is_dynamic:  # its window is applied per token
+                    w = unit(vec) if entry.normalize else vec
+                    d[c, dyn_index[id(entry)]] = w.astype(np.float64)
+                    here_dyn = True
+                    continue
                 if vec is None or not _covers(WINDOWS[entry.positions], cls):
                     continue
                 if entry.op == "add":
@@ -506,6 +619,7 @@ def _compile_residual(
                 u = unit(vec).astype(np.float64)
                 gain = entry.scale if entry.op == "ablate" else 1.0
                 b[c] -= gain * np.dot(b[c], u) * u
+                d[c] -= gain * np.outer(d[c] @ u, u)
                 if entry.op == "clamp":
                     b[c] += entry.value * u
             k = 0
@@ -523,6 +637,9 @@ def _compile_residual(
                 k += 1
         b[len(classes) :] = b[0]
         coef[len(classes) :] = coef[0]
+        d[len(classes) :] = d[0]
+        if here_dyn:
+            dyn_dirs[layer] = d
         if np.any(b):
             consts[layer] = b
         if gated:
@@ -533,7 +650,15 @@ def _compile_residual(
         if consts
         else np.zeros((0, NUM_CLASSES, hidden_size), dtype=np.float32)
     )
-    return projections, const_layers, const, _pack_features(ops, hidden_size)
+    dynamic = DynamicAdds.identity(hidden_size)
+    if dyn_index:
+        dyn_layers = sorted(dyn_dirs)
+        dynamic = DynamicAdds(
+            np.array(dyn_layers, dtype=np.int64),
+            np.stack([dyn_dirs[i] for i in dyn_layers]).astype(np.float32),
+            np.stack([dynamic_params(e) for e in entries if e.is_dynamic]),
+        )
+    return projections, const_layers, const, _pack_features(ops, hidden_size), dynamic
 
 
 def _pack_features(

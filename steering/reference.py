@@ -70,6 +70,8 @@ class ReferenceModel:
         }[positions]
 
     def _apply(self, spec: SteeringSpec, layer: int, h: torch.Tensor, rel: torch.Tensor):
+        # RMS-relative adds scale by the RMS of the stream the layer itself produced.
+        rms = h.to(torch.float64).square().mean(dim=-1, keepdim=True).sqrt()
         for entry in spec.vectors:
             if entry.site != "residual" or layer not in entry.resolved:
                 continue
@@ -77,7 +79,13 @@ class ReferenceModel:
             hd = h.to(torch.float64)
             if entry.op == "add":
                 w = v / v.norm() if entry.normalize else v
-                delta = (entry.scale * w).expand_as(hd)
+                strength = torch.full_like(rel, entry.scale, dtype=torch.float64).unsqueeze(-1)
+                if entry.schedule is not None:
+                    factor = entry.schedule.factor(rel.cpu().numpy())
+                    strength = strength * torch.as_tensor(factor).to(hd.device).unsqueeze(-1)
+                if entry.relative == "rms":
+                    strength = strength * rms
+                delta = strength * w
             else:
                 u = v / v.norm()
                 proj = (hd @ u).unsqueeze(-1)

@@ -165,6 +165,7 @@ class SpecContext:
     max_feature_entries: int = 64
     topk_sae: str | None = None  # the SAE top-k readout reads (None: the engine has it off)
     max_topk: int = 0
+    max_dynamic: int = 0  # scheduled / RMS-relative adds per request (0: the engine has them off)
 
 
 class SpecError(ValueError):
@@ -261,6 +262,66 @@ def _site_of(info: ValidationInfo) -> str:
     return info.data.get("site", "residual")
 
 
+ScheduleKind = Literal["constant", "linear", "exp", "window"]
+
+
+class Schedule(BaseModel):
+    """An add's strength over the generated position g = position - prompt_length (g = 0 is
+    the first generated token; prompt rows have g < 0). The entry's scale is multiplied by
+
+    constant: 1
+    linear:   1 before `start`, then 1 + (end - 1) * min((g - start) / steps, 1)
+    exp:      1 before `start`, then 0.5 ** ((g - start) / half_life)
+    window:   1 for start <= g < stop, else 0
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: ScheduleKind = "constant"
+    start: int = Field(0, ge=0)
+    steps: int | None = Field(None, ge=1)
+    end: float | None = None
+    half_life: float | None = Field(None, gt=0)
+    stop: int | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> Schedule:
+        needs = {"constant": (), "linear": ("steps",), "exp": ("half_life",), "window": ("stop",)}
+        allowed = {"linear": ("steps", "end")}.get(self.kind, needs[self.kind])
+        for name in ("steps", "end", "half_life", "stop"):
+            given = getattr(self, name) is not None
+            if name in needs[self.kind] and not given:
+                raise _fail(
+                    "schedule_field", "kind '{what}' needs '{name}'", what=self.kind, name=name
+                )
+            if given and name not in allowed:
+                raise _fail(
+                    "schedule_field",
+                    "'{name}' is not used by kind '{what}'",
+                    what=self.kind,
+                    name=name,
+                )
+        if self.kind == "window" and self.stop is not None and self.stop <= self.start:
+            raise _fail("schedule_window", "'stop' must be greater than 'start'")
+        return self
+
+    def factor(self, g: np.ndarray) -> np.ndarray:
+        """The multiplier at generated positions `g` (float64), straight from the formulas."""
+        g = np.asarray(g, dtype=np.float64)
+        after = g - self.start
+        if self.kind == "linear":
+            assert self.steps is not None
+            end = 0.0 if self.end is None else self.end
+            ramp = np.clip(after / self.steps, 0.0, 1.0)
+            return 1.0 + (end - 1.0) * ramp
+        if self.kind == "exp":
+            assert self.half_life is not None
+            return np.where(after < 0, 1.0, 0.5 ** (np.maximum(after, 0.0) / self.half_life))
+        if self.kind == "window":
+            return ((after >= 0) & (g < (self.stop or 0))).astype(np.float64)
+        return np.ones_like(g)
+
+
 class VectorEntry(BaseModel):
     """One vector intervention at the residual stream or the heads' o_proj input."""
 
@@ -278,6 +339,10 @@ class VectorEntry(BaseModel):
     weight: float | None = None
     normalize: bool = False
     positions: Positions = "all"
+    # Dynamic strength (op "add" at the residual stream only): `schedule` over generated
+    # positions, `relative` "rms" multiplies by RMS(h) of the stream the layer produced.
+    schedule: Schedule | None = None
+    relative: Literal["rms"] | None = None
 
     # Per-layer float32 data after name/data resolution and the `layers` subset.
     _resolved: dict[int, np.ndarray] = PrivateAttr(default_factory=dict)
@@ -380,10 +445,21 @@ class VectorEntry(BaseModel):
             raise _fail("weight_unused", "'weight' is only used by op 'mix'")
         if self.heads is not None and self.site != "heads":
             raise _fail("heads_unused", "'heads' restricts a vector at site 'heads' only")
+        if self.is_dynamic and (self.op != "add" or self.site != "residual"):
+            raise _fail(
+                "dynamic_op",
+                "'schedule' and 'relative' apply to op 'add' at site 'residual' only",
+            )
         ctx = _context(info)
         if ctx is not None:
             self._resolve(ctx)
         return self
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Its strength varies per token (a schedule or an RMS-relative scale): an in-graph
+        add of its own rather than a folded constant (docs/design.md#dynamic-adds)."""
+        return self.schedule is not None or self.relative is not None
 
     def _resolve(self, ctx: SpecContext) -> None:
         if self.name is not None:
@@ -989,6 +1065,17 @@ class SteeringSpec(BaseModel):
             raise _fail(*problem)
         return entries
 
+    @field_validator("vectors")
+    @classmethod
+    def _dynamic_fit(cls, entries: list[VectorEntry], info: ValidationInfo) -> list:
+        ctx = _context(info)
+        if ctx is None:
+            return entries
+        problem = _dynamic_misfit(entries, ctx)
+        if problem is not None:
+            raise _fail(*problem)
+        return entries
+
     @field_validator("vectors", "heads", "features")
     @classmethod
     def _not_too_many(cls, entries: list, info: ValidationInfo) -> list:
@@ -1021,6 +1108,9 @@ class SteeringSpec(BaseModel):
         h = hashlib.sha256(b"steerserve-spec-v2")
         for e in self.vectors:
             fields = (e.site, e.op, e.scale, e.value, e.weight, e.normalize, e.positions)
+            if e.is_dynamic:
+                schedule = e.schedule.model_dump() if e.schedule is not None else None
+                fields += (e.relative, schedule)
             h.update(repr((*fields, sorted(e.resolved))).encode())
             for layer in sorted(e.resolved):
                 h.update(e.resolved[layer].tobytes())
@@ -1130,7 +1220,28 @@ def compose(
         problem = _readout_misfit(merged.readout, ctx)
         if problem is not None:
             raise SpecError([(f"{root}.readout", f"{what}: {problem[1]}")])
+        problem = _dynamic_misfit(merged.vectors, ctx)
+        if problem is not None:
+            raise SpecError([(f"{root}.vectors", f"{what}: {problem[1]}")])
     return merged
+
+
+def _dynamic_misfit(entries: list[VectorEntry], ctx: SpecContext) -> tuple[str, str] | None:
+    """More scheduled / RMS-relative adds than the engine's tables hold (0: off)."""
+    n = sum(1 for e in entries if e.is_dynamic)
+    if n <= ctx.max_dynamic:
+        return None
+    if ctx.max_dynamic == 0:
+        return (
+            "dynamic_off",
+            "scheduled and RMS-relative adds are off on this server (turn them on with "
+            "additional_config.steerserve.max_dynamic; steerserve serve --max-steering-dynamic)",
+        )
+    return (
+        "too_many",
+        f"{n} scheduled/RMS-relative adds, this server allows {ctx.max_dynamic} per request "
+        "(additional_config.steerserve.max_dynamic; steerserve serve --max-steering-dynamic)",
+    )
 
 
 def _readout_misfit(entries: list[ReadoutEntry], ctx: SpecContext) -> tuple[str, str] | None:

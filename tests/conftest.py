@@ -116,7 +116,13 @@ class Run:
     num_cached_tokens: int
 
 
-FEATURES = {"max_features": 3, "readout": True, "topk_sae": "sparsify.layers.1", "max_topk": 24}
+FEATURES = {
+    "max_features": 3,
+    "readout": True,
+    "topk_sae": "sparsify.layers.1",
+    "max_topk": 24,
+    "max_dynamic": 2,
+}
 
 
 class Engines:

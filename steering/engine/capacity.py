@@ -36,6 +36,7 @@ class Capacity:
     feature_layers: tuple[int, ...] | None = None  # where they run (None: every layer)
     max_topk: int = 0  # top-k readout's largest k (0: no top-k SAE)
     topk_layer: int | None = None  # its SAE's layer (None: not known here, unchecked)
+    max_dynamic: int = 0  # scheduled / RMS-relative adds per request (0: off)
 
     @classmethod
     def of_engine(cls, config: SteeringConfig, shape: ModelShape) -> Capacity:
@@ -52,6 +53,7 @@ class Capacity:
             max_features=config.max_features,
             feature_layers=config.feature_layers,
             max_topk=config.max_topk if config.topk_sae else 0,
+            max_dynamic=config.max_dynamic,
         )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
@@ -73,6 +75,11 @@ class Capacity:
             if outside:
                 where = list(self.feature_layers)
                 return f"feature ops at layer(s) {outside}, this engine runs them at {where}"
+        if spec.dynamic.count > self.max_dynamic:
+            return (
+                f"{spec.dynamic.count} scheduled/RMS-relative adds, the tables hold "
+                f"{self.max_dynamic} (max_dynamic)"
+            )
         projections = len(spec.projection_readouts)
         if projections > self.max_read:
             return f"{projections} readout entries, the tables hold {self.max_read} (readout off?)"
@@ -106,7 +113,7 @@ def _layers(spec: CompiledSpec) -> list[int]:
     out = [int(i) for p in spec.projections for i in p.layers]
     out += [int(i) for i in spec.const_layers] + [int(i) for i in spec.heads.layers]
     out += [r.layer for r in spec.readout] + [int(i) for i in spec.experts.layers]
-    out += [int(i) for i in spec.features.layers]
+    out += [int(i) for i in spec.features.layers] + [int(i) for i in spec.dynamic.layers]
     if spec.decoding is not None:
         out += list(spec.decoding.candidates)
     return out

@@ -76,6 +76,11 @@ class SteeringConfig:
     # rows. One SAE per engine; None: top-k entries are refused.
     topk_sae: str | None = None
     max_topk: int = 64
+    # Scheduled and RMS-relative adds (vector entries with `schedule` / `relative`) one
+    # request may use. Each is an in-graph axpy per token at every layer for every request
+    # in the batch (tables layers x slots x 3 x max_dynamic x hidden), so it is opt-in:
+    # 0 (the default) refuses them with the switch to turn on. Plain adds stay folded.
+    max_dynamic: int = 0
     # Steer an architecture that is mapped but not verified against the oracle here
     # (architectures.MAPPED_NOT_VERIFIED names why each is not): at the user's own risk.
     allow_unverified: bool = False
@@ -98,6 +103,7 @@ class SteeringConfig:
             "max_readouts",
             "topk_sae",
             "max_topk",
+            "max_dynamic",
             "allow_unverified",
         )
         unknown = set(mine) - set(known)
@@ -130,6 +136,9 @@ class SteeringConfig:
         if not 1 <= max_topk <= 1024:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_topk must be in 1..1024")
         topk_sae = mine.get("topk_sae") or None
+        max_dynamic = int(mine.get("max_dynamic", cls.max_dynamic))
+        if not 0 <= max_dynamic <= 16:
+            raise ValueError(f"additional_config.{CONFIG_KEY}.max_dynamic must be in 0..16")
         return cls(
             enabled=enabled,
             vectors_dir=str(
@@ -146,5 +155,6 @@ class SteeringConfig:
             max_readouts=max_readouts,
             topk_sae=None if topk_sae is None else str(topk_sae),
             max_topk=max_topk,
+            max_dynamic=max_dynamic,
             allow_unverified=bool(mine.get("allow_unverified", False)),
         )

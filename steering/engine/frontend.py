@@ -57,6 +57,7 @@ class SteeringFrontend:
             feature_layers=config.feature_layers,
             topk_sae=config.topk_sae,
             max_topk=config.max_topk if config.topk_sae else 0,
+            max_dynamic=config.max_dynamic,
         )
 
     def reload_saes(self) -> None:

@@ -136,6 +136,7 @@ def _after_load_model(runner: Any) -> None:
         feature_layers=config.feature_layers,
         topk_layer=None if topk is None else topk.layer,
         max_topk=0 if topk is None else topk.max_k,
+        max_dynamic=config.max_dynamic,
     )
     n = install(runner.get_model(), tables, shape, mid_layers)
     _mark_compile_cache(runner.vllm_config, config, tables.topk_layer)

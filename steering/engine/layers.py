@@ -48,8 +48,12 @@ def apply_residual_ops(
     """
     num_tokens = residual.shape[0]
     features = bool(tables.max_features) and layer in tables.feature_layers
-    if tables.max_proj or features:
+    if tables.max_proj or features or tables.max_dynamic:
         stream = (residual if hidden is None else hidden + residual).float()
+    if tables.max_dynamic:  # RMS of the layer's own output, before its steering
+        # A plain row sum as the projections use: mean()'s CPU kernel reduces one row in a
+        # different order than a batch of rows, so a request's output would depend on the batch.
+        rms = ((stream * stream).sum(dim=-1, keepdim=True) / stream.shape[-1]).sqrt()
     if tables.max_proj:
         units = tables.units[layer].index_select(0, tables.tok_slot[:num_tokens])
         gains = tables.tok_gain[:num_tokens]
@@ -58,9 +62,26 @@ def apply_residual_ops(
             delta = (gains[:, k] * (stream * u).sum(dim=-1)).unsqueeze(-1) * u
             stream = stream - delta
             residual = residual - delta.to(residual.dtype)
+    if tables.max_dynamic:
+        delta = dynamic_delta(tables, layer, rms)
+        stream = stream + delta
+        residual = residual + delta.to(residual.dtype)
     if features:
         residual = apply_feature_ops(tables, layer, stream, residual)
     return residual + tables.const[layer].index_select(0, tables.tok_const[:num_tokens])
+
+
+def dynamic_delta(tables: SteeringTables, layer: int, rms: torch.Tensor) -> torch.Tensor:
+    """sum_j coef[t, j] * (rms[t] if relative else 1) * dirs[slot, class, j] (compile.py).
+
+    Rows on the identity slot (and unused columns) have zero directions: a zero delta.
+    """
+    assert tables.dyn_dirs is not None
+    num_tokens = rms.shape[0]
+    dirs = tables.dyn_dirs[layer].index_select(0, tables.tok_const[:num_tokens])
+    coef = tables.tok_dyn[:num_tokens]
+    coef = torch.where(tables.tok_dyn_rms[:num_tokens], coef * rms, coef)
+    return (coef.unsqueeze(-1) * dirs.float()).sum(dim=1)
 
 
 def apply_feature_ops(

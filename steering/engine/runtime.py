@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 
 from steering.compile import (
+    DYN_RMS,
     NUM_CLASSES,
     PAYLOAD_KEY,
     CompiledSpec,
     Decoding,
+    dynamic_coef,
     read_payload,
     token_class,
 )
@@ -202,6 +204,10 @@ class SteeringRuntime:
             rel = positions - prompt_lens[req_indices]
             t.np_slot[:written] = slot
             t.np_const[:written] = slot * NUM_CLASSES + token_class(rel)
+            if t.max_dynamic:
+                params = self.bank.dyn[slot]
+                t.np_dyn[:written] = dynamic_coef(params, rel)
+                t.np_dyn_rms[:written] = params[..., DYN_RMS] > 0
             rel = rel[:, None]
             gate = (rel >= self.bank.lo[slot]) & (rel < self.bank.hi[slot])
             np.multiply(self.bank.gain[slot], gate, out=t.np_gain[:written])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from steering.compile import NUM_CLASSES, NUM_COEFS, CompiledSpec
+from steering.compile import NUM_CLASSES, NUM_COEFS, NUM_DYN_PARAMS, CompiledSpec
 from steering.engine.capacity import Capacity
 
 IDENTITY_SLOT = 0
@@ -50,6 +50,10 @@ class SteeringTables:
                                                              decoder rows (model dtype)
     feat_coef [layers, slots * NUM_CLASSES, max_features, 4] their (offset, threshold, alpha,
                                                              beta); zeros = no op (float32)
+    dyn_dirs [layers, slots * NUM_CLASSES, max_dynamic, hidden]  dynamic adds' directions
+                                                             (model dtype; compile.DynamicAdds)
+    tok_dyn  [max_tokens, max_dynamic]       their per-token coefficients (float32; 0 = none)
+    tok_dyn_rms [max_tokens, max_dynamic]    whether each is RMS-relative (bool)
 
     sample_idx [max_rows]                    token index of each batch row's sampled row (int64)
     capture    [layers, max_rows, hidden]    residual stream after each layer, sampled rows
@@ -85,6 +89,7 @@ class SteeringTables:
         feature_layers: tuple[int, ...] | None = None,
         topk_layer: int | None = None,
         max_topk: int = 0,
+        max_dynamic: int = 0,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -140,6 +145,21 @@ class SteeringTables:
                 dtype=torch.float32,
                 device=device,
             )
+        self.max_dynamic = max_dynamic
+        self.dyn_dirs: torch.Tensor | None = None
+        per_token: tuple[torch.Tensor, ...] = ()
+        if max_dynamic:
+            self.dyn_dirs = torch.zeros(
+                num_layers,
+                num_slots * NUM_CLASSES,
+                max_dynamic,
+                hidden_size,
+                dtype=dtype,
+                device=device,
+            )
+            self.tok_dyn = torch.zeros(max_tokens, max_dynamic, dtype=torch.float32, device=device)
+            self.tok_dyn_rms = torch.zeros(max_tokens, max_dynamic, dtype=torch.bool, device=device)
+            per_token = (self.tok_dyn, self.tok_dyn_rms)
         self.sample_idx: torch.Tensor | None = None
         self.capture: torch.Tensor | None = None
         self.capture_mid: torch.Tensor | None = None
@@ -177,9 +197,11 @@ class SteeringTables:
             for t in (self.capture, self.stream_all, self.read_units, self.topk_stream)
         )
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
-        self._per_token = (self.tok_slot, self.tok_const, self.tok_gain)
+        self._per_token = (self.tok_slot, self.tok_const, self.tok_gain, *per_token)
         self._staged = tuple(self._staging(t) for t in self._per_token)
-        self.np_slot, self.np_const, self.np_gain = (t.numpy() for t in self._staged)
+        self.np_slot, self.np_const, self.np_gain = (t.numpy() for t in self._staged[:3])
+        if max_dynamic:
+            self.np_dyn, self.np_dyn_rms = (t.numpy() for t in self._staged[3:])
 
     @staticmethod
     def _staging(t: torch.Tensor) -> torch.Tensor:
@@ -200,7 +222,7 @@ class SteeringTables:
             self.read_out,
             self.topk_stream,
         )
-        features = (self.feat_enc, self.feat_dec, self.feat_coef)
+        features = (self.feat_enc, self.feat_dec, self.feat_coef, self.dyn_dirs)
         tensors = (
             self.units,
             self.const,
@@ -253,6 +275,13 @@ class SteeringTables:
                 self.expert_bias[layers, rows] = torch.from_numpy(ops.bias).to(self.device)
         if self.feat_enc is not None:
             self._write_features(slot, rows, spec)
+        if self.dyn_dirs is not None:
+            self.dyn_dirs[:, rows].zero_()
+            ops = spec.dynamic
+            if ops.layers.size:
+                layers = torch.from_numpy(ops.layers).to(self.device)
+                data = torch.from_numpy(ops.dirs).to(self.device, self.dyn_dirs.dtype)
+                self.dyn_dirs[layers, rows, : ops.count] = data
         if self.read_units is not None:
             self.read_units[:, slot].zero_()
             for k, r in enumerate(spec.projection_readouts):  # top-k entries: no column
@@ -276,6 +305,7 @@ class SteeringTables:
             feature_layers=tuple(sorted(self.feature_layers)),
             max_topk=self.max_topk,
             topk_layer=self.topk_layer,
+            max_dynamic=self.max_dynamic,
         ).misfit(spec)
 
     def _write_features(self, slot: int, rows: slice, spec: CompiledSpec) -> None:
@@ -341,6 +371,8 @@ class SlotBank:
         self.gain = np.zeros((n, k), dtype=np.float32)
         self.lo = np.zeros((n, k), dtype=np.int64)  # identity/unused: empty window
         self.hi = np.zeros((n, k), dtype=np.int64)
+        # Dynamic adds' windows, scales and schedules (all zeros: none), read per token.
+        self.dyn = np.zeros((n, tables.max_dynamic, NUM_DYN_PARAMS), dtype=np.float64)
         self.loads = 0
 
     def acquire(self, spec: CompiledSpec, step: int) -> int:
@@ -378,6 +410,8 @@ class SlotBank:
             self.gain[slot, k] = proj.gain
             self.lo[slot, k] = proj.lo
             self.hi[slot, k] = proj.hi
+        self.dyn[slot] = 0.0
+        self.dyn[slot, : spec.dynamic.count] = spec.dynamic.params
         self.fp_of[slot] = spec.key
         self.slot_of[spec.key] = slot
         self.loads += 1
