@@ -52,6 +52,16 @@ class Applied:
         return self.compiled is not None and self.spec.decoding is not None
 
     @property
+    def reports_conditions(self) -> bool:
+        """Whether responses carry each condition's value and whether it fired."""
+        return self.compiled is not None and bool(self.spec.conditions)
+
+    @property
+    def reports_at_end(self) -> bool:
+        """Whether the engine has something to report once the request is done."""
+        return self.reports_decoding or self.reports_conditions
+
+    @property
     def reads(self) -> bool:
         """Whether responses carry readout values (spec `readout`)."""
         return self.compiled is not None and bool(self.spec.readout)
@@ -84,6 +94,8 @@ class Applied:
             ]
         if self.spec.readout:
             out["readout"] = [readout_item(e) for e in self.spec.readout]
+        if self.spec.conditions:
+            out["conditions"] = {"names": [c.name for c in self.spec.conditions]}
         return out
 
 

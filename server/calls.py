@@ -194,6 +194,16 @@ async def decoding_reports(state: ServerState, track: Track) -> list[dict]:
     return choices
 
 
+async def condition_reports(state: ServerState, track: Track) -> list[dict]:
+    """Each choice's conditions (value, fired, decided), in choice order."""
+    choices: list[dict] = []
+    for prompt_index, engine_id in enumerate(track.engine_ids):
+        reports = await vllm_api.worker_conditions(state.engine, engine_id) or {}
+        for child, report in sorted(reports.items()):
+            choices.append({"index": prompt_index * track.n + child, "conditions": report})
+    return choices
+
+
 def finish(state: ServerState, track: Track, status: int) -> float:
     """Record the request's steerserve metrics; returns the latency it recorded."""
     latency = time.monotonic() - track.started

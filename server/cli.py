@@ -4,7 +4,7 @@
 
 Every flag of `vllm serve` works unchanged (vLLM's own parser; `--help` lists them all).
 steerserve adds --admin-key, --vectors-dir, --saes-dir, --max-steering-features,
---max-steering-dynamic, --presets,
+--max-steering-dynamic, --max-steering-conditions, --presets,
 --default-steering, --max-request-body-bytes, --max-inline-floats, --experiments, --database-url,
 --enable-steering-decoding, --enable-steering-readout, --steering-topk-sae and
 --max-steering-topk. With no model it serves the
@@ -24,6 +24,7 @@ import os
 import sys
 
 from .demo import (
+    DEMO_MAX_CONDITIONS,
     DEMO_MAX_DYNAMIC,
     DEMO_MAX_FEATURES,
     DEMO_MODEL,
@@ -76,6 +77,14 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         help="Scheduled and RMS-relative adds (vector entries with `schedule` / `relative`) "
         f"one request may use (0, the default, turns them off; {DEMO_MAX_DYNAMIC} for the "
         "demo model). Each costs an axpy per token and layer for every request.",
+    )
+    group.add_argument(
+        "--max-steering-conditions",
+        type=int,
+        default=None,
+        help="Request-level conditions (spec `conditions`, CAST) one request may use; "
+        f"entries gate on them with `when` (0, the default, turns them off; "
+        f"{DEMO_MAX_CONDITIONS} for the demo model). Needs --max-steering-dynamic > 0.",
     )
     group.add_argument(
         "--steering-feature-layers",
@@ -165,6 +174,11 @@ def _steering_config(args: argparse.Namespace) -> None:
         dynamic = DEMO_MAX_DYNAMIC
     if dynamic is not None:
         mine["max_dynamic"] = dynamic
+    conditions = args.max_steering_conditions
+    if conditions is None and demo:
+        conditions = DEMO_MAX_CONDITIONS
+    if conditions is not None:
+        mine["max_conditions"] = conditions
     if args.steering_feature_layers:
         try:
             mine["feature_layers"] = [int(x) for x in args.steering_feature_layers.split(",")]

@@ -16,7 +16,8 @@ DEMO_MODEL_DIR = ROOT / "demo" / "model"
 SHIPPED_VECTORS_DIR = ROOT / "vectors"
 DEMO_SAES_DIR = ROOT / "demo" / "saes"  # the demo model's SAE (python -m demo.sae)
 DEMO_MAX_FEATURES = 8
-DEMO_MAX_DYNAMIC = 2  # scheduled / RMS-relative adds per request on the demo model
+DEMO_MAX_DYNAMIC = 2  # scheduled / RMS-relative / gated adds per request on the demo model
+DEMO_MAX_CONDITIONS = 2
 DEMO_TOPK_SAE = "demo"  # top-k readout on the demo SAE (demo/saes/demo.safetensors)
 
 

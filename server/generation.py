@@ -33,6 +33,7 @@ from .applied import Applied
 from .bodies import JSONBody, SteeredChatCompletionRequest, SteeredCompletionRequest, documented
 from .calls import (
     Track,
+    condition_reports,
     decoding_reports,
     finish,
     prompt_count,
@@ -164,7 +165,7 @@ class SteeredCall(pipeline.Call):
             rest = rest_of_stream(self.track.readout, chat=self.chat)
             if rest:
                 events.append(self.headed(choices=rest))
-        if self.applied.reports_decoding:
+        if self.applied.reports_at_end:
             events.append(self.headed(choices=[], steering=await self._echo()))
         if self.recorded is not None:
             await self.recorded.wait()
@@ -195,6 +196,8 @@ class SteeredCall(pipeline.Call):
         echo = self._head_echo()
         if self.applied.reports_decoding:
             echo["decoding"]["choices"] = await decoding_reports(self.state, self.track)
+        if self.applied.reports_conditions:
+            echo["conditions"]["choices"] = await condition_reports(self.state, self.track)
         return echo
 
 

@@ -20,6 +20,7 @@ from . import pipeline
 from .applied import Applied
 from .calls import (
     Track,
+    condition_reports,
     decoding_reports,
     finish,
     prompt_count,
@@ -90,7 +91,7 @@ class VariantsCall(pipeline.Call):
             events.append(self.headed(choices=rest))
         if self.usage is not None:
             events.append(self.headed(choices=[], usage=self.usage))
-        if any(a.reports_decoding for a in self.applied):
+        if any(a.reports_at_end for a in self.applied):
             events.append(self.headed(choices=[], steering=await self._echo()))
         return events
 
@@ -108,6 +109,9 @@ class VariantsCall(pipeline.Call):
             if a.reports_decoding:
                 reports = await decoding_reports(self.state, t)
                 echo["decoding"]["choices"] = [{**r, "index": i} for r in reports]
+            if a.reports_conditions:
+                reports = await condition_reports(self.state, t)
+                echo["conditions"]["choices"] = [{**r, "index": i} for r in reports]
             out.append(echo)
         return {"variants": out, "seed": self.seed}
 

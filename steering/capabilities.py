@@ -13,6 +13,9 @@ from typing import Any, get_args
 from steering.engine.architectures import refusal
 from steering.engine.config import SteeringConfig
 from steering.spec import (
+    ConditionMeasure,
+    ConditionOp,
+    ConditionReduce,
     Op,
     Positions,
     ScheduleKind,
@@ -81,6 +84,7 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
         },
         "decoding": None,
         "readout": None,
+        "conditions": None,
     }
     if shape.moe_layers:
         fields["experts"] = {
@@ -107,6 +111,14 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
         }
     if config.readout:
         fields["readout"] = {"max_entries": config.max_readouts}
+    if config.max_conditions:
+        fields["conditions"] = {
+            "max_entries": config.max_conditions,
+            "reduce": list(get_args(ConditionReduce)),
+            "measures": list(get_args(ConditionMeasure)),
+            "ops": list(get_args(ConditionOp)),
+            "when": "a boolean expression of condition names: and, or, not, parentheses",
+        }
     if config.topk_sae:
         readout = fields["readout"] or {"max_entries": 0}
         topk: dict[str, Any] = {"sae": config.topk_sae, "max_k": config.max_topk}

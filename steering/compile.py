@@ -61,11 +61,13 @@ import numpy as np
 
 from steering.sae import FeatureRows
 from steering.spec import (
+    Condition,
     FeatureEntry,
     ModelShape,
     ScheduleKind,
     SteeringSpec,
     VectorEntry,
+    gate_truth,
     unit,
 )
 
@@ -196,11 +198,14 @@ NUM_DYN_PARAMS = 10
 @dataclass
 class DynamicAdds:
     """Adds with a per-token strength (see the module doc): add j's direction at layer
-    i and token class c is dirs[i, c, j]; params[j] its window, scale and schedule."""
+    i and token class c is dirs[i, c, j]; params[j] its window, scale and schedule;
+    truth[j, m] whether it acts when the spec's conditions met are the bits of m (all
+    true without `when`)."""
 
     layers: np.ndarray  # [m] int64
     dirs: np.ndarray  # [m, NUM_CLASSES, J, hidden] float32
     params: np.ndarray  # [J, NUM_DYN_PARAMS] float64
+    truth: np.ndarray = field(default_factory=lambda: np.ones((0, 1), dtype=np.float32))
 
     @classmethod
     def identity(cls, hidden: int = 0) -> DynamicAdds:
@@ -247,6 +252,74 @@ def dynamic_coef(params: np.ndarray, rel: np.ndarray) -> np.ndarray:
     )
     inside = (g >= params[..., DYN_LO]) & (g < params[..., DYN_HI])
     return (params[..., DYN_SCALE] * inside * factor).astype(np.float32)
+
+
+# Columns of Conditions.params.
+COND_KIND, COND_OFFSET, COND_ACT_THRESHOLD, COND_SIGN, COND_STRICT, COND_THRESHOLD = range(6)
+NUM_COND_PARAMS = 6
+COND_CAST, COND_LINEAR = 0, 1  # kinds: CAST's cosine; a projection (+ offset, activation)
+REDUCES = ("prompt_mean", "last_prompt")
+
+
+@dataclass
+class Conditions:
+    """Request-level conditions (spec.Condition), read by the engine at `layers`:
+
+    CAST:   value = cos(h, tanh(s c)), s = <c, h> / <c, c>       (vec = c)
+    LINEAR: pre = <vec, h> + offset; value = pre if pre > act_threshold else 0
+            (a projection: vec = c/|c|, offset 0, act_threshold -inf; an SAE feature: its
+            encoder row, offset and threshold)
+    met = sign * (value - threshold) > 0 (>= 0 when not strict), h the prompt's mean or last
+    row at the layer."""
+
+    names: list[str]
+    layers: np.ndarray  # [C] int64
+    reduce: np.ndarray  # [C] int64: index into REDUCES
+    vecs: np.ndarray  # [C, hidden] float32
+    params: np.ndarray  # [C, NUM_COND_PARAMS] float64
+
+    @classmethod
+    def none(cls, hidden: int = 0) -> Conditions:
+        return cls(
+            [],
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=np.int64),
+            np.zeros((0, hidden), dtype=np.float32),
+            np.zeros((0, NUM_COND_PARAMS), dtype=np.float64),
+        )
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
+def _compile_conditions(conds: list[Condition], hidden: int) -> Conditions:
+    if not conds:
+        return Conditions.none(hidden)
+    vecs = np.zeros((len(conds), hidden), dtype=np.float32)
+    params = np.zeros((len(conds), NUM_COND_PARAMS), dtype=np.float64)
+    for i, c in enumerate(conds):
+        p = params[i]
+        p[COND_SIGN] = 1.0 if c.op in (">", ">=") else -1.0
+        p[COND_STRICT] = c.op in (">", "<")
+        p[COND_THRESHOLD] = c.threshold
+        if c.measure == "activation":
+            vecs[i] = c.rows.enc
+            p[COND_KIND], p[COND_OFFSET] = COND_LINEAR, c.rows.offset
+            p[COND_ACT_THRESHOLD] = c.rows.threshold
+        elif c.measure == "projection":
+            vecs[i] = unit(c.direction)
+            p[COND_KIND], p[COND_ACT_THRESHOLD] = COND_LINEAR, -np.inf
+        else:
+            vecs[i] = c.direction
+            p[COND_KIND] = COND_CAST
+    return Conditions(
+        [c.name for c in conds],
+        np.array([c.layer for c in conds], dtype=np.int64),
+        np.array([REDUCES.index(c.reduce) for c in conds], dtype=np.int64),
+        vecs,
+        params,
+    )
 
 
 @dataclass(frozen=True)
@@ -315,6 +388,7 @@ class CompiledSpec:
     experts: ExpertOps = field(default_factory=ExpertOps.identity)
     features: FeatureOps = field(default_factory=FeatureOps.identity)
     dynamic: DynamicAdds = field(default_factory=DynamicAdds.identity)
+    conditions: Conditions = field(default_factory=Conditions.none)
 
     @property
     def key(self) -> str:
@@ -335,7 +409,9 @@ class CompiledSpec:
 
     @property
     def reads_prompt(self) -> bool:
-        return any(r.prompt for r in self.readout)
+        """Every prompt row must be computed (no prefix-cache hits): prompt readout, and
+        conditions, which reduce over the prompt's rows."""
+        return any(r.prompt for r in self.readout) or bool(self.conditions.count)
 
     @property
     def affects_kv(self) -> bool:
@@ -351,7 +427,12 @@ class CompiledSpec:
 
     @property
     def is_identity(self) -> bool:
-        return not self.affects_kv and self.decoding is None and not self.readout
+        return (
+            not self.affects_kv
+            and self.decoding is None
+            and not self.readout
+            and not self.conditions.count
+        )
 
     @property
     def uses_heads(self) -> bool:
@@ -413,6 +494,14 @@ class CompiledSpec:
                 "layers": self.dynamic.layers.tolist(),
                 "dirs": self.dynamic.dirs.astype(np.float32).tobytes(),
                 "params": self.dynamic.params.astype(np.float64).tobytes(),
+                "truth": self.dynamic.truth.astype(np.float32).tobytes(),
+            },
+            "conditions": {
+                "names": self.conditions.names,
+                "layers": self.conditions.layers.tolist(),
+                "reduce": self.conditions.reduce.tolist(),
+                "vecs": self.conditions.vecs.astype(np.float32).tobytes(),
+                "params": self.conditions.params.astype(np.float64).tobytes(),
             },
         }
 
@@ -482,10 +571,20 @@ class CompiledSpec:
         )
         d = payload["dynamic"]
         params = np.frombuffer(d["params"], dtype=np.float64).reshape(-1, NUM_DYN_PARAMS).copy()
+        c = payload["conditions"]
+        n = len(c["names"])
+        conditions = Conditions(
+            list(c["names"]),
+            np.asarray(c["layers"], dtype=np.int64),
+            np.asarray(c["reduce"], dtype=np.int64),
+            floats(c["vecs"], n, hidden),
+            np.frombuffer(c["params"], dtype=np.float64).reshape(n, NUM_COND_PARAMS).copy(),
+        )
         dynamic = DynamicAdds(
             np.asarray(d["layers"], dtype=np.int64),
             floats(d["dirs"], len(d["layers"]), NUM_CLASSES, len(params), hidden),
             params,
+            floats(d["truth"], len(params), 1 << n),
         )
         return cls(
             payload["fp"],
@@ -499,6 +598,7 @@ class CompiledSpec:
             experts,
             features,
             dynamic,
+            conditions,
         )
 
 
@@ -517,6 +617,12 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
     projections, const_layers, const, features, dynamic = _compile_residual(
         residual, spec.features, shape.hidden_size
     )
+    names = [c.name for c in spec.conditions]
+    gated = [e for e in residual if e.is_dynamic]
+    dynamic.truth = np.array(
+        [gate_truth(e.when, names) if e.when else [True] * (1 << len(names)) for e in gated],
+        dtype=np.float32,
+    ).reshape(len(gated), 1 << len(names))
     heads = _compile_heads(spec, shape)
     decoding = None
     if spec.decoding is not None:
@@ -546,6 +652,7 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
         _compile_experts(spec, shape),
         features,
         dynamic,
+        _compile_conditions(spec.conditions, shape.hidden_size),
     )
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steering.spec import ModelShape, SpecContext, SteeringSpec, parse_spec
+from steering.spec import ModelShape, SpecContext, SteeringSpec, gate_truth, parse_spec
 
 
 class ReferenceModel:
@@ -50,6 +50,8 @@ class ReferenceModel:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.shape = ModelShape.from_hf_config(self.model.config)
         self.dtype = dtype
+        # Which conditions the current request met (`conditions`), while it is steered.
+        self._met: dict[str, bool] = {}
 
     def context(self, **kwargs) -> SpecContext:
         return SpecContext(self.shape, **kwargs)
@@ -75,6 +77,8 @@ class ReferenceModel:
         for entry in spec.vectors:
             if entry.site != "residual" or layer not in entry.resolved:
                 continue
+            if entry.when is not None and not self._gate_open(spec, entry.when):
+                continue
             v = torch.as_tensor(entry.resolved[layer], dtype=torch.float64)
             hd = h.to(torch.float64)
             if entry.op == "add":
@@ -99,6 +103,45 @@ class ReferenceModel:
             if f.layer == layer:
                 h = self._apply_feature(f, h, rel)
         return h
+
+    def _gate_open(self, spec: SteeringSpec, when: str) -> bool:
+        names = [c.name for c in spec.conditions]
+        combo = sum(1 << i for i, n in enumerate(names) if self._met.get(n, False))
+        return gate_truth(when, names)[combo]
+
+    @torch.no_grad()
+    def conditions(self, prompt_ids: Sequence[int], spec: SteeringSpec) -> dict[str, tuple]:
+        """Each condition's (value, met) on this prompt, as CAST decides it.
+
+        From IBM/activation-steering (github.com/IBM/activation-steering), as read in its
+        `activation_steering/leash_layer.py`: on the first forward call (the prompt) a
+        condition layer reduces the hidden states to their mean over the tokens ("mean")
+        or the last token ("last"), projects with P = c c^T / (c^T c), squashes with tanh
+        and takes the cosine similarity of h and tanh(P h); the comparator then decides
+        (its "larger" means met when similarity < threshold, "smaller" when >=, so ops
+        "<" and ">=" here). CAST reads each layer's input, the stream after layer i - 1:
+        `layer` here is the layer whose output is read (docs/design.md#layer-convention).
+        The stream read is after that layer's own (ungated) steering; gated entries act on
+        generated tokens only, so none act on the prompt rows read here.
+        """
+        self._met = {}
+        streams = self._streams(prompt_ids, len(prompt_ids), spec)
+        out = {}
+        for c in spec.conditions:
+            rows = streams[c.layer].to(torch.float64)
+            h = rows.mean(dim=0) if c.reduce == "prompt_mean" else rows[-1]
+            if c.measure == "activation":
+                value = float(self._feature_activation(c.resolved_sae, c.feature, h))
+            else:
+                vec = torch.as_tensor(c.direction, dtype=torch.float64)
+                if c.measure == "projection":
+                    value = float(h @ (vec / vec.norm()))
+                else:
+                    projector = torch.outer(vec, vec) / torch.dot(vec, vec)
+                    p = torch.tanh(projector @ h)
+                    value = float(torch.dot(h, p) / (h.norm() * p.norm()))
+            out[c.name] = (value, c.met(value))
+        return out
 
     def _apply_feature(self, f, h: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
         """An SAE feature op straight from the SAE's weights (docs/spec.md#sae-features)."""
@@ -286,6 +329,10 @@ class ReferenceModel:
         ids = torch.tensor([list(token_ids)])
         after: dict[int, torch.Tensor] = {}
         before: dict[int, torch.Tensor] = {}
+        met = {}
+        if spec is not None and spec.conditions:
+            met = {n: m for n, (_, m) in self.conditions(token_ids[:prompt_len], spec).items()}
+        self._met = met
         with self.steered(spec, prompt_len), self._captured(spec, after, before):
             logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
         if spec is not None and spec.decoding is not None:

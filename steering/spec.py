@@ -8,8 +8,10 @@ whose vector entries carry their resolved per-layer data; every problem is repor
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -166,6 +168,7 @@ class SpecContext:
     topk_sae: str | None = None  # the SAE top-k readout reads (None: the engine has it off)
     max_topk: int = 0
     max_dynamic: int = 0  # scheduled / RMS-relative adds per request (0: the engine has them off)
+    max_conditions: int = 0  # conditions per request (0: the engine has them off)
 
 
 class SpecError(ValueError):
@@ -343,6 +346,8 @@ class VectorEntry(BaseModel):
     # positions, `relative` "rms" multiplies by RMS(h) of the stream the layer produced.
     schedule: Schedule | None = None
     relative: Literal["rms"] | None = None
+    # Gate: a boolean expression over the spec's condition names (`and`, `or`, `not`).
+    when: str | None = None
 
     # Per-layer float32 data after name/data resolution and the `layers` subset.
     _resolved: dict[int, np.ndarray] = PrivateAttr(default_factory=dict)
@@ -448,7 +453,13 @@ class VectorEntry(BaseModel):
         if self.is_dynamic and (self.op != "add" or self.site != "residual"):
             raise _fail(
                 "dynamic_op",
-                "'schedule' and 'relative' apply to op 'add' at site 'residual' only",
+                "'schedule', 'relative' and 'when' apply to op 'add' at site 'residual' only",
+            )
+        if self.when is not None and self.positions != "generated":
+            raise _fail(
+                "when_positions",
+                "an entry with 'when' acts on generated tokens only (its conditions are "
+                "decided once the prompt is read): set positions to 'generated'",
             )
         ctx = _context(info)
         if ctx is not None:
@@ -459,7 +470,7 @@ class VectorEntry(BaseModel):
     def is_dynamic(self) -> bool:
         """Its strength varies per token (a schedule or an RMS-relative scale): an in-graph
         add of its own rather than a folded constant (docs/design.md#dynamic-adds)."""
-        return self.schedule is not None or self.relative is not None
+        return self.schedule is not None or self.relative is not None or self.when is not None
 
     def _resolve(self, ctx: SpecContext) -> None:
         if self.name is not None:
@@ -986,6 +997,184 @@ class ReadoutEntry(BaseModel):
         return self._label
 
 
+ConditionReduce = Literal["prompt_mean", "last_prompt"]
+ConditionMeasure = Literal["cosine", "projection", "activation"]
+ConditionOp = Literal[">", ">=", "<", "<="]
+_CONDITION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class Condition(BaseModel):
+    """A request-level test on the prompt (CAST, Lee et al. 2024; docs/spec.md#conditions):
+    the residual stream at the output of `layer`, reduced over the prompt (mean of every
+    prompt row, or the last one), measured against a direction, compared with `threshold`.
+
+    cosine     : cos(h, tanh(P h)) with P = c c^T / (c^T c), CAST's similarity
+    projection : <h, c / |c|>
+    activation : SAE feature `feature` of `sae`'s activation a_f(h) (at the SAE's layer)
+
+    `vector` names a registered vector (its direction at `layer`), `data` is inline.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str
+    vector: str | None = None
+    data: list[float] | None = None
+    sae: str | None = None
+    feature: int | None = None
+    layer: int | None = None
+    reduce: ConditionReduce = "prompt_mean"
+    measure: ConditionMeasure | None = None
+    op: ConditionOp = ">"
+    threshold: float
+
+    _direction: np.ndarray | None = PrivateAttr(default=None)
+    _rows: Any = PrivateAttr(default=None)  # FeatureRows for measure "activation"
+    _sae: Any = PrivateAttr(default=None)
+
+    _layer_range = field_validator("layer")(_layer_in_range)
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, name: str) -> str:
+        if not _CONDITION_NAME.fullmatch(name) or name in ("and", "or", "not"):
+            raise _fail(
+                "condition_name",
+                "must be an identifier (letters, digits, _; not and/or/not): it is used in "
+                "'when' expressions",
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> Condition:
+        sources = [self.vector is not None, self.data is not None, self.sae is not None]
+        if sum(sources) != 1:
+            raise _fail(
+                "condition_source",
+                "give exactly one of 'vector' (registered), 'data' (inline) or 'sae' with "
+                "'feature'",
+            )
+        if (self.sae is None) != (self.feature is None):
+            raise _fail("condition_source", "'sae' and 'feature' go together")
+        if self.measure is None:
+            self.measure = "activation" if self.sae is not None else "cosine"
+        if (self.measure == "activation") != (self.sae is not None):
+            raise _fail(
+                "condition_measure",
+                "measure 'activation' reads an SAE feature ('sae', 'feature'); a vector is "
+                "measured by 'cosine' or 'projection'",
+            )
+        ctx = _context(info)
+        if ctx is None:
+            return self
+        if self.sae is not None:
+            assert self.feature is not None
+            sae = _sae_of(self.sae, ctx)
+            _check_feature(sae, self.sae, self.feature)
+            if self.layer is not None and self.layer != sae.layer:
+                raise _fail(
+                    "condition_layer",
+                    "SAE {name} reads layer {sae_layer}, not {layer} (omit 'layer')",
+                    name=repr(self.sae),
+                    sae_layer=sae.layer,
+                    layer=self.layer,
+                )
+            self.layer = int(sae.layer)
+            self._sae = sae
+            self._rows = sae.feature_rows(self.feature)
+            return self
+        if self.layer is None:
+            raise _fail("condition_layer", "'layer' is required with a vector")
+        if self.vector is not None:
+            found = _registered(self.vector, ctx, "residual")
+            if self.layer not in found:
+                raise _fail(
+                    "layer_missing",
+                    "vector {name} has no data for layer {layer} (it has {have})",
+                    name=repr(self.vector),
+                    layer=self.layer,
+                    have=sorted(int(k) for k in found),
+                )
+            vec = np.array(found[self.layer], dtype=np.float32)
+        else:
+            assert self.data is not None
+            if len(self.data) != ctx.shape.hidden_size:
+                raise _fail(
+                    "width",
+                    "'data' has {got} values, the model's hidden size is {want}",
+                    got=len(self.data),
+                    want=ctx.shape.hidden_size,
+                )
+            vec = np.asarray(self.data, dtype=np.float32)
+        if not np.isfinite(vec).all():
+            raise _fail("not_finite", "the condition's direction has NaN or Inf")
+        if not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
+            raise _fail("zero_vector", "the condition's direction is zero")
+        self._direction = vec
+        return self
+
+    @property
+    def direction(self) -> np.ndarray | None:
+        """The condition vector c (float32) at `layer`; None for an SAE feature."""
+        return self._direction
+
+    @property
+    def rows(self) -> Any:
+        """The SAE feature's rows (steering.sae.FeatureRows) for measure 'activation'."""
+        return self._rows
+
+    @property
+    def resolved_sae(self) -> Any:
+        return self._sae
+
+    def met(self, value: float) -> bool:
+        return {
+            ">": value > self.threshold,
+            ">=": value >= self.threshold,
+            "<": value < self.threshold,
+            "<=": value <= self.threshold,
+        }[self.op]
+
+
+def gate_truth(expression: str, names: list[str]) -> list[bool]:
+    """Whether `expression` holds for each combination of the conditions `names`: entry m
+    is the value when condition i is met iff bit i of m is set (2 ** len(names) entries).
+
+    Raises ValueError naming what is wrong (syntax, an unknown name, another construct)."""
+    try:
+        tree = ast.parse(expression, mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"{expression!r} is not an expression of names, and, or, not") from None
+
+    def check(node: ast.AST) -> None:
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, (ast.And, ast.Or)):
+            for v in node.values:
+                check(v)
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            check(node.operand)
+        elif isinstance(node, ast.Name):
+            if node.id not in names:
+                known = ", ".join(names) or "none"
+                raise ValueError(f"unknown condition {node.id!r} (the spec's conditions: {known})")
+        else:
+            raise ValueError(f"{expression!r}: only condition names, and, or, not, parentheses")
+
+    def value(node: ast.AST, met: dict[str, bool]) -> bool:
+        if isinstance(node, ast.BoolOp):
+            parts = [value(v, met) for v in node.values]
+            return all(parts) if isinstance(node.op, ast.And) else any(parts)
+        if isinstance(node, ast.UnaryOp):
+            return not value(node.operand, met)
+        assert isinstance(node, ast.Name)
+        return met[node.id]
+
+    check(tree)
+    return [
+        value(tree, {n: bool(m >> i & 1) for i, n in enumerate(names)})
+        for m in range(1 << len(names))
+    ]
+
+
 class SteeringSpec(BaseModel):
     """A request's intervention spec."""
 
@@ -998,6 +1187,7 @@ class SteeringSpec(BaseModel):
     features: list[FeatureEntry] = []
     decoding: DecodingSpec | None = None
     readout: list[ReadoutEntry] = []
+    conditions: list[Condition] = []
 
     @field_validator("experts")
     @classmethod
@@ -1065,6 +1255,32 @@ class SteeringSpec(BaseModel):
             raise _fail(*problem)
         return entries
 
+    @field_validator("conditions")
+    @classmethod
+    def _conditions_fit(cls, conds: list[Condition], info: ValidationInfo) -> list[Condition]:
+        ctx = _context(info)
+        names = [c.name for c in conds]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise _fail("duplicate_condition", "condition name(s) {dup} used twice", dup=dup)
+        if ctx is not None and len(conds) > ctx.max_conditions:
+            raise _fail(*_conditions_misfit(len(conds), ctx))
+        return conds
+
+    @model_validator(mode="after")
+    def _gates_known(self, info: ValidationInfo) -> SteeringSpec:
+        names = [c.name for c in self.conditions]
+        for i, e in enumerate(self.vectors):
+            if e.when is None:
+                continue
+            try:
+                gate_truth(e.when, names)
+            except ValueError as err:
+                raise PydanticCustomError(
+                    "bad_when", "vectors[{i}].when: {why}", {"i": i, "why": str(err)}
+                ) from None
+        return self
+
     @field_validator("vectors")
     @classmethod
     def _dynamic_fit(cls, entries: list[VectorEntry], info: ValidationInfo) -> list:
@@ -1123,6 +1339,13 @@ class SteeringSpec(BaseModel):
             fields = (f.op, f.add_scale, f.value, f.factor, f.positions, f.feature)
             h.update(repr(("feature", *fields)).encode())
             h.update(f.rows.digest)
+        for c in self.conditions:
+            fields = (c.name, c.layer, c.reduce, c.measure, c.op, c.threshold, c.feature)
+            h.update(repr(("condition", *fields)).encode())
+            h.update(c.rows.digest if c.rows is not None else c.direction.tobytes())
+        for e in self.vectors:
+            if e.when is not None:
+                h.update(repr(("when", e.when)).encode())
         return h.hexdigest()[:32]
 
 
@@ -1200,6 +1423,7 @@ def compose(
         features=[*first.features, *then.features],
         decoding=then.decoding if then.decoding is not None else first.decoding,
         readout=[*first.readout, *then.readout],
+        conditions=[*first.conditions, *then.conditions],
     )
     if ctx is not None:
         for name, have, limit in (
@@ -1223,7 +1447,30 @@ def compose(
         problem = _dynamic_misfit(merged.vectors, ctx)
         if problem is not None:
             raise SpecError([(f"{root}.vectors", f"{what}: {problem[1]}")])
+        names = [c.name for c in merged.conditions]
+        if len(set(names)) != len(names):
+            raise SpecError([(f"{root}.conditions", f"{what} use a condition name twice")])
+        if len(names) > ctx.max_conditions:
+            raise SpecError(
+                [(f"{root}.conditions", f"{what}: {_conditions_misfit(len(names), ctx)[1]}")]
+            )
     return merged
+
+
+def _conditions_misfit(n: int, ctx: SpecContext) -> tuple[str, str]:
+    if ctx.max_conditions == 0:
+        return (
+            "conditions_off",
+            "conditions are off on this server (turn them on with "
+            "additional_config.steerserve.max_conditions; steerserve serve "
+            "--max-steering-conditions)",
+        )
+    return (
+        "too_many",
+        f"{n} conditions, this server allows {ctx.max_conditions} per request "
+        "(additional_config.steerserve.max_conditions; steerserve serve "
+        "--max-steering-conditions)",
+    )
 
 
 def _dynamic_misfit(entries: list[VectorEntry], ctx: SpecContext) -> tuple[str, str] | None:

@@ -122,6 +122,7 @@ FEATURES = {
     "topk_sae": "sparsify.layers.1",
     "max_topk": 24,
     "max_dynamic": 2,
+    "max_conditions": 2,
 }
 
 

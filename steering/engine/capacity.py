@@ -37,6 +37,7 @@ class Capacity:
     max_topk: int = 0  # top-k readout's largest k (0: no top-k SAE)
     topk_layer: int | None = None  # its SAE's layer (None: not known here, unchecked)
     max_dynamic: int = 0  # scheduled / RMS-relative adds per request (0: off)
+    max_conditions: int = 0  # request-level conditions per request (0: off)
 
     @classmethod
     def of_engine(cls, config: SteeringConfig, shape: ModelShape) -> Capacity:
@@ -54,6 +55,7 @@ class Capacity:
             feature_layers=config.feature_layers,
             max_topk=config.max_topk if config.topk_sae else 0,
             max_dynamic=config.max_dynamic,
+            max_conditions=config.max_conditions,
         )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
@@ -79,6 +81,11 @@ class Capacity:
             return (
                 f"{spec.dynamic.count} scheduled/RMS-relative adds, the tables hold "
                 f"{self.max_dynamic} (max_dynamic)"
+            )
+        if spec.conditions.count > self.max_conditions:
+            return (
+                f"{spec.conditions.count} conditions, the tables hold {self.max_conditions} "
+                "(max_conditions)"
             )
         projections = len(spec.projection_readouts)
         if projections > self.max_read:
@@ -112,6 +119,7 @@ class Capacity:
 def _layers(spec: CompiledSpec) -> list[int]:
     out = [int(i) for p in spec.projections for i in p.layers]
     out += [int(i) for i in spec.const_layers] + [int(i) for i in spec.heads.layers]
+    out += [int(i) for i in spec.conditions.layers]
     out += [r.layer for r in spec.readout] + [int(i) for i in spec.experts.layers]
     out += [int(i) for i in spec.features.layers] + [int(i) for i in spec.dynamic.layers]
     if spec.decoding is not None:

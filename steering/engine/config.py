@@ -81,6 +81,11 @@ class SteeringConfig:
     # in the batch (tables layers x slots x 3 x max_dynamic x hidden), so it is opt-in:
     # 0 (the default) refuses them with the switch to turn on. Plain adds stay folded.
     max_dynamic: int = 0
+    # Request-level conditions (spec `conditions`, CAST) one request may use; entries gate
+    # on them with `when` (each gated entry is a dynamic add, so max_dynamic must be > 0).
+    # Every layer adds each token's stream, weighted, into its request's accumulator
+    # ([max_num_seqs, max_conditions, hidden]); opt-in like the rest: 0 refuses them.
+    max_conditions: int = 0
     # Steer an architecture that is mapped but not verified against the oracle here
     # (architectures.MAPPED_NOT_VERIFIED names why each is not): at the user's own risk.
     allow_unverified: bool = False
@@ -104,6 +109,7 @@ class SteeringConfig:
             "topk_sae",
             "max_topk",
             "max_dynamic",
+            "max_conditions",
             "allow_unverified",
         )
         unknown = set(mine) - set(known)
@@ -139,6 +145,14 @@ class SteeringConfig:
         max_dynamic = int(mine.get("max_dynamic", cls.max_dynamic))
         if not 0 <= max_dynamic <= 16:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_dynamic must be in 0..16")
+        max_conditions = int(mine.get("max_conditions", cls.max_conditions))
+        if not 0 <= max_conditions <= 6:
+            raise ValueError(f"additional_config.{CONFIG_KEY}.max_conditions must be in 0..6")
+        if max_conditions and not max_dynamic:
+            raise ValueError(
+                f"additional_config.{CONFIG_KEY}.max_conditions needs max_dynamic > 0: the "
+                "entries that conditions gate are dynamic adds"
+            )
         return cls(
             enabled=enabled,
             vectors_dir=str(
@@ -156,5 +170,6 @@ class SteeringConfig:
             topk_sae=None if topk_sae is None else str(topk_sae),
             max_topk=max_topk,
             max_dynamic=max_dynamic,
+            max_conditions=max_conditions,
             allow_unverified=bool(mine.get("allow_unverified", False)),
         )

@@ -58,6 +58,7 @@ class SteeringFrontend:
             topk_sae=config.topk_sae,
             max_topk=config.max_topk if config.topk_sae else 0,
             max_dynamic=config.max_dynamic,
+            max_conditions=config.max_conditions,
         )
 
     def reload_saes(self) -> None:

@@ -137,6 +137,8 @@ def _after_load_model(runner: Any) -> None:
         topk_layer=None if topk is None else topk.layer,
         max_topk=0 if topk is None else topk.max_k,
         max_dynamic=config.max_dynamic,
+        max_conditions=config.max_conditions,
+        max_rows=runner.max_num_reqs,
     )
     n = install(runner.get_model(), tables, shape, mid_layers)
     _mark_compile_cache(runner.vllm_config, config, tables.topk_layer)

@@ -23,6 +23,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from steering.compile import (
+    COND_ACT_THRESHOLD,
+    COND_CAST,
+    COND_KIND,
+    COND_OFFSET,
+    COND_SIGN,
+    COND_STRICT,
+    COND_THRESHOLD,
+)
 from steering.engine.architectures import (
     UnsupportedModelError,
     check_against_shape,
@@ -62,6 +71,8 @@ def apply_residual_ops(
             delta = (gains[:, k] * (stream * u).sum(dim=-1)).unsqueeze(-1) * u
             stream = stream - delta
             residual = residual - delta.to(residual.dtype)
+    if tables.max_conditions and layer == tables.first_layer:
+        decide_gates(tables, num_tokens)
     if tables.max_dynamic:
         delta = dynamic_delta(tables, layer, rms)
         stream = stream + delta
@@ -80,8 +91,63 @@ def dynamic_delta(tables: SteeringTables, layer: int, rms: torch.Tensor) -> torc
     num_tokens = rms.shape[0]
     dirs = tables.dyn_dirs[layer].index_select(0, tables.tok_const[:num_tokens])
     coef = tables.tok_dyn[:num_tokens]
+    if tables.max_conditions:
+        coef = coef * tables.tok_gate[:num_tokens]
     coef = torch.where(tables.tok_dyn_rms[:num_tokens], coef * rms, coef)
     return (coef.unsqueeze(-1) * dirs.float()).sum(dim=1)
+
+
+def condition_values(h: torch.Tensor, vec: torch.Tensor, par: torch.Tensor) -> torch.Tensor:
+    """Each condition's value (compile.Conditions) from its reduced stream h [..., C, H],
+    direction vec [..., C, H] and params par [..., C, P]; float32. Row sums throughout
+    (batch-invariant on CPU, see apply_residual_ops)."""
+    dot = (h * vec).sum(dim=-1)
+    p = torch.tanh((dot / (vec * vec).sum(dim=-1)).unsqueeze(-1) * vec)
+    norms = ((h * h).sum(dim=-1) * (p * p).sum(dim=-1)).sqrt()
+    cast = (h * p).sum(dim=-1) / norms
+    pre = dot + par[..., COND_OFFSET]
+    linear = torch.where(pre > par[..., COND_ACT_THRESHOLD], pre, torch.zeros_like(pre))
+    return torch.where(par[..., COND_KIND] == COND_CAST, cast, linear)
+
+
+def conditions_met(value: torch.Tensor, par: torch.Tensor) -> torch.Tensor:
+    """sign * (value - threshold) > 0 (>= 0 when not strict); unused (sign 0) and
+    undecided (NaN) conditions are not met."""
+    sign = par[..., COND_SIGN]
+    diff = sign * (value - par[..., COND_THRESHOLD])
+    met = torch.where(par[..., COND_STRICT] > 0, diff > 0, diff >= 0)
+    return met & (sign != 0)
+
+
+def decide_gates(tables: SteeringTables, num_tokens: int) -> None:
+    """tok_gate[t, j] = dyn_truth[slot, j, m] with m the bits of the conditions met by
+    token t's request, from its accumulator as the step starts.
+
+    A generated row's request has read its whole prompt in earlier steps (re-computed
+    prompt rows after preemption add nothing: the runtime sums each position once), so
+    its sums are complete; prompt rows get gates too, but gated entries act on generated
+    rows only.
+    """
+    slots = tables.tok_slot[:num_tokens]
+    acc = tables.cond_acc.index_select(0, tables.tok_req[:num_tokens])
+    vec = tables.cond_vec.index_select(0, slots)
+    par = tables.cond_par.index_select(0, slots)
+    met = conditions_met(condition_values(acc, vec, par), par)
+    bits = torch.arange(met.shape[-1], device=met.device)
+    combo = (met.long() << bits).sum(dim=-1)
+    truth = tables.dyn_truth.index_select(0, slots)
+    index = combo.view(-1, 1, 1).expand(-1, truth.shape[1], 1)
+    tables.tok_gate[:num_tokens].copy_(truth.gather(2, index).squeeze(-1))
+
+
+def accumulate_conditions(tables: SteeringTables, layer: int, stream: torch.Tensor) -> None:
+    """cond_acc[req_t, c] += w[t, c] * stream_t for tokens whose condition c reads this
+    layer (the same ops at every layer; zero weights elsewhere)."""
+    num_tokens = stream.shape[0]
+    here = tables.tok_clayer[:num_tokens] == layer
+    w = torch.where(here, tables.tok_cw[:num_tokens], torch.zeros_like(tables.tok_cw[:num_tokens]))
+    contrib = stream.float().unsqueeze(1) * w.unsqueeze(-1)
+    tables.cond_acc.index_add_(0, tables.tok_req[:num_tokens], contrib)
 
 
 def apply_feature_ops(
@@ -179,6 +245,8 @@ def _steered_layer_forward(self, *args, **kwargs):
         if layer == tables.topk_layer:
             assert tables.topk_stream is not None
             tables.topk_stream[: stream.shape[0]].copy_(stream)
+        if tables.max_conditions:
+            accumulate_conditions(tables, layer, stream)
     return hidden, residual
 
 

@@ -44,11 +44,13 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from steering.engine.frontend import SteeringFrontend, frontend_of
+from steering.engine.worker import conditions_async as worker_conditions
 from steering.engine.worker import readout_pull_async as worker_readout_pull
 from steering.engine.worker import reports_async as worker_reports
 from steering.engine.worker import stats_async as worker_stats
 
 __all__ = [
+    "worker_conditions",
     "worker_readout_pull",
     "worker_reports",
     "worker_stats",

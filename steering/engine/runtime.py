@@ -12,6 +12,7 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+import torch
 
 from steering.compile import (
     DYN_RMS,
@@ -46,6 +47,15 @@ class SteeringRuntime:
         self.refcount: dict[str, int] = {}
         self.specs: dict[str, CompiledSpec] = {}
         self.row_slot = np.zeros(max_rows, dtype=np.int64)
+        # Conditions: each request with any holds an accumulator row while it lives
+        # (kept through preemption); `summed[row]` is how many prompt positions it holds.
+        scratch = tables.scratch_row
+        self.row_req = np.full(max_rows, scratch, dtype=np.int64)
+        self.req_row: dict[str, int] = {}
+        self.free_rows = list(range(scratch - 1, -1, -1))
+        self.summed = np.zeros(scratch + 1, dtype=np.int64)
+        self.prompt_len: dict[str, int] = {}
+        self.finished_conditions: OrderedDict[str, list[dict]] = OrderedDict()
         # The previous step's request ids (prepare_step); row_slot still holds their slots.
         self._prev_req_ids: list[str] | None = None
         self.step = 0
@@ -105,8 +115,26 @@ class SteeringRuntime:
                         spec = None
                     else:
                         self.specs[key] = spec
-            if spec is not None and not spec.affects_kv and not spec.readout:
+            if spec is not None and spec.is_identity:
                 spec = None
+        if spec is not None and spec.conditions.count and self.tables.max_conditions:
+            if self.free_rows:
+                row = self.free_rows.pop()
+                self.tables.clear_condition_row(row)
+                self.summed[row] = 0
+                self.req_row[req_id] = row
+                self.prompt_len[req_id] = request.num_prompt_tokens
+            else:  # more live (preempted) requests than rows: gates stay closed, said so
+                log.error(
+                    "steerserve: request %s: no condition accumulator row free (%d live "
+                    "requests with conditions); its conditions are never met",
+                    req_id,
+                    len(self.req_row),
+                )
+                self.finished_conditions[req_id] = [
+                    {"name": name, "value": None, "fired": False, "decided": False}
+                    for name in spec.conditions.names
+                ]
         if spec is not None:
             self.refcount[spec.key] = self.refcount.get(spec.key, 0) + 1
             if spec.readout and self.readouts is not None:
@@ -118,6 +146,42 @@ class SteeringRuntime:
         """What layer-reading decoding chose for a request (live or recently finished)."""
         state = self.req_decoding.get(req_id)
         return state.report() if state is not None else self.finished_reports.get(req_id)
+
+    def condition_report(self, req_id: str) -> list[dict] | None:
+        """Each condition's value and whether it fired (live or recently finished)."""
+        row = self.req_row.get(req_id)
+        if row is None:
+            return self.finished_conditions.get(req_id)
+        spec = self.req_spec[req_id]
+        assert spec is not None
+        from steering.engine.layers import condition_values, conditions_met
+
+        conds = spec.conditions
+        acc = self.tables.cond_acc[row, : conds.count].cpu()
+        par = torch.from_numpy(conds.params.astype(np.float32))
+        values = condition_values(acc, torch.from_numpy(conds.vecs), par)
+        met = conditions_met(values, par)
+        decided = bool(self.summed[row] >= self.prompt_len[req_id])
+        return [
+            {
+                "name": name,
+                "value": float(v) if decided else None,
+                "fired": bool(m) and decided,
+                "decided": decided,
+            }
+            for name, v, m in zip(conds.names, values.tolist(), met.tolist(), strict=True)
+        ]
+
+    def conditions_for(self, request_id: str) -> dict[int, list[dict]]:
+        """Condition reports of every choice of API request `request_id`, by choice index."""
+        out: dict[int, list[dict]] = {}
+        for rid in (*self.req_row, *self.finished_conditions):
+            index = choice_index(rid, request_id)
+            if index is not None:
+                report = self.condition_report(rid)
+                if report is not None:
+                    out[index] = report
+        return out
 
     def reports_for(self, request_id: str) -> dict[int, dict]:
         """Decoding reports of every choice of API request `request_id`, by choice index."""
@@ -147,6 +211,15 @@ class SteeringRuntime:
             self.finished_reports[req_id] = state.report()
             while len(self.finished_reports) > MAX_REPORTS:
                 self.finished_reports.popitem(last=False)
+        if req_id in self.req_row:
+            report = self.condition_report(req_id)
+            assert report is not None
+            self.finished_conditions[req_id] = report
+            while len(self.finished_conditions) > MAX_REPORTS:
+                self.finished_conditions.popitem(last=False)
+            row = self.req_row.pop(req_id)
+            self.prompt_len.pop(req_id, None)
+            self.free_rows.append(row)
         spec = self.req_spec.pop(req_id, None)
         if spec is None:
             return
@@ -177,6 +250,7 @@ class SteeringRuntime:
         self.step += 1
         n = len(req_ids)
         row_slot = self.row_slot[:n]
+        row_req = self.row_req[:n]
         if req_ids == self._prev_req_ids:
             # The same rows as last step (most decode steps): their slots are still loaded
             # (slots only change in acquire), so mark them used without the per-row walk.
@@ -185,6 +259,7 @@ class SteeringRuntime:
                 self.bank.touch(row_slot, self.step)
         else:
             steered = False
+            t_scratch = self.tables.scratch_row
             for i, rid in enumerate(req_ids):
                 spec = self.req_spec.get(rid, _UNSEEN)
                 if spec is _UNSEEN:
@@ -194,6 +269,7 @@ class SteeringRuntime:
                 else:
                     row_slot[i] = self.bank.acquire(spec, self.step)
                     steered = True
+                row_req[i] = self.req_row.get(rid, t_scratch)
             self._prev_req_ids = list(req_ids)
 
         t = self.tables
@@ -208,6 +284,10 @@ class SteeringRuntime:
                 params = self.bank.dyn[slot]
                 t.np_dyn[:written] = dynamic_coef(params, rel)
                 t.np_dyn_rms[:written] = params[..., DYN_RMS] > 0
+            if t.max_conditions:
+                self._plan_conditions(
+                    slot, row_req[req_indices], positions, rel, prompt_lens[req_indices]
+                )
             rel = rel[:, None]
             gate = (rel >= self.bank.lo[slot]) & (rel < self.bank.hi[slot])
             np.multiply(self.bank.gain[slot], gate, out=t.np_gain[:written])
@@ -224,6 +304,29 @@ class SteeringRuntime:
             self.captures.plan_step(req_ids, req_indices, positions)
         if self.readouts is not None:
             self.readouts.plan_step(req_ids, req_indices, positions)
+
+    def _plan_conditions(
+        self,
+        slot: np.ndarray,
+        req: np.ndarray,
+        positions: np.ndarray,
+        rel: np.ndarray,
+        prompt_len: np.ndarray,
+    ) -> None:
+        """Each token's accumulator row, layer and weight: 1/P for every prompt row
+        (prompt_mean), 1 for the last one (last_prompt), 0 for a position already summed
+        (a prompt re-computed after preemption) and for every other token."""
+        t = self.tables
+        written = len(slot)
+        layer = self.bank.cond_layer[slot]  # [T, C]
+        fresh = (rel < 0) & (positions >= self.summed[req])
+        mean = np.where(fresh, 1.0 / prompt_len, 0.0)[:, None]
+        last = (fresh & (rel == -1)).astype(np.float64)[:, None]
+        w = np.where(self.bank.cond_reduce[slot] == 0, mean, last) * (layer >= 0)
+        t.np_req[:written] = req
+        t.np_cw[:written] = w
+        t.np_clayer[:written] = layer
+        np.maximum.at(self.summed, req, np.where(rel < 0, positions + 1, 0))
 
     def _plan_sampled_rows(self, req_ids, req_indices, positions, prompt_lens) -> None:
         """Point the capture at each row's sampled (last scheduled) token; plan decoding.

@@ -13,7 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from steering.compile import NUM_CLASSES, NUM_COEFS, NUM_DYN_PARAMS, CompiledSpec
+from steering.compile import (
+    NUM_CLASSES,
+    NUM_COEFS,
+    NUM_COND_PARAMS,
+    NUM_DYN_PARAMS,
+    CompiledSpec,
+)
 from steering.engine.capacity import Capacity
 
 IDENTITY_SLOT = 0
@@ -54,6 +60,17 @@ class SteeringTables:
                                                              (model dtype; compile.DynamicAdds)
     tok_dyn  [max_tokens, max_dynamic]       their per-token coefficients (float32; 0 = none)
     tok_dyn_rms [max_tokens, max_dynamic]    whether each is RMS-relative (bool)
+    dyn_truth [slots, max_dynamic, 2**max_conditions]  whether add j acts for each set of
+                                             conditions met (1 without `when`; float32)
+    cond_vec [slots, max_conditions, hidden] conditions' directions (float32)
+    cond_par [slots, max_conditions, 6]      their kind, offset, thresholds, sign (float32)
+    cond_acc [2 * max_rows + 1, max_conditions, hidden]  each request's weighted sum of its
+                                             prompt rows at the condition's layer (float32;
+                                             the last row, NaN, is read by other tokens)
+    tok_req  [max_tokens]                    the accumulator row of each token (int64)
+    tok_cw   [max_tokens, max_conditions]    its weight in each sum (0: not summed)
+    tok_clayer [max_tokens, max_conditions]  the layer each sum reads (-1: none; int64)
+    tok_gate [max_tokens, max_dynamic]       each dynamic add's gate this step (in-graph)
 
     sample_idx [max_rows]                    token index of each batch row's sampled row (int64)
     capture    [layers, max_rows, hidden]    residual stream after each layer, sampled rows
@@ -90,6 +107,8 @@ class SteeringTables:
         topk_layer: int | None = None,
         max_topk: int = 0,
         max_dynamic: int = 0,
+        max_conditions: int = 0,
+        max_rows: int = 0,
     ):
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -160,6 +179,27 @@ class SteeringTables:
             self.tok_dyn = torch.zeros(max_tokens, max_dynamic, dtype=torch.float32, device=device)
             self.tok_dyn_rms = torch.zeros(max_tokens, max_dynamic, dtype=torch.bool, device=device)
             per_token = (self.tok_dyn, self.tok_dyn_rms)
+        self.max_conditions = max_conditions if max_dynamic else 0
+        # Accumulator rows: one per live request, preempted ones included (they keep
+        # theirs), so twice the running batch; the last row is NaN, read by every token
+        # without a row of its own, so that no condition is met from it.
+        self.condition_rows = 2 * max_rows
+        self.scratch_row = self.condition_rows
+        if self.max_conditions:
+            c = self.max_conditions
+            f32 = dict(dtype=torch.float32, device=device)
+            self.dyn_truth = torch.ones(num_slots, max_dynamic, 1 << c, **f32)
+            self.cond_vec = torch.zeros(num_slots, c, hidden_size, **f32)
+            self.cond_par = torch.zeros(num_slots, c, NUM_COND_PARAMS, **f32)
+            self.cond_acc = torch.zeros(self.condition_rows + 1, c, hidden_size, **f32)
+            self.cond_acc[self.scratch_row] = float("nan")
+            self.tok_req = torch.full(
+                (max_tokens,), self.scratch_row, dtype=torch.int64, device=device
+            )
+            self.tok_cw = torch.zeros(max_tokens, c, **f32)
+            self.tok_clayer = torch.full((max_tokens, c), -1, dtype=torch.int64, device=device)
+            self.tok_gate = torch.ones(max_tokens, max_dynamic, **f32)
+            per_token += (self.tok_req, self.tok_cw, self.tok_clayer)
         self.sample_idx: torch.Tensor | None = None
         self.capture: torch.Tensor | None = None
         self.capture_mid: torch.Tensor | None = None
@@ -192,7 +232,7 @@ class SteeringTables:
         if topk_layer is not None:
             self.topk_stream = torch.zeros(max_tokens, hidden_size, dtype=dtype, device=device)
         # Whether the layers form the stream (hidden + residual) for any buffer above.
-        self.reads_stream = any(
+        self.reads_stream = bool(self.max_conditions) or any(
             t is not None
             for t in (self.capture, self.stream_all, self.read_units, self.topk_stream)
         )
@@ -201,7 +241,9 @@ class SteeringTables:
         self._staged = tuple(self._staging(t) for t in self._per_token)
         self.np_slot, self.np_const, self.np_gain = (t.numpy() for t in self._staged[:3])
         if max_dynamic:
-            self.np_dyn, self.np_dyn_rms = (t.numpy() for t in self._staged[3:])
+            self.np_dyn, self.np_dyn_rms = (t.numpy() for t in self._staged[3:5])
+        if self.max_conditions:
+            self.np_req, self.np_cw, self.np_clayer = (t.numpy() for t in self._staged[5:])
 
     @staticmethod
     def _staging(t: torch.Tensor) -> torch.Tensor:
@@ -223,6 +265,8 @@ class SteeringTables:
             self.topk_stream,
         )
         features = (self.feat_enc, self.feat_dec, self.feat_coef, self.dyn_dirs)
+        if self.max_conditions:
+            features += (self.dyn_truth, self.cond_vec, self.cond_par, self.cond_acc, self.tok_gate)
         tensors = (
             self.units,
             self.const,
@@ -249,6 +293,9 @@ class SteeringTables:
         """Point tokens [start, stop) back at the identity slot (host side; then publish)."""
         self.np_slot[start:stop] = IDENTITY_SLOT
         self.np_const[start:stop] = IDENTITY_SLOT
+        if self.max_conditions:  # a stale weight would sum another token into a request
+            self.np_cw[start:stop] = 0.0
+            self.np_req[start:stop] = self.scratch_row
 
     def write_slot(self, slot: int, spec: CompiledSpec) -> None:
         problem = self.misfit(spec)
@@ -282,6 +329,8 @@ class SteeringTables:
                 layers = torch.from_numpy(ops.layers).to(self.device)
                 data = torch.from_numpy(ops.dirs).to(self.device, self.dyn_dirs.dtype)
                 self.dyn_dirs[layers, rows, : ops.count] = data
+        if self.max_conditions:
+            self._write_conditions(slot, spec)
         if self.read_units is not None:
             self.read_units[:, slot].zero_()
             for k, r in enumerate(spec.projection_readouts):  # top-k entries: no column
@@ -306,7 +355,28 @@ class SteeringTables:
             max_topk=self.max_topk,
             topk_layer=self.topk_layer,
             max_dynamic=self.max_dynamic,
+            max_conditions=self.max_conditions,
         ).misfit(spec)
+
+    def _write_conditions(self, slot: int, spec: CompiledSpec) -> None:
+        conds, dyn = spec.conditions, spec.dynamic
+        self.cond_vec[slot].zero_()
+        self.cond_par[slot].zero_()  # sign 0: never met
+        self.dyn_truth[slot].fill_(1.0)
+        n = conds.count
+        if n:
+            self.cond_vec[slot, :n] = torch.from_numpy(conds.vecs).to(self.device)
+            par = torch.from_numpy(conds.params.astype(np.float32))
+            self.cond_par[slot, :n] = par.to(self.device)
+        if dyn.count:
+            # Conditions past the spec's own are never met: combination m reads m's low bits.
+            combos = np.arange(1 << self.max_conditions) & ((1 << n) - 1)
+            truth = torch.from_numpy(np.ascontiguousarray(dyn.truth[:, combos]))
+            self.dyn_truth[slot, : dyn.count] = truth.to(self.device)
+
+    def clear_condition_row(self, row: int) -> None:
+        """A request's accumulator row, zeroed when the request takes it."""
+        self.cond_acc[row].zero_()
 
     def _write_features(self, slot: int, rows: slice, spec: CompiledSpec) -> None:
         assert self.feat_enc is not None and self.feat_dec is not None
@@ -373,6 +443,10 @@ class SlotBank:
         self.hi = np.zeros((n, k), dtype=np.int64)
         # Dynamic adds' windows, scales and schedules (all zeros: none), read per token.
         self.dyn = np.zeros((n, tables.max_dynamic, NUM_DYN_PARAMS), dtype=np.float64)
+        # Conditions' layers (-1: unused) and reductions, read per token.
+        c = tables.max_conditions
+        self.cond_layer = np.full((n, c), -1, dtype=np.int64)
+        self.cond_reduce = np.zeros((n, c), dtype=np.int64)
         self.loads = 0
 
     def acquire(self, spec: CompiledSpec, step: int) -> int:
@@ -412,6 +486,12 @@ class SlotBank:
             self.hi[slot, k] = proj.hi
         self.dyn[slot] = 0.0
         self.dyn[slot, : spec.dynamic.count] = spec.dynamic.params
+        if self.tables.max_conditions:
+            conds = spec.conditions
+            self.cond_layer[slot] = -1
+            self.cond_layer[slot, : conds.count] = conds.layers
+            self.cond_reduce[slot] = 0
+            self.cond_reduce[slot, : conds.count] = conds.reduce
         self.fp_of[slot] = spec.key
         self.slot_of[spec.key] = slot
         self.loads += 1

@@ -36,6 +36,11 @@ class SteeringWorkerExtension:
         runtime = self._steerserve_runtime()
         return None if runtime is None else runtime.reports_for(request_id)
 
+    def steerserve_conditions(self, request_id: str) -> dict[int, list[dict]] | None:
+        """Each choice's conditions of an API request: value, fired, decided."""
+        runtime = self._steerserve_runtime()
+        return None if runtime is None else runtime.conditions_for(request_id)
+
     def steerserve_readouts(self, request_id: str) -> dict | None:
         """A finished request's readout values by choice, handed over once."""
         book = _book(self._steerserve_runtime(), "readouts", "readout")
@@ -101,6 +106,15 @@ async def stats_async(engine: Any) -> dict[str, int] | None:
 
 async def reports_async(engine: Any, request_id: str) -> dict[int, dict] | None:
     return _first(await engine.collective_rpc("steerserve_reports", args=(request_id,)))
+
+
+async def conditions_async(engine: Any, request_id: str) -> dict[int, list[dict]] | None:
+    return _first(await engine.collective_rpc("steerserve_conditions", args=(request_id,)))
+
+
+def conditions(llm: Any, request_id: str) -> dict[int, list[dict]] | None:
+    """An offline `LLM`'s condition reports of a request, by choice index."""
+    return _first(llm.collective_rpc("steerserve_conditions", args=(request_id,)))
 
 
 async def readout_pull_async(engine: Any, wanted: Any) -> dict | None:

@@ -1,0 +1,279 @@
+"""Request-level conditions (CAST) gating dynamic adds, against the reference oracle.
+
+Thresholds are set from the reference's own value for each prompt (just below or above
+it), so every case is decided one way on purpose, and the engine must agree: the gate, the
+log-probs and the reported value. They run on the `features` engines
+(conftest.FEATURES: max_dynamic 2, max_conditions 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import generate, prompt_ids, random_vector, sampling
+
+from steering.engine.frontend import SteeringValidationError
+from steering.engine.worker import conditions as worker_conditions
+from steering.sae import SaeRegistry
+from steering.spec import SpecError, gate_truth
+
+TOL = 1e-4
+C1 = random_vector(31).tolist()
+C2 = random_vector(32).tolist()
+B = random_vector(33, norm=10.0).tolist()
+
+
+def _spec(engines, raw, **kw):
+    ctx = dict(saes=SaeRegistry(engines.saes_dir), max_features=3, max_dynamic=2)
+    return engines.reference("llama").spec(raw, **(ctx | {"max_conditions": 2} | kw))
+
+
+def _behaviour(when: str, **extra) -> dict:
+    return {"data": {"1": B, "2": B}, "scale": 0.6, "positions": "generated", "when": when} | extra
+
+
+def _run(llm, prompts, raws, max_tokens=8):
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        [sampling(r, max_tokens=max_tokens) for r in raws],
+        use_tqdm=False,
+    )
+    runs = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs, strict=True)]
+        runs.append((list(c.token_ids), lps, (worker_conditions(llm, o.request_id) or {}).get(0)))
+    return runs
+
+
+def _with_threshold(cond: dict, value: float, fire: bool) -> dict:
+    """`cond` with its threshold set so that it fires (or not) on this value."""
+    op = cond.get("op", ">")
+    above = op in (">", ">=")
+    margin = 0.05 * max(abs(value), 1e-3)
+    threshold = value - margin if above == fire else value + margin
+    return cond | {"threshold": threshold}
+
+
+CONDITIONS = {
+    "cosine-mean": {"name": "topic", "data": C1, "layer": 1},
+    "cosine-last-below": {
+        "name": "topic",
+        "data": C1,
+        "layer": 2,
+        "reduce": "last_prompt",
+        "op": "<",
+    },
+    "projection-mean": {"name": "topic", "data": C2, "layer": 0, "measure": "projection"},
+    "feature": {"name": "topic", "sae": "gs_layer_2", "feature": 1, "op": ">="},  # JumpReLU
+}
+
+
+def _decide(engines, prompt, cond):
+    probe = _spec(engines, {"conditions": [cond | {"threshold": 0.0}]})
+    return engines.reference("llama").conditions(prompt, probe)[cond["name"]][0]
+
+
+@pytest.mark.parametrize("variant", ["features", "features-compiled"])
+@pytest.mark.parametrize("fire", [True, False], ids=["fires", "holds-off"])
+@pytest.mark.parametrize("case", sorted(CONDITIONS))
+def test_condition_gates_equal_the_reference(engines, variant, case, fire):
+    llm, ref = engines.get("llama", variant), engines.reference("llama")
+    prompt = prompt_ids(seed=sum(map(ord, case)) % 997, length=20)
+    cond = CONDITIONS[case]
+    value = _decide(engines, prompt, cond)
+    if case == "feature" and value == 0.0:
+        pytest.fail("the feature does not fire on this prompt: pick another")
+    raw = {"conditions": [_with_threshold(cond, value, fire)], "vectors": [_behaviour("topic")]}
+    spec = _spec(engines, raw)
+    decided = ref.conditions(prompt, spec)["topic"]
+    assert decided[1] == fire
+    (tokens, lps, report), (plain_tokens, plain_lps, _) = _run(llm, [prompt, prompt], [raw, None])
+    ref_tokens, ref_lps = ref.greedy(prompt, 8, spec)
+    assert tokens == ref_tokens
+    np.testing.assert_allclose(lps, ref_lps, atol=TOL)
+    assert report == [
+        {
+            "name": "topic",
+            "value": pytest.approx(decided[0], abs=TOL),
+            "fired": fire,
+            "decided": True,
+        }
+    ]
+    # Holding off is exactly unsteered; firing steers.
+    if fire:
+        assert tokens != plain_tokens or np.abs(np.subtract(lps, plain_lps)).max() > 1e-3
+    else:
+        assert tokens == plain_tokens and lps == plain_lps
+
+
+def test_composed_conditions_and_schedules(engines):
+    """Two conditions, `and` / `or` / `not` over them, one gate with a schedule; every
+    combination against the reference."""
+    llm, ref = engines.get("llama", "features"), engines.reference("llama")
+    prompt = prompt_ids(seed=40, length=30)
+    a = {"name": "a", "data": C1, "layer": 1}
+    b = {"name": "b", "data": C2, "layer": 2, "reduce": "last_prompt", "measure": "projection"}
+    va, vb = _decide(engines, prompt, a), _decide(engines, prompt, b)
+    raws = []
+    for fire_a, fire_b in ((True, True), (True, False), (False, True), (False, False)):
+        conds = [_with_threshold(a, va, fire_a), _with_threshold(b, vb, fire_b)]
+        vectors = [
+            _behaviour("a and not b"),
+            _behaviour(
+                "(a or b)", scale=-0.8, schedule={"kind": "linear", "steps": 4}, data={"3": C2}
+            ),
+        ]
+        raws.append({"conditions": conds, "vectors": vectors})
+    runs = _run(llm, [prompt] * 4, raws)
+    for raw, (tokens, lps, report) in zip(raws, runs, strict=True):
+        spec = _spec(engines, raw)
+        want = ref.conditions(prompt, spec)
+        ref_tokens, ref_lps = ref.greedy(prompt, 8, spec)
+        assert tokens == ref_tokens
+        np.testing.assert_allclose(lps, ref_lps, atol=TOL)
+        assert [r["fired"] for r in report] == [want["a"][1], want["b"][1]]
+    assert len({tuple(r[0]) for r in runs}) > 1  # the combinations steer differently
+
+
+def test_chunked_prompt_and_batch_invariance(engines):
+    """A 150-token prompt spans three prefill steps (64-token chunks): its mean is summed
+    across them. Beside plain, unconditional and other conditional requests, each gets
+    what it gets alone."""
+    llm, ref = engines.get("llama", "features"), engines.reference("llama")
+    rng = np.random.default_rng(7)
+    prompts = [[int(x) for x in rng.integers(10, 480, n)] for n in (150, 12, 40, 17, 70)]
+    cond = {"name": "topic", "data": C1, "layer": 1}
+    v0, v2 = _decide(engines, prompts[0], cond), _decide(engines, prompts[2], cond)
+    raws = [
+        {"conditions": [_with_threshold(cond, v0, True)], "vectors": [_behaviour("topic")]},
+        None,
+        {"conditions": [_with_threshold(cond, v2, False)], "vectors": [_behaviour("topic")]},
+        {"vectors": [{"data": {"1": B}, "scale": 0.5}]},
+        {"conditions": [_with_threshold(cond, v0, True)], "vectors": [_behaviour("not topic")]},
+    ]
+    together = _run(llm, prompts, raws, max_tokens=6)
+    spec = _spec(engines, raws[0])
+    tokens, lps = ref.greedy(prompts[0], 6, spec)
+    assert together[0][0] == tokens
+    np.testing.assert_allclose(together[0][1], lps, atol=TOL)
+    assert together[0][2][0]["value"] == pytest.approx(
+        ref.conditions(prompts[0], spec)["topic"][0], abs=TOL
+    )
+    # Plain vLLM on CPU is itself not bit-invariant for every batch: here the 150-token
+    # prompt's log-probs move by ~1e-6 with no steering at all. Where plain rows are exact,
+    # steered ones must be too; elsewhere they may move no more than plain ones do.
+    plain = _run(llm, prompts, [None] * len(prompts), max_tokens=6)
+    exact = 0
+    for i, (prompt, raw, got) in enumerate(zip(prompts, raws, together, strict=True)):
+        alone = _run(llm, [prompt], [raw], max_tokens=6)[0]
+        plain_alone = _run(llm, [prompt], [None], max_tokens=6)[0]
+        assert got[0] == alone[0]
+        if plain[i][1] == plain_alone[1]:
+            assert got[1] == alone[1], f"request {i}"
+        else:
+            np.testing.assert_allclose(got[1], alone[1], atol=1e-5)
+        exact += plain[i][1] == plain_alone[1]
+    assert exact >= 4  # the bit-exact check ran for most requests
+
+
+def test_prefix_cache_never_skips_the_prompt(engines):
+    """The same conditional spec twice on one prompt: the second must read every prompt
+    row again (no prefix-cache hit), or its mean would miss them."""
+    llm = engines.get("llama", "features")
+    prompt = prompt_ids(seed=50, length=100)
+    cond = {"name": "topic", "data": C1, "layer": 1}
+    value = _decide(engines, prompt, cond)
+    raw = {"conditions": [_with_threshold(cond, value, True)], "vectors": [_behaviour("topic")]}
+    first = generate(llm, [prompt], sampling(raw, max_tokens=4))[0]
+    second = generate(llm, [prompt], sampling(raw, max_tokens=4))[0]
+    assert second.num_cached_tokens == 0
+    assert first.tokens == second.tokens and first.logprobs == second.logprobs
+
+
+def test_gate_truth_tables():
+    assert gate_truth("a", ["a", "b"]) == [False, True, False, True]
+    assert gate_truth("a and not b", ["a", "b"]) == [False, True, False, False]
+    assert gate_truth("(a or b) and not (a and b)", ["a", "b"]) == [False, True, True, False]
+    for bad, why in (
+        ("a +", "not an expression"),
+        ("c", "unknown condition 'c'"),
+        ("a == b", "only"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            gate_truth(bad, ["a", "b"])
+
+
+ERRORS = [
+    (
+        {
+            "conditions": [{"name": "x", "data": C1, "layer": 1, "threshold": 0.1}],
+            "vectors": [_behaviour("y")],
+        },
+        "unknown condition 'y'",
+    ),
+    (
+        {
+            "conditions": [{"name": "x", "data": C1, "layer": 1, "threshold": 0.1}],
+            "vectors": [_behaviour("x", positions="all")],
+        },
+        "set positions to 'generated'",
+    ),
+    ({"conditions": [{"name": "x", "data": C1, "threshold": 0.1}]}, "'layer' is required"),
+    (
+        {"conditions": [{"name": "x", "data": C1[:5], "layer": 1, "threshold": 0.1}]},
+        "hidden size is",
+    ),
+    (
+        {"conditions": [{"name": "x", "data": [0.0] * len(C1), "layer": 1, "threshold": 0.1}]},
+        "direction is zero",
+    ),
+    (
+        {"conditions": [{"name": "not", "data": C1, "layer": 1, "threshold": 0.1}]},
+        "must be an identifier",
+    ),
+    ({"conditions": [{"name": "x", "data": C1, "layer": 9, "threshold": 0.1}]}, "layer"),
+    (
+        {"conditions": [{"name": "x", "sae": "relu", "feature": 7, "layer": 3, "threshold": 0.1}]},
+        "reads layer",
+    ),
+    (
+        {
+            "conditions": [
+                {"name": "x", "data": C1, "layer": 1, "measure": "activation", "threshold": 0.1}
+            ]
+        },
+        "measure 'activation'",
+    ),
+    (
+        {
+            "conditions": [
+                {"name": n, "data": C1, "layer": 1, "threshold": 0.1} for n in ("a", "b", "c")
+            ]
+        },
+        "3 conditions, this server allows 2",
+    ),
+    (
+        {"conditions": [{"name": "x", "data": C1, "layer": 1, "threshold": 0.1}] * 2},
+        "used twice",
+    ),
+]
+
+
+@pytest.mark.parametrize("raw,message", ERRORS, ids=[m for _, m in ERRORS])
+def test_condition_errors_name_the_field(engines, raw, message):
+    with pytest.raises(SpecError) as e:
+        _spec(engines, raw)
+    assert any(message in msg and loc.startswith("steering") for loc, msg in e.value.errors), (
+        e.value.errors
+    )
+    llm = engines.get("llama", "features")
+    with pytest.raises(SteeringValidationError, match=message.replace("(", r"\(")):
+        generate(llm, [prompt_ids(seed=1, length=5)], sampling(raw))
+
+
+def test_conditions_need_the_switch(engines):
+    llm = engines.get("llama", "eager")
+    raw = {"conditions": [{"name": "x", "data": C1, "layer": 1, "threshold": 0.1}]}
+    with pytest.raises(SteeringValidationError, match="--max-steering-conditions"):
+        generate(llm, [prompt_ids(seed=2, length=6)], sampling(raw))
