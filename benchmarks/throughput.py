@@ -59,6 +59,11 @@ FEATURES_PER_LAYER = 8
 # features per generated token (the full encoder on those rows at the sampler step).
 TOPK_SCENARIOS = ("topk-unsteered", "topk-readouts")
 TOPK_K = 16
+# On an engine with conditions on (max_conditions 1, max_dynamic 1): its cost unsteered,
+# and a distinct conditional spec per request (CAST: one condition on the prompt's mean at
+# the middle layer, a behaviour vector at every layer gated by it, always met here so that
+# every generated token pays the whole cost).
+CONDITIONAL_SCENARIOS = ("conditional-unsteered", "distinct-conditional-specs")
 HF_SCENARIOS = ("hf-hooks",)
 # On the MoE benchmark model (--moe): residual and head steering as on the dense model, and
 # router steering.
@@ -104,6 +109,8 @@ DESCRIPTIONS = {
     "topk-unsteered": "top-k readout SAE loaded (width 8 x hidden), no request asks",
     "topk-readouts": f"every request reads its top {TOPK_K} SAE features per token",
     "hf-hooks": "HF transformers + hooks, distinct vectors, all layers",
+    "conditional-unsteered": "conditions on (1 per request), unsteered",
+    "distinct-conditional-specs": "a distinct condition + gated vector per request, all layers",
     "distinct-expert-masks": "a distinct expert masked out per request and MoE layer",
     "distinct-experts-and-vectors": "distinct expert masks and residual vectors, all layers",
 }
@@ -188,7 +195,24 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
         return [
             {"readout": [readout(num_layers // 2), readout(num_layers * 2 // 3)]} for _ in range(n)
         ]
-    if scenario in ("features-unsteered", "features-at-unsteered", "topk-unsteered"):
+    if scenario == "distinct-conditional-specs":
+        out = []
+        for s in rng.integers(1, 1 << 30, size=n):
+            behaviour = entry(int(s), range(num_layers)) | {"positions": "generated", "when": "c"}
+            condition = {
+                "name": "c",
+                "data": np.random.default_rng(int(s) + 1).standard_normal(hidden).tolist(),
+                "layer": num_layers // 2,
+                "threshold": -1.0,  # cosine > -1: met, so the gated vector always acts
+            }
+            out.append({"conditions": [condition], "vectors": [behaviour]})
+        return out
+    if scenario in (
+        "features-unsteered",
+        "features-at-unsteered",
+        "topk-unsteered",
+        "conditional-unsteered",
+    ):
         return [None] * n
     if scenario == "topk-readouts":
         sae = f"bench{feature_layers(num_layers)[0]}"
@@ -300,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
         if s in FEATURE_AT_SCENARIOS
         else "topk"
         if s in TOPK_SCENARIOS
+        else "conditional"
+        if s in CONDITIONAL_SCENARIOS
         else "hf"
         if s in HF_SCENARIOS
         else "steer"
@@ -341,6 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
             first = feature_layers(cfg.num_hidden_layers)[0]
             settings.update(saes_dir=str(saes), topk_sae=f"bench{first}")
+        if name == "conditional":
+            settings.update(max_dynamic=1, max_conditions=1)
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
     if "hf" in engine_of.values():
         hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(

@@ -153,6 +153,13 @@ class Engines:
             additional_config={"steerserve": {"decoding": False, "topk_sae": FEATURES["topk_sae"]}},
         ),
         "features-compiled": dict(enforce_eager=False, additional_config={"steerserve": FEATURES}),
+        # A KV cache of 10 blocks (320 tokens): a few long requests preempt each other.
+        "features-tight": dict(
+            enforce_eager=True,
+            kv_cache_memory_bytes=10 * BLOCK_SIZE * 4096,
+            max_model_len=256,
+            additional_config={"steerserve": FEATURES},
+        ),
     }
 
     def __init__(self, model_dirs: dict[str, Path], vectors_dir: Path, saes_dir: Path):

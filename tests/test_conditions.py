@@ -277,3 +277,30 @@ def test_conditions_need_the_switch(engines):
     raw = {"conditions": [{"name": "x", "data": C1, "layer": 1, "threshold": 0.1}]}
     with pytest.raises(SteeringValidationError, match="--max-steering-conditions"):
         generate(llm, [prompt_ids(seed=2, length=6)], sampling(raw))
+
+
+def test_preemption_keeps_the_prompt_sums(engines):
+    """Four 100-token conditional requests generating 100 tokens each on a 320-token KV
+    cache (two run, growing to 7 blocks each in 10): vLLM preempts and recomputes some
+    of them. Each must still equal the reference (its sums neither lost nor doubled),
+    and the engine must have seen recomputed rows."""
+    llm, ref = engines.get("llama", "features-tight"), engines.reference("llama")
+    prompts = [prompt_ids(seed=60 + i, length=100) for i in range(4)]
+    cond = {"name": "topic", "data": C1, "layer": 1}
+    raws = []
+    for i, p in enumerate(prompts):
+        value = _decide(engines, p, cond)
+        c = _with_threshold(cond, value, fire=i % 2 == 0)
+        raws.append({"conditions": [c], "vectors": [_behaviour("topic")]})
+    before = llm.collective_rpc("steerserve_stats")[0]["recomputed_condition_rows"]
+    runs = _run(llm, prompts, raws, max_tokens=100)
+    after = llm.collective_rpc("steerserve_stats")[0]["recomputed_condition_rows"]
+    assert after > before, "no request was preempted: the KV cache is not tight enough"
+    for i, (prompt, raw, (tokens, lps, report)) in enumerate(zip(prompts, raws, runs, strict=True)):
+        spec = _spec(engines, raw)
+        value, fired = ref.conditions(prompt, spec)["topic"]
+        assert report[0]["fired"] == fired == (i % 2 == 0)
+        assert report[0]["value"] == pytest.approx(value, abs=TOL)
+        ref_tokens, ref_lps = ref.greedy(prompt, 100, spec)
+        assert tokens == ref_tokens
+        np.testing.assert_allclose(lps, ref_lps, atol=TOL)

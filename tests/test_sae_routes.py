@@ -101,6 +101,11 @@ def sae_server(model_dirs, vectors_dir, tmp_path_factory):
         # Top-k readout without --enable-steering-readout: it needs no projection tables.
         "--steering-topk-sae",
         "preloaded",
+        # Conditions (tests at the end of this module).
+        "--max-steering-dynamic",
+        "2",
+        "--max-steering-conditions",
+        "2",
     ]
     with live_server(args, d / "serve.log") as (base, _):
         yield base, saes
@@ -427,3 +432,56 @@ def test_reload_keeps_the_topk_sae_the_engine_holds(sae_server, tmp_path):
         httpx.post(f"{base}/v1/admin/reload", headers=ADMIN_H, timeout=30)
     skipped = _get(base, "/v1/saes").json()["skipped_files"]
     assert "preloaded (top-k SAE)" not in skipped
+
+
+def test_condition_reports_over_http(sae_server, engines):
+    """A conditional request's echo carries each choice's condition value and whether it
+    fired (the reference's value on the same prompt tokens); streams carry the same in
+    their last event; a bad `when` is a 400 naming the field."""
+    base = sae_server[0]
+    c = client(base)
+    ref = engines.reference("llama")
+    prompt = [int(x) for x in np.random.default_rng(5).integers(10, 480, 30)]
+    direction = np.random.default_rng(6).standard_normal(HIDDEN).tolist()
+    behaviour = np.random.default_rng(7).standard_normal(HIDDEN) * 2
+    steering = {
+        "conditions": [
+            {"name": "on", "data": direction, "layer": 1, "threshold": -1.0},
+            {"name": "off", "data": direction, "layer": 2, "op": "<", "threshold": -1.0},
+        ],
+        "vectors": [
+            {"data": {"1": behaviour.tolist()}, "positions": "generated", "when": "on and not off"}
+        ],
+    }
+    want = ref.conditions(prompt, ref.spec(steering, max_dynamic=2, max_conditions=2))
+    extra = {"ignore_eos": True, "steering": steering}
+    kw = dict(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=1.0, seed=3, n=2, extra_body=extra
+    )
+    full = c.completions.create(**kw)
+    echo = full.model_extra["steering"]["conditions"]
+    assert echo["names"] == ["on", "off"]
+    assert [ch["index"] for ch in echo["choices"]] == [0, 1]
+    for ch in echo["choices"]:
+        got = {r["name"]: r for r in ch["conditions"]}
+        for name in ("on", "off"):
+            assert got[name]["value"] == pytest.approx(want[name][0], abs=1e-4)
+            assert got[name]["fired"] is want[name][1] is (name == "on")
+            assert got[name]["decided"] is True
+    last = [ch.model_extra.get("steering") for ch in c.completions.create(stream=True, **kw)]
+    tail = [e for e in last if e and "choices" in e.get("conditions", {})]
+    assert len(tail) == 1 and tail[0]["conditions"]["choices"] == echo["choices"]
+    bad = {
+        "conditions": steering["conditions"],
+        "vectors": [{**steering["vectors"][0], "when": "on or nope"}],
+    }
+    r = httpx.post(
+        f"{base}/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 2, "steering": bad},
+        timeout=30,
+    )
+    err = _error(r, 400)
+    assert "vectors[0].when" in err["message"] and "unknown condition 'nope'" in err["message"]
+    caps = httpx.get(f"{base}/v1/steering/capabilities", timeout=30).json()
+    assert caps["fields"]["conditions"]["max_entries"] == 2
+    assert caps["fields"]["vectors"]["max_dynamic"] == 2

@@ -56,6 +56,8 @@ class SteeringRuntime:
         self.summed = np.zeros(scratch + 1, dtype=np.int64)
         self.prompt_len: dict[str, int] = {}
         self.finished_conditions: OrderedDict[str, list[dict]] = OrderedDict()
+        # Prompt rows of conditional requests seen again (recomputed after preemption).
+        self.recomputed_condition_rows = 0
         # The previous step's request ids (prepare_step); row_slot still holds their slots.
         self._prev_req_ids: list[str] | None = None
         self.step = 0
@@ -198,6 +200,7 @@ class SteeringRuntime:
         return {
             "live_slots": self.live_slots,
             "slots": self.tables.num_slots - 1,  # slot 0 is the identity
+            "recomputed_condition_rows": self.recomputed_condition_rows,
         }
 
     def release(self, req_id: str) -> None:
@@ -320,6 +323,8 @@ class SteeringRuntime:
         written = len(slot)
         layer = self.bank.cond_layer[slot]  # [T, C]
         fresh = (rel < 0) & (positions >= self.summed[req])
+        own = req != t.scratch_row
+        self.recomputed_condition_rows += int(np.count_nonzero(own & (rel < 0) & ~fresh))
         mean = np.where(fresh, 1.0 / prompt_len, 0.0)[:, None]
         last = (fresh & (rel == -1)).astype(np.float64)[:, None]
         w = np.where(self.bank.cond_reduce[slot] == 0, mean, last) * (layer >= 0)
