@@ -2,13 +2,14 @@
 
     python examples/conditional_food.py [--samples 64] [--scale 1.5]
 
-A condition `food` compares the prompt's mean residual stream at layer 1 with the shipped
+A condition `food` compares the prompt's mean residual stream at layer 0 with the shipped
 `food` vector (CAST's cosine, docs/spec.md#conditions); the `positive` vector is added to
 generated tokens only `when: "food"`. The threshold is calibrated first on other questions
 (the midpoint of the two groups' mean values, read back from the engine's condition
-reports). Then food and non-food questions are answered unsteered, always steered and
-conditionally steered (temperature 1, one seed per sample), and the table gives the share of
-positive answers (demo.corpus.sentiment_of) and how often the condition fired.
+reports; the op points at the food side). Then food and non-food questions are answered
+unsteered, always steered and conditionally steered (temperature 1, one seed per sample),
+and the table gives the share of positive answers (demo.corpus.sentiment_of) and how often
+the condition fired.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 from demo.corpus import sentiment_of  # noqa: E402
 from demo.tasks import questions  # noqa: E402
 
-LAYER = 1
+# Layer 0's prompt mean separates the groups best on the demo model (try --layer/--reduce).
+LAYER = 0
 
 
 def split(n: int, seed: int) -> tuple[list[str], list[str]]:
@@ -41,6 +43,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=64, help="questions per group")
     p.add_argument("--scale", type=float, default=1.5, help="strength of 'positive'")
+    p.add_argument("--layer", type=int, default=LAYER, help="the condition's layer")
+    p.add_argument("--reduce", default="prompt_mean", choices=("prompt_mean", "last_prompt"))
     args = p.parse_args()
     from vllm import LLM, SamplingParams
 
@@ -61,8 +65,15 @@ def main() -> None:
         },
     )
 
-    def condition(threshold: float) -> dict:
-        return {"name": "food", "vector": "food", "layer": LAYER, "threshold": threshold}
+    def condition(threshold: float, op: str = ">") -> dict:
+        return {
+            "name": "food",
+            "vector": "food",
+            "layer": args.layer,
+            "reduce": args.reduce,
+            "op": op,
+            "threshold": threshold,
+        }
 
     def run(texts: list[str], spec: dict | None) -> tuple[list[str], list[dict]]:
         params = [
@@ -87,9 +98,10 @@ def main() -> None:
         values = [r[0]["value"] for r in reports]
         means.append(sum(values) / len(values))
     threshold = (means[0] + means[1]) / 2
+    op = ">" if means[0] > means[1] else "<"
     print(
         f"calibration: mean cosine {means[0]:.4f} on food questions, {means[1]:.4f} on "
-        f"others; threshold {threshold:.4f}\n"
+        f"others; condition: cosine {op} {threshold:.4f}\n"
     )
 
     positive = {"name": "positive", "scale": args.scale, "positions": "generated"}
@@ -97,7 +109,7 @@ def main() -> None:
         "unsteered": None,
         f"`positive` x{args.scale} always": {"vectors": [positive]},
         f"`positive` x{args.scale} when food": {
-            "conditions": [condition(threshold)],
+            "conditions": [condition(threshold, op)],
             "vectors": [positive | {"when": "food"}],
         },
     }
