@@ -59,8 +59,9 @@ FEATURES_PER_LAYER = 8
 # features per generated token (the full encoder on those rows at the sampler step).
 TOPK_SCENARIOS = ("topk-unsteered", "topk-readouts")
 TOPK_K = 16
-# On an engine with conditions on (max_conditions 1, max_dynamic 1): its cost unsteered,
-# and a distinct conditional spec per request (CAST: one condition on the prompt's mean at
+# On an engine with conditions on (max_conditions 1, max_dynamic 1, condition_layers the
+# middle layer unless --condition-layers all): its cost unsteered, and a distinct conditional
+# spec per request (CAST: one condition on the prompt's mean at
 # the middle layer, a behaviour vector at every layer gated by it, always met here so that
 # every generated token pays the whole cost).
 CONDITIONAL_SCENARIOS = ("conditional-unsteered", "distinct-conditional-specs")
@@ -269,6 +270,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=8, help="measured rounds (after one warm-up)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
+    p.add_argument(
+        "--condition-layers",
+        choices=("used", "all"),
+        default="used",
+        help="the conditional engine sums prompt rows at the layer its conditions read "
+        "(condition_layers, the default) or at every layer",
+    )
     p.add_argument("--gpu", action="store_true", help="CUDA defaults (CUDA graphs on)")
     p.add_argument("--scenarios", default=None, help="default: every scenario of the model")
     p.add_argument(
@@ -369,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
             settings.update(saes_dir=str(saes), topk_sae=f"bench{first}")
         if name == "conditional":
             settings.update(max_dynamic=1, max_conditions=1)
+            if args.condition_layers == "used":  # the one layer the conditions read
+                settings["condition_layers"] = [cfg.num_hidden_layers // 2]
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
     if "hf" in engine_of.values():
         hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(

@@ -87,6 +87,13 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         f"{DEMO_MAX_CONDITIONS} for the demo model). Needs --max-steering-dynamic > 0.",
     )
     group.add_argument(
+        "--steering-condition-layers",
+        default=None,
+        help="Comma-separated layers conditions may read (default: every layer). Summing "
+        "prompt rows costs every request at each layer it runs at; the layers your "
+        "conditions use are enough.",
+    )
+    group.add_argument(
         "--steering-feature-layers",
         default=None,
         help="Comma-separated layers where feature clamps/scales run (default: every layer). "
@@ -179,11 +186,17 @@ def _steering_config(args: argparse.Namespace) -> None:
         conditions = DEMO_MAX_CONDITIONS
     if conditions is not None:
         mine["max_conditions"] = conditions
-    if args.steering_feature_layers:
-        try:
-            mine["feature_layers"] = [int(x) for x in args.steering_feature_layers.split(",")]
-        except ValueError:
-            sys.exit("steerserve serve: --steering-feature-layers takes layers such as 4,8")
+    for flag, key in (
+        ("steering_feature_layers", "feature_layers"),
+        ("steering_condition_layers", "condition_layers"),
+    ):
+        given = getattr(args, flag)
+        if given:
+            try:
+                mine[key] = [int(x) for x in given.split(",")]
+            except ValueError:
+                name = "--" + flag.replace("_", "-")
+                sys.exit(f"steerserve serve: {name} takes layers such as 4,8")
     if args.enable_steering_decoding:
         mine["decoding"] = True
     if args.enable_steering_readout:

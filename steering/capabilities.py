@@ -114,6 +114,9 @@ def describe(model: str, context: SpecContext, config: SteeringConfig | None) ->
     if config.max_conditions:
         fields["conditions"] = {
             "max_entries": config.max_conditions,
+            "layers": list(config.condition_layers)
+            if config.condition_layers is not None
+            else list(range(shape.num_layers)),
             "reduce": list(get_args(ConditionReduce)),
             "measures": list(get_args(ConditionMeasure)),
             "ops": list(get_args(ConditionOp)),

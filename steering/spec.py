@@ -169,6 +169,7 @@ class SpecContext:
     max_topk: int = 0
     max_dynamic: int = 0  # scheduled / RMS-relative adds per request (0: the engine has them off)
     max_conditions: int = 0  # conditions per request (0: the engine has them off)
+    condition_layers: tuple[int, ...] | None = None  # layers they may read (None: every layer)
 
 
 class SpecError(ValueError):
@@ -1080,11 +1081,13 @@ class Condition(BaseModel):
                     layer=self.layer,
                 )
             self.layer = int(sae.layer)
+            _check_condition_layer(self.layer, ctx)
             self._sae = sae
             self._rows = sae.feature_rows(self.feature)
             return self
         if self.layer is None:
             raise _fail("condition_layer", "'layer' is required with a vector")
+        _check_condition_layer(self.layer, ctx)
         if self.vector is not None:
             found = _registered(self.vector, ctx, "residual")
             if self.layer not in found:
@@ -1134,6 +1137,18 @@ class Condition(BaseModel):
             "<": value < self.threshold,
             "<=": value <= self.threshold,
         }[self.op]
+
+
+def _check_condition_layer(layer: int, ctx: SpecContext) -> None:
+    if ctx.condition_layers is not None and layer not in ctx.condition_layers:
+        raise _fail(
+            "condition_layer",
+            "layer {layer}: this engine reads conditions at layers {layers} only "
+            "(additional_config.steerserve.condition_layers; steerserve serve "
+            "--steering-condition-layers)",
+            layer=layer,
+            layers=list(ctx.condition_layers),
+        )
 
 
 def gate_truth(expression: str, names: list[str]) -> list[bool]:

@@ -304,3 +304,46 @@ def test_preemption_keeps_the_prompt_sums(engines):
         ref_tokens, ref_lps = ref.greedy(prompt, 100, spec)
         assert tokens == ref_tokens
         np.testing.assert_allclose(lps, ref_lps, atol=TOL)
+
+
+def test_condition_layers_restrict_where_conditions_read(engines):
+    """An engine that sums prompt rows at some layers only (condition_layers) refuses a
+    condition at another layer, naming the field and the switch, in the spec and as the
+    engine core admits; the CLI flag reaches the engine's config."""
+    import argparse
+
+    from server.cli import _steering_config, add_steering_args
+    from steering.compile import compile_spec
+    from steering.engine.capacity import Capacity
+
+    at_1 = {"conditions": [{"name": "x", "data": C1, "layer": 1, "threshold": 0.1}]}
+    with pytest.raises(SpecError) as e:
+        _spec(engines, at_1, condition_layers=(2,))
+    msg = str(e.value)
+    assert "steering.conditions[0]" in msg and "layers [2] only" in msg
+    assert "--steering-condition-layers" in msg
+    sae = {"conditions": [{"name": "f", "sae": "gs_layer_2", "feature": 1, "threshold": 0.1}]}
+    _spec(engines, sae, condition_layers=(2,))  # gs_layer_2 reads layer 2
+    spec = _spec(engines, at_1, condition_layers=(1, 2))
+    shape = engines.reference("llama").shape
+    cap = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        max_proj=2,
+        max_read=0,
+        heads=None,
+        head_dim=shape.head_dim,
+        decoding=False,
+        max_dynamic=2,
+        max_conditions=2,
+    )
+    compiled = compile_spec(spec, shape)
+    assert Capacity(**cap, condition_layers=(1,)).misfit(compiled) is None
+    why = Capacity(**cap, condition_layers=(2,)).misfit(compiled)
+    assert why == "conditions at layer(s) [1], this engine reads them at [2]"
+    parser = argparse.ArgumentParser()
+    add_steering_args(parser)
+    args = parser.parse_args(["--steering-condition-layers", "2,1"])
+    args.model, args.additional_config = "x", None
+    _steering_config(args)
+    assert args.additional_config["steerserve"]["condition_layers"] == [2, 1]

@@ -38,6 +38,7 @@ class Capacity:
     topk_layer: int | None = None  # its SAE's layer (None: not known here, unchecked)
     max_dynamic: int = 0  # scheduled / RMS-relative adds per request (0: off)
     max_conditions: int = 0  # request-level conditions per request (0: off)
+    condition_layers: tuple[int, ...] | None = None  # layers they may read (None: all)
 
     @classmethod
     def of_engine(cls, config: SteeringConfig, shape: ModelShape) -> Capacity:
@@ -56,6 +57,7 @@ class Capacity:
             max_topk=config.max_topk if config.topk_sae else 0,
             max_dynamic=config.max_dynamic,
             max_conditions=config.max_conditions,
+            condition_layers=config.condition_layers,
         )
 
     def misfit(self, spec: CompiledSpec) -> str | None:
@@ -87,6 +89,11 @@ class Capacity:
                 f"{spec.conditions.count} conditions, the tables hold {self.max_conditions} "
                 "(max_conditions)"
             )
+        if self.condition_layers is not None:
+            outside = sorted(set(spec.conditions.layers.tolist()) - set(self.condition_layers))
+            if outside:
+                where = list(self.condition_layers)
+                return f"conditions at layer(s) {outside}, this engine reads them at {where}"
         projections = len(spec.projection_readouts)
         if projections > self.max_read:
             return f"{projections} readout entries, the tables hold {self.max_read} (readout off?)"

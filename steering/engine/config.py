@@ -24,6 +24,17 @@ DEFAULT_VECTORS_DIR = "vectors"
 DEFAULT_SAES_DIR = "saes"
 
 
+def _layer_list(mine: dict, key: str) -> tuple[int, ...] | None:
+    """additional_config.steerserve[key] as sorted distinct layers (None: not given)."""
+    given = mine.get(key)
+    if given is None:
+        return None
+    try:
+        return tuple(sorted({int(i) for i in given}))
+    except (TypeError, ValueError):
+        raise ValueError(f"additional_config.{CONFIG_KEY}.{key} must be a list of layers") from None
+
+
 def disabled_by_env() -> bool:
     return os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -86,6 +97,10 @@ class SteeringConfig:
     # Every layer adds each token's stream, weighted, into its request's accumulator
     # ([max_num_seqs, max_conditions, hidden]); opt-in like the rest: 0 refuses them.
     max_conditions: int = 0
+    # The layers conditions may read (None: every layer). The weighted sum runs at each of
+    # them for every request (a [C, rows, tokens] @ [tokens, hidden] product), so an engine
+    # whose conditions read a layer or two is faster with just those.
+    condition_layers: tuple[int, ...] | None = None
     # Steer an architecture that is mapped but not verified against the oracle here
     # (architectures.MAPPED_NOT_VERIFIED names why each is not): at the user's own risk.
     allow_unverified: bool = False
@@ -110,6 +125,7 @@ class SteeringConfig:
             "max_topk",
             "max_dynamic",
             "max_conditions",
+            "condition_layers",
             "allow_unverified",
         )
         unknown = set(mine) - set(known)
@@ -127,14 +143,8 @@ class SteeringConfig:
         max_features = int(mine.get("max_features", cls.max_features))
         if not 0 <= max_features <= 64:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_features must be in 0..64")
-        feature_layers = mine.get("feature_layers")
-        if feature_layers is not None:
-            try:
-                feature_layers = tuple(sorted({int(i) for i in feature_layers}))
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"additional_config.{CONFIG_KEY}.feature_layers must be a list of layers"
-                ) from None
+        feature_layers = _layer_list(mine, "feature_layers")
+        condition_layers = _layer_list(mine, "condition_layers")
         max_readouts = int(mine.get("max_readouts", cls.max_readouts))
         if not 1 <= max_readouts <= 64:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_readouts must be in 1..64")
@@ -171,5 +181,6 @@ class SteeringConfig:
             max_topk=max_topk,
             max_dynamic=max_dynamic,
             max_conditions=max_conditions,
+            condition_layers=condition_layers,
             allow_unverified=bool(mine.get("allow_unverified", False)),
         )

@@ -59,6 +59,7 @@ class SteeringFrontend:
             max_topk=config.max_topk if config.topk_sae else 0,
             max_dynamic=config.max_dynamic,
             max_conditions=config.max_conditions,
+            condition_layers=config.condition_layers,
         )
 
     def reload_saes(self) -> None:

@@ -138,6 +138,7 @@ def _after_load_model(runner: Any) -> None:
         max_topk=0 if topk is None else topk.max_k,
         max_dynamic=config.max_dynamic,
         max_conditions=config.max_conditions,
+        condition_layers=config.condition_layers,
         max_rows=runner.max_num_reqs,
     )
     n = install(runner.get_model(), tables, shape, mid_layers)

@@ -141,13 +141,19 @@ def decide_gates(tables: SteeringTables, num_tokens: int) -> None:
 
 
 def accumulate_conditions(tables: SteeringTables, layer: int, stream: torch.Tensor) -> None:
-    """cond_acc[req_t, c] += w[t, c] * stream_t for tokens whose condition c reads this
-    layer (the same ops at every layer; zero weights elsewhere)."""
+    """cond_acc[r, c] += sum_t [req_t = r] w[t, c] stream_t over the tokens whose condition
+    c reads this layer (the same ops at every layer; zero weights elsewhere).
+
+    A dense [C, rows, T] @ [T, H] product rather than a scatter (index_add_): compiled on
+    CPU a scatter-add is a serial atomic loop, and the product is small (rows = 2 *
+    max_num_seqs + 1)."""
     num_tokens = stream.shape[0]
     here = tables.tok_clayer[:num_tokens] == layer
     w = torch.where(here, tables.tok_cw[:num_tokens], torch.zeros_like(tables.tok_cw[:num_tokens]))
-    contrib = stream.float().unsqueeze(1) * w.unsqueeze(-1)
-    tables.cond_acc.index_add_(0, tables.tok_req[:num_tokens], contrib)
+    rows = torch.arange(tables.cond_acc.shape[0], device=stream.device)
+    onehot = (rows.unsqueeze(1) == tables.tok_req[:num_tokens].unsqueeze(0)).float()  # [R, T]
+    weights = onehot.unsqueeze(0) * w.t().unsqueeze(1)  # [C, R, T]
+    tables.cond_acc.add_(torch.matmul(weights, stream.float()).transpose(0, 1))
 
 
 def apply_feature_ops(
@@ -245,7 +251,7 @@ def _steered_layer_forward(self, *args, **kwargs):
         if layer == tables.topk_layer:
             assert tables.topk_stream is not None
             tables.topk_stream[: stream.shape[0]].copy_(stream)
-        if tables.max_conditions:
+        if tables.max_conditions and layer in tables.condition_layers:
             accumulate_conditions(tables, layer, stream)
     return hidden, residual
 

@@ -108,6 +108,7 @@ class SteeringTables:
         max_topk: int = 0,
         max_dynamic: int = 0,
         max_conditions: int = 0,
+        condition_layers: tuple[int, ...] | None = None,
         max_rows: int = 0,
     ):
         self.num_layers = num_layers
@@ -148,6 +149,10 @@ class SteeringTables:
         # Layers whose forward runs the feature ops (a constant of the trace, like `layer`).
         self.feature_layers = frozenset(
             range(num_layers) if feature_layers is None else feature_layers
+        )
+        # Layers whose forward sums prompt rows into the condition accumulators (likewise).
+        self.condition_layers = frozenset(
+            range(num_layers) if condition_layers is None else condition_layers
         )
         self.feat_enc: torch.Tensor | None = None
         self.feat_dec: torch.Tensor | None = None
@@ -356,6 +361,7 @@ class SteeringTables:
             topk_layer=self.topk_layer,
             max_dynamic=self.max_dynamic,
             max_conditions=self.max_conditions,
+            condition_layers=tuple(sorted(self.condition_layers)),
         ).misfit(spec)
 
     def _write_conditions(self, slot: int, spec: CompiledSpec) -> None:
