@@ -255,22 +255,30 @@ def dynamic_coef(params: np.ndarray, rel: np.ndarray) -> np.ndarray:
 
 
 # Columns of Conditions.params.
-COND_KIND, COND_OFFSET, COND_ACT_THRESHOLD, COND_SIGN, COND_STRICT, COND_THRESHOLD = range(6)
-NUM_COND_PARAMS = 6
+(
+    COND_KIND,
+    COND_OFFSET,
+    COND_ACT_THRESHOLD,
+    COND_SIGN,
+    COND_STRICT,
+    COND_THRESHOLD,
+    COND_TOKEN,
+) = range(7)
+NUM_COND_PARAMS = 7
 COND_CAST, COND_LINEAR = 0, 1  # kinds: CAST's cosine; a projection (+ offset, activation)
-REDUCES = ("prompt_mean", "last_prompt")
+REDUCES = ("prompt_mean", "last_prompt", "token")
 
 
 @dataclass
 class Conditions:
-    """Request-level conditions (spec.Condition), read by the engine at `layers`:
+    """Conditions (spec.Condition), read by the engine at `layers`:
 
     CAST:   value = cos(h, tanh(s c)), s = <c, h> / <c, c>       (vec = c)
     LINEAR: pre = <vec, h> + offset; value = pre if pre > act_threshold else 0
             (a projection: vec = c/|c|, offset 0, act_threshold -inf; an SAE feature: its
             encoder row, offset and threshold)
     met = sign * (value - threshold) > 0 (>= 0 when not strict), h the prompt's mean or last
-    row at the layer."""
+    row at the layer, or (COND_TOKEN set, reduce "token") each token's own row."""
 
     names: list[str]
     layers: np.ndarray  # [C] int64
@@ -292,6 +300,11 @@ class Conditions:
     def count(self) -> int:
         return len(self.names)
 
+    @property
+    def per_token(self) -> np.ndarray:
+        """[C] bool: which are token-level (reduce "token")."""
+        return self.reduce == REDUCES.index("token")
+
 
 def _compile_conditions(conds: list[Condition], hidden: int) -> Conditions:
     if not conds:
@@ -303,6 +316,7 @@ def _compile_conditions(conds: list[Condition], hidden: int) -> Conditions:
         p[COND_SIGN] = 1.0 if c.op in (">", ">=") else -1.0
         p[COND_STRICT] = c.op in (">", "<")
         p[COND_THRESHOLD] = c.threshold
+        p[COND_TOKEN] = c.per_token
         if c.measure == "activation":
             vecs[i] = c.rows.enc
             p[COND_KIND], p[COND_OFFSET] = COND_LINEAR, c.rows.offset
@@ -410,8 +424,10 @@ class CompiledSpec:
     @property
     def reads_prompt(self) -> bool:
         """Every prompt row must be computed (no prefix-cache hits): prompt readout, and
-        conditions, which reduce over the prompt's rows."""
-        return any(r.prompt for r in self.readout) or bool(self.conditions.count)
+        request-level conditions, which reduce over the prompt's rows (a token-level one
+        reads each row alone, so a cached row's gate was what it would be again)."""
+        request_level = self.conditions.count and not self.conditions.per_token.all()
+        return any(r.prompt for r in self.readout) or bool(request_level)
 
     @property
     def affects_kv(self) -> bool:

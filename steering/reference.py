@@ -50,8 +50,10 @@ class ReferenceModel:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.shape = ModelShape.from_hf_config(self.model.config)
         self.dtype = dtype
-        # Which conditions the current request met (`conditions`), while it is steered.
+        # Which request-level conditions the current request met (`conditions`), while it
+        # is steered; token-level ones' values per row in this forward pass, once read.
         self._met: dict[str, bool] = {}
+        self._token_values: dict[str, torch.Tensor] = {}
 
     def context(self, **kwargs) -> SpecContext:
         return SpecContext(self.shape, **kwargs)
@@ -72,13 +74,16 @@ class ReferenceModel:
         }[positions]
 
     def _apply(self, spec: SteeringSpec, layer: int, h: torch.Tensor, rel: torch.Tensor):
+        if layer == 0:  # a new forward pass: no token-level condition read yet
+            self._token_values = {}
         # RMS-relative adds scale by the RMS of the stream the layer itself produced.
         rms = h.to(torch.float64).square().mean(dim=-1, keepdim=True).sqrt()
         for entry in spec.vectors:
             if entry.site != "residual" or layer not in entry.resolved:
                 continue
-            if entry.when is not None and not self._gate_open(spec, entry.when):
-                continue
+            gate = torch.ones(h.shape[-2], dtype=torch.bool)
+            if entry.when is not None:
+                gate = self._gate(spec, entry.when, h.shape[-2])
             v = torch.as_tensor(entry.resolved[layer], dtype=torch.float64)
             hd = h.to(torch.float64)
             if entry.op == "add":
@@ -97,17 +102,42 @@ class ReferenceModel:
                     delta = -entry.scale * proj * u
                 else:  # clamp
                     delta = (entry.value - proj) * u
-            mask = self._window(entry.positions, rel).to(torch.float64).unsqueeze(-1)
+            mask = (self._window(entry.positions, rel) & gate).to(torch.float64).unsqueeze(-1)
             h = (hd + mask * delta).to(h.dtype)
         for f in spec.features:
             if f.layer == layer:
                 h = self._apply_feature(f, h, rel)
+        for c in spec.conditions:  # token-level ones read each row after the layer's steering
+            if c.per_token and c.layer == layer:
+                rows = h.to(torch.float64).reshape(-1, h.shape[-1])  # one sequence
+                self._token_values[c.name] = self._measure(c, rows)
         return h
 
-    def _gate_open(self, spec: SteeringSpec, when: str) -> bool:
+    def _gate(self, spec: SteeringSpec, when: str, rows: int) -> torch.Tensor:
+        """[rows] bool: whether `when` holds at each row, from the request-level conditions
+        met and each row's own token-level values (not met before their layer)."""
         names = [c.name for c in spec.conditions]
-        combo = sum(1 << i for i, n in enumerate(names) if self._met.get(n, False))
-        return gate_truth(when, names)[combo]
+        combo = torch.zeros(rows, dtype=torch.int64)
+        for i, c in enumerate(spec.conditions):
+            if c.per_token:
+                values = self._token_values.get(c.name)
+                met = torch.zeros(rows, dtype=torch.bool) if values is None else c.met(values)
+            else:
+                met = torch.full((rows,), self._met.get(c.name, False))
+            combo += met.to(torch.int64) << i
+        return torch.tensor(gate_truth(when, names))[combo]
+
+    @staticmethod
+    def _measure(c, h: torch.Tensor) -> torch.Tensor:
+        """A condition's value on stream rows h [..., hidden] (float64), as CAST defines
+        its similarity (see `conditions`), a projection, or an SAE feature's activation."""
+        if c.measure == "activation":
+            return ReferenceModel._feature_activation(c.resolved_sae, c.feature, h)
+        vec = torch.as_tensor(c.direction, dtype=torch.float64)
+        if c.measure == "projection":
+            return h @ (vec / vec.norm())
+        p = torch.tanh((h @ vec / torch.dot(vec, vec)).unsqueeze(-1) * vec)
+        return (h * p).sum(dim=-1) / (h.norm(dim=-1) * p.norm(dim=-1))
 
     @torch.no_grad()
     def conditions(self, prompt_ids: Sequence[int], spec: SteeringSpec) -> dict[str, tuple]:
@@ -121,27 +151,31 @@ class ReferenceModel:
         (its "larger" means met when similarity < threshold, "smaller" when >=, so ops
         "<" and ">=" here). CAST reads each layer's input, the stream after layer i - 1:
         `layer` here is the layer whose output is read (docs/design.md#layer-convention).
-        The stream read is after that layer's own (ungated) steering; gated entries act on
-        generated tokens only, so none act on the prompt rows read here.
+        The stream read is after that layer's own steering; entries gated by request-level
+        conditions act on generated tokens only, so none act on the prompt rows read here
+        (entries gated by token-level conditions alone may, and do here as in the engine).
+        Token-level conditions (reduce "token") are not in the result: `token_conditions`.
         """
         self._met = {}
         streams = self._streams(prompt_ids, len(prompt_ids), spec)
         out = {}
         for c in spec.conditions:
+            if c.per_token:
+                continue
             rows = streams[c.layer].to(torch.float64)
             h = rows.mean(dim=0) if c.reduce == "prompt_mean" else rows[-1]
-            if c.measure == "activation":
-                value = float(self._feature_activation(c.resolved_sae, c.feature, h))
-            else:
-                vec = torch.as_tensor(c.direction, dtype=torch.float64)
-                if c.measure == "projection":
-                    value = float(h @ (vec / vec.norm()))
-                else:
-                    projector = torch.outer(vec, vec) / torch.dot(vec, vec)
-                    p = torch.tanh(projector @ h)
-                    value = float(torch.dot(h, p) / (h.norm() * p.norm()))
+            value = float(self._measure(c, h))
             out[c.name] = (value, c.met(value))
         return out
+
+    @torch.no_grad()
+    def token_conditions(
+        self, token_ids: Sequence[int], prompt_len: int, spec: SteeringSpec
+    ) -> dict[str, np.ndarray]:
+        """Each token-level condition's value at every row of `token_ids` (float64), read
+        at its layer after that layer's steering (the request-level gates as decided)."""
+        self.logprobs(token_ids, prompt_len, spec)
+        return {n: v.numpy() for n, v in self._token_values.items()}
 
     def _apply_feature(self, f, h: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
         """An SAE feature op straight from the SAE's weights (docs/spec.md#sae-features)."""
@@ -286,7 +320,9 @@ class ReferenceModel:
         """Hooks on each decoder layer's output for one unpadded sequence."""
         handles = []
         residual = spec is not None and (
-            any(e.site == "residual" for e in spec.vectors) or bool(spec.features)
+            any(e.site == "residual" for e in spec.vectors)
+            or bool(spec.features)
+            or any(c.per_token for c in spec.conditions)
         )
         heads = spec is not None and (spec.heads or any(e.site == "heads" for e in spec.vectors))
         query = spec is not None and any(m.target == "query" for m in spec.heads)

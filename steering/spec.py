@@ -456,12 +456,6 @@ class VectorEntry(BaseModel):
                 "dynamic_op",
                 "'schedule', 'relative' and 'when' apply to op 'add' at site 'residual' only",
             )
-        if self.when is not None and self.positions != "generated":
-            raise _fail(
-                "when_positions",
-                "an entry with 'when' acts on generated tokens only (its conditions are "
-                "decided once the prompt is read): set positions to 'generated'",
-            )
         ctx = _context(info)
         if ctx is not None:
             self._resolve(ctx)
@@ -998,16 +992,20 @@ class ReadoutEntry(BaseModel):
         return self._label
 
 
-ConditionReduce = Literal["prompt_mean", "last_prompt"]
+ConditionReduce = Literal["prompt_mean", "last_prompt", "token"]
 ConditionMeasure = Literal["cosine", "projection", "activation"]
 ConditionOp = Literal[">", ">=", "<", "<="]
 _CONDITION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Condition(BaseModel):
-    """A request-level test on the prompt (CAST, Lee et al. 2024; docs/spec.md#conditions):
-    the residual stream at the output of `layer`, reduced over the prompt (mean of every
-    prompt row, or the last one), measured against a direction, compared with `threshold`.
+    """A test on the residual stream at the output of `layer` (docs/spec.md#conditions),
+    measured against a direction and compared with `threshold`:
+
+    request-level (CAST, Lee et al. 2024): the stream reduced over the prompt (mean of
+        every prompt row, `prompt_mean`, or the last one, `last_prompt`), decided once
+        the prompt is read, gating the rest of the request;
+    token-level (`token`): each token's own row, gating that token at later layers.
 
     cosine     : cos(h, tanh(P h)) with P = c c^T / (c^T c), CAST's similarity
     projection : <h, c / |c|>
@@ -1130,7 +1128,12 @@ class Condition(BaseModel):
     def resolved_sae(self) -> Any:
         return self._sae
 
-    def met(self, value: float) -> bool:
+    @property
+    def per_token(self) -> bool:
+        return self.reduce == "token"
+
+    def met(self, value: Any) -> Any:
+        """Whether `value` passes (a float, or element-wise for an array or tensor)."""
         return {
             ">": value > self.threshold,
             ">=": value >= self.threshold,
@@ -1188,6 +1191,37 @@ def gate_truth(expression: str, names: list[str]) -> list[bool]:
         value(tree, {n: bool(m >> i & 1) for i, n in enumerate(names)})
         for m in range(1 << len(names))
     ]
+
+
+def _check_gate_timing(i: int, entry: VectorEntry, conds: list[Condition]) -> None:
+    """A gate must be known where its entry acts: request-level conditions once the prompt
+    is read (so on generated tokens only), token-level ones after their layer."""
+    request_level = [c.name for c in conds if not c.per_token]
+    if request_level and entry.positions != "generated":
+        raise PydanticCustomError(
+            "when_positions",
+            "vectors[{i}].when: request-level condition(s) {names} are decided once the "
+            "prompt is read, so an entry gated by them acts on generated tokens only: set "
+            "positions to 'generated' (token-level conditions, reduce 'token', gate any "
+            "position)",
+            {"i": i, "names": request_level},
+        )
+    for c in conds:
+        early = sorted(layer for layer in entry.resolved if layer <= c.layer) if c.per_token else []
+        if early:
+            raise PydanticCustomError(
+                "when_layer",
+                "vectors[{i}].when: token condition {name} reads layer {layer}, so a token's "
+                "gate is known only after that layer; this entry acts at layer(s) {early}: "
+                "steer at later layers only",
+                {"i": i, "name": repr(c.name), "layer": c.layer, "early": early},
+            )
+
+
+def gate_names(expression: str) -> set[str]:
+    """The condition names an expression (already checked by gate_truth) refers to."""
+    tree = ast.parse(expression, mode="eval")
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
 
 
 class SteeringSpec(BaseModel):
@@ -1294,6 +1328,7 @@ class SteeringSpec(BaseModel):
                 raise PydanticCustomError(
                     "bad_when", "vectors[{i}].when: {why}", {"i": i, "why": str(err)}
                 ) from None
+            _check_gate_timing(i, e, [c for c in self.conditions if c.name in gate_names(e.when)])
         return self
 
     @field_validator("vectors")

@@ -203,6 +203,8 @@ def _hook_sample(original):
             runtime.captures.collect()  # before the next forward overwrites the stream
         if runtime.readouts is not None:
             runtime.readouts.collect()
+        if runtime.token_conditions is not None:
+            runtime.token_conditions.collect()
         if runtime.plan and logits is not None:
             from steering.engine import decoding
 

@@ -31,6 +31,7 @@ from steering.compile import (
     COND_SIGN,
     COND_STRICT,
     COND_THRESHOLD,
+    COND_TOKEN,
 )
 from steering.engine.architectures import (
     UnsupportedModelError,
@@ -120,24 +121,49 @@ def conditions_met(value: torch.Tensor, par: torch.Tensor) -> torch.Tensor:
 
 
 def decide_gates(tables: SteeringTables, num_tokens: int) -> None:
-    """tok_gate[t, j] = dyn_truth[slot, j, m] with m the bits of the conditions met by
-    token t's request, from its accumulator as the step starts.
+    """tok_cval[t] = the values of token t's request's conditions, from its accumulator as
+    the step starts (NaN for token-level ones: not met until their layer); then the gates.
 
     A generated row's request has read its whole prompt in earlier steps (re-computed
     prompt rows after preemption add nothing: the runtime sums each position once), so
-    its sums are complete; prompt rows get gates too, but gated entries act on generated
-    rows only.
+    its sums are complete; prompt rows get gates too, but entries gated by request-level
+    conditions act on generated rows only (spec).
     """
     slots = tables.tok_slot[:num_tokens]
     acc = tables.cond_acc.index_select(0, tables.tok_req[:num_tokens])
     vec = tables.cond_vec.index_select(0, slots)
     par = tables.cond_par.index_select(0, slots)
-    met = conditions_met(condition_values(acc, vec, par), par)
+    values = condition_values(acc, vec, par)
+    values = torch.where(par[..., COND_TOKEN] > 0, torch.full_like(values, float("nan")), values)
+    tables.tok_cval[:num_tokens].copy_(values)
+    set_gates(tables, slots, values, par)
+
+
+def decide_token_conditions(tables: SteeringTables, layer: int, stream: torch.Tensor) -> None:
+    """Token-level conditions reading this layer take each token's own row of the stream
+    (after the layer's steering); the gates are set again from the values so far, for the
+    entries at later layers. The same ops at every condition layer."""
+    num_tokens = stream.shape[0]
+    slots = tables.tok_slot[:num_tokens]
+    vec = tables.cond_vec.index_select(0, slots)
+    par = tables.cond_par.index_select(0, slots)
+    here = (par[..., COND_TOKEN] > 0) & (tables.tok_clayer[:num_tokens] == layer)
+    own = condition_values(stream.float().unsqueeze(1), vec, par)
+    values = torch.where(here, own, tables.tok_cval[:num_tokens])
+    tables.tok_cval[:num_tokens].copy_(values)
+    set_gates(tables, slots, values, par)
+
+
+def set_gates(
+    tables: SteeringTables, slots: torch.Tensor, values: torch.Tensor, par: torch.Tensor
+) -> None:
+    """tok_gate[t, j] = dyn_truth[slot, j, m], m the bits of the conditions token t meets."""
+    met = conditions_met(values, par)
     bits = torch.arange(met.shape[-1], device=met.device)
     combo = (met.long() << bits).sum(dim=-1)
     truth = tables.dyn_truth.index_select(0, slots)
     index = combo.view(-1, 1, 1).expand(-1, truth.shape[1], 1)
-    tables.tok_gate[:num_tokens].copy_(truth.gather(2, index).squeeze(-1))
+    tables.tok_gate[: slots.shape[0]].copy_(truth.gather(2, index).squeeze(-1))
 
 
 def accumulate_conditions(tables: SteeringTables, layer: int, stream: torch.Tensor) -> None:
@@ -253,6 +279,7 @@ def _steered_layer_forward(self, *args, **kwargs):
             tables.topk_stream[: stream.shape[0]].copy_(stream)
         if tables.max_conditions and layer in tables.condition_layers:
             accumulate_conditions(tables, layer, stream)
+            decide_token_conditions(tables, layer, stream)
     return hidden, residual
 
 

@@ -22,7 +22,6 @@ are kept for `MAX_FINISHED` more requests.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 
 from steering.compile import CompiledSpec, Readout
 from steering.engine.request_ids import api_request_key, choice_index
-from steering.engine.token_runs import TokenRun, token_runs
+from steering.engine.token_runs import TokenRun, put_token, token_runs
 from steering.engine.topk import TopKEncoder, active_pairs
 
 MAX_FINISHED = 4096
@@ -99,16 +98,6 @@ class ReadoutState:
         return {"generated": self.rows(), "prompt": self.prompt_rows()}
 
 
-def _put_token(tokens: list, g: int, value: object, missing: Callable[[], object]) -> None:
-    """tokens[g] = value; a gap before it (tokens no step read) is filled with missing()."""
-    if g < len(tokens):
-        tokens[g] = value  # recomputed after preemption: the same token
-        return
-    if g > len(tokens):
-        tokens.extend([missing()] * (g - len(tokens)))
-    tokens.append(value)
-
-
 class ReadoutBook:
     def __init__(
         self,
@@ -128,7 +117,8 @@ class ReadoutBook:
     def register(self, req_id: str, spec: CompiledSpec, prompt_len: int) -> None:
         projections = spec.projection_readouts
         n = len(projections)
-        prompt = np.full((prompt_len, n), np.nan, dtype=np.float32) if spec.reads_prompt else None
+        reads = any(r.prompt for r in spec.readout)
+        prompt = np.full((prompt_len, n), np.nan, dtype=np.float32) if reads else None
         features = [(k, r) for k, r in enumerate(projections) if r.threshold is not None]
         topk = None
         for column, r in enumerate(spec.readout):
@@ -179,7 +169,7 @@ class ReadoutBook:
             if g is not None:
                 value = s.values(values[at : at + 1])[0]
                 at += 1
-                _put_token(s.generated, g, value, s.not_computed)
+                put_token(s.generated, g, value, s.not_computed)
 
     def _collect_topk(self, reads: list[tuple[TokenRun[ReadoutState], int, int | None]]) -> None:
         """The top-k entries' rows of this step through the SAE's encoder, in one call."""
@@ -212,7 +202,7 @@ class ReadoutBook:
             if g is not None:
                 token = (ids[at, : t.k].copy(), values[at, : t.k].copy())
                 at += 1
-                _put_token(t.generated, g, token, t.not_computed)
+                put_token(t.generated, g, token, t.not_computed)
 
     def release(self, req_id: str) -> None:
         state = self.live.pop(req_id, None)

@@ -30,6 +30,7 @@ from steering.engine.decoding import DecodingState, PlannedRow
 from steering.engine.readout import ReadoutBook
 from steering.engine.request_ids import choice_index
 from steering.engine.tables import IDENTITY_SLOT, SlotBank, SteeringTables
+from steering.engine.token_conditions import TokenConditionBook
 from steering.engine.topk import TopKEncoder
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class SteeringRuntime:
         self.readouts: ReadoutBook | None = None
         if tables.read_out is not None or topk is not None:
             self.readouts = ReadoutBook(tables.read_out, tables.topk_stream, topk)
+        self.token_conditions: TokenConditionBook | None = None
+        if tables.max_conditions:
+            self.token_conditions = TokenConditionBook(tables.tok_cval)
 
     # --- request lifecycle -------------------------------------------------------------
 
@@ -126,6 +130,8 @@ class SteeringRuntime:
                 self.summed[row] = 0
                 self.req_row[req_id] = row
                 self.prompt_len[req_id] = request.num_prompt_tokens
+                assert self.token_conditions is not None
+                self.token_conditions.register(req_id, spec.conditions, request.num_prompt_tokens)
             else:  # more live (preempted) requests than rows: gates stay closed, said so
                 log.error(
                     "steerserve: request %s: no condition accumulator row free (%d live "
@@ -164,15 +170,26 @@ class SteeringRuntime:
         values = condition_values(acc, torch.from_numpy(conds.vecs), par)
         met = conditions_met(values, par)
         decided = bool(self.summed[row] >= self.prompt_len[req_id])
-        return [
-            {
-                "name": name,
-                "value": float(v) if decided else None,
-                "fired": bool(m) and decided,
-                "decided": decided,
-            }
-            for name, v, m in zip(conds.names, values.tolist(), met.tolist(), strict=True)
-        ]
+        assert self.token_conditions is not None
+        tokens = self.token_conditions.get(req_id)
+        out: list[dict] = []
+        for i, (name, v, m) in enumerate(
+            zip(conds.names, values.tolist(), met.tolist(), strict=True)
+        ):
+            if conds.per_token[i]:
+                assert tokens is not None
+                k = int(np.searchsorted(tokens.columns, i))
+                out.append({"name": name, "reduce": "token", **tokens.report(k)})
+                continue
+            out.append(
+                {
+                    "name": name,
+                    "value": float(v) if decided else None,
+                    "fired": bool(m) and decided,
+                    "decided": decided,
+                }
+            )
+        return out
 
     def conditions_for(self, request_id: str) -> dict[int, list[dict]]:
         """Condition reports of every choice of API request `request_id`, by choice index."""
@@ -223,6 +240,8 @@ class SteeringRuntime:
             row = self.req_row.pop(req_id)
             self.prompt_len.pop(req_id, None)
             self.free_rows.append(row)
+            assert self.token_conditions is not None
+            self.token_conditions.release(req_id)
         spec = self.req_spec.pop(req_id, None)
         if spec is None:
             return
@@ -307,6 +326,8 @@ class SteeringRuntime:
             self.captures.plan_step(req_ids, req_indices, positions)
         if self.readouts is not None:
             self.readouts.plan_step(req_ids, req_indices, positions)
+        if self.token_conditions is not None:
+            self.token_conditions.plan_step(req_ids, req_indices, positions)
 
     def _plan_conditions(
         self,
@@ -318,7 +339,8 @@ class SteeringRuntime:
     ) -> None:
         """Each token's accumulator row, layer and weight: 1/P for every prompt row
         (prompt_mean), 1 for the last one (last_prompt), 0 for a position already summed
-        (a prompt re-computed after preemption) and for every other token."""
+        (a prompt re-computed after preemption), for every other token and for token-level
+        conditions (whose layer the graph reads from tok_clayer all the same)."""
         t = self.tables
         written = len(slot)
         layer = self.bank.cond_layer[slot]  # [T, C]
@@ -327,7 +349,9 @@ class SteeringRuntime:
         self.recomputed_condition_rows += int(np.count_nonzero(own & (rel < 0) & ~fresh))
         mean = np.where(fresh, 1.0 / prompt_len, 0.0)[:, None]
         last = (fresh & (rel == -1)).astype(np.float64)[:, None]
-        w = np.where(self.bank.cond_reduce[slot] == 0, mean, last) * (layer >= 0)
+        reduce = self.bank.cond_reduce[slot]
+        # Token-level conditions (reduce 2) sum nothing: they read each row in the graph.
+        w = np.where(reduce == 0, mean, np.where(reduce == 1, last, 0.0)) * (layer >= 0)
         t.np_req[:written] = req
         t.np_cw[:written] = w
         t.np_clayer[:written] = layer

@@ -63,7 +63,8 @@ class SteeringTables:
     dyn_truth [slots, max_dynamic, 2**max_conditions]  whether add j acts for each set of
                                              conditions met (1 without `when`; float32)
     cond_vec [slots, max_conditions, hidden] conditions' directions (float32)
-    cond_par [slots, max_conditions, 6]      their kind, offset, thresholds, sign (float32)
+    cond_par [slots, max_conditions, 7]      their kind, offset, thresholds, sign, whether
+                                             token-level (float32; compile.Conditions)
     cond_acc [2 * max_rows + 1, max_conditions, hidden]  each request's weighted sum of its
                                              prompt rows at the condition's layer (float32;
                                              the last row, NaN, is read by other tokens)
@@ -71,6 +72,9 @@ class SteeringTables:
     tok_cw   [max_tokens, max_conditions]    its weight in each sum (0: not summed)
     tok_clayer [max_tokens, max_conditions]  the layer each sum reads (-1: none; int64)
     tok_gate [max_tokens, max_dynamic]       each dynamic add's gate this step (in-graph)
+    tok_cval [max_tokens, max_conditions]    each token's condition values this step: its
+                                             request's, or its own row's for token-level
+                                             ones (NaN until their layer; in-graph)
 
     sample_idx [max_rows]                    token index of each batch row's sampled row (int64)
     capture    [layers, max_rows, hidden]    residual stream after each layer, sampled rows
@@ -204,6 +208,7 @@ class SteeringTables:
             self.tok_cw = torch.zeros(max_tokens, c, **f32)
             self.tok_clayer = torch.full((max_tokens, c), -1, dtype=torch.int64, device=device)
             self.tok_gate = torch.ones(max_tokens, max_dynamic, **f32)
+            self.tok_cval = torch.zeros(max_tokens, c, **f32)
             per_token += (self.tok_req, self.tok_cw, self.tok_clayer)
         self.sample_idx: torch.Tensor | None = None
         self.capture: torch.Tensor | None = None
@@ -271,7 +276,8 @@ class SteeringTables:
         )
         features = (self.feat_enc, self.feat_dec, self.feat_coef, self.dyn_dirs)
         if self.max_conditions:
-            features += (self.dyn_truth, self.cond_vec, self.cond_par, self.cond_acc, self.tok_gate)
+            features += (self.dyn_truth, self.cond_vec, self.cond_par, self.cond_acc)
+            features += (self.tok_gate, self.tok_cval)
         tensors = (
             self.units,
             self.const,

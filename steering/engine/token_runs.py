@@ -1,8 +1,9 @@
-"""Where each request's tokens sit in a step's flattened batch (capture and readout)."""
+"""Where each request's tokens sit in a step's flattened batch (capture, readout and
+token-level condition reports), and placing per-token values by generated index."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -36,3 +37,13 @@ def token_runs(
             start = int(starts[row])
             runs.append(TokenRun(state, start, int(positions[start]), int(counts[row])))
     return runs
+
+
+def put_token(tokens: list, g: int, value: object, missing: Callable[[], object]) -> None:
+    """tokens[g] = value; a gap before it (tokens no step read) is filled with missing()."""
+    if g < len(tokens):
+        tokens[g] = value  # recomputed after preemption: the same token
+        return
+    if g > len(tokens):
+        tokens.extend([missing()] * (g - len(tokens)))
+    tokens.append(value)
