@@ -485,3 +485,49 @@ def test_condition_reports_over_http(sae_server, engines):
     caps = httpx.get(f"{base}/v1/steering/capabilities", timeout=30).json()
     assert caps["fields"]["conditions"]["max_entries"] == 2
     assert caps["fields"]["vectors"]["max_dynamic"] == 2
+
+
+def test_token_condition_reports_over_http(sae_server, engines):
+    """A token-level condition's echo: its value and decision at each generated token's
+    sampling row (the reference's, on the tokens the server chose), in the response and
+    the stream's last event; a gate acting before its condition's layer is a 400."""
+    base = sae_server[0]
+    c = client(base)
+    ref = engines.reference("llama")
+    prompt = [int(x) for x in np.random.default_rng(8).integers(10, 480, 20)]
+    direction = np.random.default_rng(9).standard_normal(HIDDEN).tolist()
+    behaviour = (np.random.default_rng(10).standard_normal(HIDDEN) * 2).tolist()
+    steering = {
+        "conditions": [
+            {"name": "tok", "data": direction, "layer": 1, "reduce": "token", "threshold": 0.0}
+        ],
+        "vectors": [{"data": {"2": behaviour, "3": behaviour}, "when": "tok"}],
+    }
+    kw = dict(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0.0,
+        extra_body={"ignore_eos": True, "steering": steering},
+    )
+    full = c.completions.create(**kw)
+    [choice] = full.model_extra["steering"]["conditions"]["choices"]
+    [report] = choice["conditions"]
+    tokens = ref.greedy(prompt, 6, ref.spec(steering, max_dynamic=2, max_conditions=2))[0]
+    spec = ref.spec(steering, max_dynamic=2, max_conditions=2)
+    values = ref.token_conditions(prompt + tokens, len(prompt), spec)["tok"][len(prompt) - 1 : -1]
+    assert report["name"] == "tok" and report["reduce"] == "token"
+    np.testing.assert_allclose(report["values"], values, atol=1e-4)
+    assert report["fired"] == [bool(v > 0.0) for v in values]
+    assert report["fired_rate"] == pytest.approx(np.mean(values > 0.0))
+    last = [ch.model_extra.get("steering") for ch in c.completions.create(stream=True, **kw)]
+    tail = [e for e in last if e and "choices" in e.get("conditions", {})]
+    assert len(tail) == 1 and tail[0]["conditions"]["choices"][0]["conditions"] == [report]
+    early = {**steering, "vectors": [{**steering["vectors"][0], "data": {"1": behaviour}}]}
+    r = httpx.post(
+        f"{base}/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 2, "steering": early},
+        timeout=30,
+    )
+    err = _error(r, 400)
+    assert "token condition 'tok' reads layer 1" in err["message"], err
