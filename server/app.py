@@ -8,7 +8,8 @@ exception handlers and its request handling; this module adds:
 - `GET /v1/vectors`, `GET /v1/presets`, `POST /v1/admin/reload`,
 - `GET /v1/steering/capabilities` (what the model and these switches accept),
 - A/B experiments: admin routes, `POST /v1/feedback`, reports (`experiments/routes.py`),
-- OpenAI-shaped 401/413 from our own middleware, steerserve metrics on `/metrics`.
+- OpenAI-shaped 401/413 from our own middleware, steerserve metrics on `/metrics`,
+- the browser playground at `/playground` (`playground.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.middleware import Middleware
 
 from steering.engine import openai_server as vllm_api
 
-from . import calls, capabilities, generation, registry_routes, sae_routes
+from . import calls, capabilities, generation, playground, registry_routes, sae_routes
 from .applied import SteeringResolver
 from .bodies import add_body_schemas
 from .errors import APIError, api_error_handler
@@ -75,6 +76,8 @@ def extend_app(app: FastAPI, engine: vllm_api.EngineClient, settings: ServerSett
             *sae_routes.router.routes,
             *capabilities.router.routes,
             *experiment_routes.router.routes,
+            *playground.router.routes,
+            playground.assets,
         ],
     )
     add_body_schemas(app)

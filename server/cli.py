@@ -201,6 +201,9 @@ def _steering_config(args: argparse.Namespace) -> None:
         mine["decoding"] = True
     if args.enable_steering_readout:
         mine["readout"] = True
+    if demo:  # the playground's decoding and readout views work out of the box
+        mine.setdefault("decoding", True)
+        mine.setdefault("readout", True)
     topk_sae = args.steering_topk_sae or (DEMO_TOPK_SAE if demo and not args.saes_dir else None)
     if topk_sae:
         mine["topk_sae"] = topk_sae
