@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/cpu.lock
 
-.PHONY: setup test lint serve clean lock check-vllm
+.PHONY: setup test lint serve clean lock check-vllm screenshots
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ check-vllm: setup
 
 serve: setup
 	$(VENV)/bin/steerserve serve $(ARGS)
+
+# README's playground screenshots, taken by the browser tests against a live demo server.
+screenshots: setup
+	STEERSERVE_SCREENSHOTS=docs/img $(PY) -m pytest -q tests/test_playground.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
