@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import safetensors.numpy
+from conftest import write_llamacpp_gguf
 from live_server import live_server
 
 from server.demo import DEMO_MODEL, SHIPPED_VECTORS_DIR
@@ -286,3 +287,13 @@ def test_vectors_upload_download_delete(page, base, tmp_path):
     row.locator("[data-testid=delete]").click()
     page.wait_for_selector("#vectors-table tr[data-name='uploaded_pos']", state="detached")
     assert httpx.get(f"{base}/v1/vectors/uploaded_pos", timeout=30).status_code == 404
+    # A llama.cpp control vector (layers 1-3 of `positive`), named in the form.
+    directions = {int(k.split(".")[1]): v for k, v in want.items() if k != "layer.0"}
+    gguf = tmp_path / "control.gguf"
+    write_llamacpp_gguf(gguf, directions)
+    page.fill("#vector-name", "from_llamacpp")
+    page.set_input_files("#vector-file", str(gguf))
+    page.click("#vector-upload button[type=submit]")
+    page.wait_for_selector("#vectors-table tr[data-name='from_llamacpp']")
+    listed = httpx.get(f"{base}/v1/vectors/from_llamacpp", timeout=30).json()
+    assert listed["layers"] == sorted(directions) and listed["usable"]
