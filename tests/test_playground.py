@@ -80,6 +80,16 @@ def _open(page, base: str, name: str, admin: bool = False) -> None:
     page.wait_for_selector(f"#page-{name}[data-ready=true]")
 
 
+def _chat(base: str, prompt: str, headers: dict | None = None, **body) -> httpx.Response:
+    messages = [{"role": "user", "content": prompt}]
+    return httpx.post(
+        f"{base}/v1/chat/completions",
+        json={"model": DEMO_MODEL, "messages": messages, **body},
+        headers=headers,
+        timeout=120,
+    )
+
+
 def _error(page, name: str) -> str:
     box = page.locator(f"#page-{name} [data-testid=error]")
     box.wait_for(state="visible")
@@ -160,19 +170,14 @@ def test_readout_colours_each_token_and_fills_the_heatmap(page, base, tmp_path):
     page.wait_for_selector("[data-testid=heatmap] table")
     vector = httpx.get(f"{base}/v1/vectors/positive", timeout=30).json()
     # The same request through the API: the page shows its tokens and values.
-    api = httpx.post(
-        f"{base}/v1/chat/completions",
-        json={
-            "model": DEMO_MODEL,
-            "messages": [{"role": "user", "content": "how was your day?"}],
-            "max_tokens": 12,
-            "temperature": 0,
-            "logprobs": True,
-            "steering": {
-                "readout": [{"name": "positive", "layer": layer} for layer in vector["layers"]]
-            },
-        },
-        timeout=120,
+    readout = [{"name": "positive", "layer": layer} for layer in vector["layers"]]
+    api = _chat(
+        base,
+        "how was your day?",
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        steering={"readout": readout},
     ).json()["choices"][0]
     tokens = [t["token"] for t in api["logprobs"]["content"]]
     spans = page.locator("[data-testid=readout-tokens] span.tok")
@@ -208,16 +213,12 @@ def test_experiments_list_counts_report_and_actions(page, base, tmp_path):
     )
     assert r.status_code in (200, 201), r.text
     for i in range(12):
-        out = httpx.post(
-            f"{base}/v1/chat/completions",
-            json={
-                "model": DEMO_MODEL,
-                "messages": [{"role": "user", "content": "tell me about the food."}],
-                "max_tokens": 8,
-                "user": f"user-é-{i}",  # the unit
-            },
+        out = _chat(
+            base,
+            "tell me about the food.",
+            max_tokens=8,
+            user=f"user-é-{i}",  # the unit
             headers={"X-Experiment": EXPERIMENT["name"]},
-            timeout=120,
         )
         assert out.status_code == 200, out.text
         fb = {"id": out.json()["id"], "metric": "thumbs", "value": i % 3 != 0}
