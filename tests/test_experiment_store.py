@@ -333,3 +333,25 @@ def test_registry_enrols_refreshes_and_names_what_cannot_run(tmp_path):
         ExperimentRegistry(store, parse_arm).load_file([TONE])
     store.close()
     replica.close()
+
+
+# Pinned: a change to the hash (or its encoding of the strings) would move every unit to
+# another arm after an upgrade, so these values may only change with a migration note.
+PINNED_UNITS = [
+    (("tone", "", "user-1"), "0x1.7100429cebebap-2", "0x1.ee7417d8942dcp-4"),
+    (("tone", "s1", "user-1"), "0x1.aff8a642d00efp-1", "0x1.8854b09e4132dp-1"),
+    (("tone", "s1", "user-2"), "0x1.fa7ef17590ba8p-2", "0x1.0fbce5465cb2bp-1"),
+    (("ab-test.v2", "salt", "Zoë — 東京"), "0x1.cdef840fe484cp-1", "0x1.1e7127e31e64ep-1"),
+    (("x", "", ""), "0x1.5d50149a4200ap-2", "0x1.d39df1ace9e4bp-4"),
+]
+
+
+@pytest.mark.parametrize("key,arm_point,enrol_point", PINNED_UNITS)
+def test_arm_hash_is_pinned(key, arm_point, enrol_point):
+    experiment, salt, unit = key
+    assert unit_point(experiment, salt, unit) == float.fromhex(arm_point)
+    assert unit_point(experiment, salt, unit, domain="enrol") == float.fromhex(enrol_point)
+    u = float.fromhex(arm_point)
+    assert arm_index(experiment, salt, unit, [1, 1]) == int(u >= 0.5)
+    assert arm_index(experiment, salt, unit, [1, 2, 7]) == (0 if u < 0.1 else 1 if u < 0.3 else 2)
+    assert enrolled(experiment, salt, unit, 0.5) == (float.fromhex(enrol_point) < 0.5)

@@ -3,6 +3,7 @@ its shipped vectors, and steering visibly works on it through the openai client.
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 from live_server import live_server
@@ -70,3 +71,27 @@ def test_positive_vector_shifts_the_sentiment_of_answers(client):
     assert rate["steered"] >= 0.8, rate
     fluent = sum(map(grammatical_fraction, steered)) / SAMPLES
     assert fluent >= 0.75, (fluent, steered[:4])
+
+
+ADMIN_ROUTES = [
+    ("GET", "/v1/admin/experiments"),
+    ("POST", "/v1/admin/reload"),
+    ("POST", "/v1/admin/experiments/x/pause"),
+    ("PUT", "/v1/vectors/x"),
+    ("DELETE", "/v1/vectors/positive"),
+    ("PUT", "/v1/saes/x"),
+    ("DELETE", "/v1/saes/demo"),
+]
+
+
+@pytest.mark.parametrize("method,path", ADMIN_ROUTES)
+def test_admin_routes_are_off_without_an_admin_key(client, method, path):
+    """The demo server has no --admin-key: its admin routes answer 403 saying how to turn
+    them on, whatever key is sent, and change nothing."""
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    for headers in ({}, {"Authorization": "Bearer anything"}):
+        r = httpx.request(method, f"{base}{path}", headers=headers, timeout=30)
+        err = r.json()["error"]
+        assert r.status_code == 403 and err["type"] == "PermissionDeniedError", r.text
+        assert "--admin-key" in err["message"]
+    assert client.get("/vectors/positive", cast_to=object)["usable"]

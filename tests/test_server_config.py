@@ -67,6 +67,66 @@ def test_keys(configured):
     assert r.status_code == 200 and r.json()["presets"] == ["calm", "loud"]
 
 
+# Every route steerserve guards: (method, path, body, admin only). Bodies are small and
+# mostly wrong on purpose: with the right key a route answers its own 2xx/4xx, never 401/403.
+ROUTES = [
+    ("POST", "/v1/completions", {"model": MODEL, "prompt": "the cat", "max_tokens": 2}, False),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hé"}], "max_tokens": 2},
+        False,
+    ),
+    ("GET", "/v1/models", None, False),
+    ("GET", "/v1/vectors", None, False),
+    ("GET", "/v1/vectors/happy", None, False),
+    ("GET", "/v1/vectors/happy?format=safetensors", None, False),
+    ("PUT", "/v1/vectors/auth_probe", b"", True),
+    ("DELETE", "/v1/vectors/no_such_vector", None, True),
+    ("GET", "/v1/presets", None, False),
+    ("GET", "/v1/saes", None, False),
+    ("GET", "/v1/saes/no_such_sae", None, False),
+    ("PUT", "/v1/saes/auth_probe", b"", True),
+    ("DELETE", "/v1/saes/no_such_sae", None, True),
+    ("GET", "/v1/steering/capabilities", None, False),
+    ("POST", "/v1/admin/reload", None, True),
+    ("GET", "/v1/admin/experiments", None, True),
+    ("POST", "/v1/admin/experiments", {}, True),
+    ("GET", "/v1/admin/experiments/no_such", None, True),
+    ("PUT", "/v1/admin/experiments/no_such", {}, True),
+    ("POST", "/v1/admin/experiments/no_such/pause", {}, True),
+    ("POST", "/v1/feedback", {"id": "chatcmpl-none", "metric": "thumbs", "value": True}, False),
+    ("GET", "/v1/experiments/no_such/report", None, False),
+]
+KEYS = {"none": None, "user": API_KEY, "admin": ADMIN_KEY}
+
+
+@pytest.mark.parametrize("key", sorted(KEYS))
+@pytest.mark.parametrize(
+    "method,path,body,admin_only", ROUTES, ids=[f"{m} {p}" for m, p, _, _ in ROUTES]
+)
+def test_every_route_checks_its_key(configured, method, path, body, admin_only, key):
+    base, _ = configured
+    headers = {"Authorization": f"Bearer {KEYS[key]}"} if KEYS[key] else {}
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.request(method, f"{base}{path}", headers=headers, timeout=60, **kw)
+    refused = key == "none" or (admin_only and key == "user")
+    if refused:
+        err = r.json()["error"]
+        assert r.status_code == 401 and err["type"] == "AuthenticationError", r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert ("admin key" if admin_only else "API key") in err["message"]
+    else:
+        assert r.status_code not in (401, 403) and r.status_code < 500, (r.status_code, r.text)
+        if r.status_code >= 400:  # the route's own refusal, in OpenAI's shape
+            assert r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/playground", "/openapi.json"])
+def test_outside_v1_needs_no_key(configured, path):
+    assert httpx.get(f"{configured[0]}{path}", timeout=30).status_code == 200
+
+
 @pytest.mark.parametrize(
     "steering, composed",
     [
