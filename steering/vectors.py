@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "steerserve.vector.v1"
 _LAYER_KEY = re.compile(r"^layer\.(\d+)$")
-_GGUF_KEY = re.compile(r"^direction\.(\d+)$")
+_GGUF_KEY = re.compile(r"^direction\.([0-9]+)$")  # ASCII digits, as llama.cpp
 SUFFIXES = (".safetensors", ".gguf")  # our format, llama.cpp/repeng control vectors
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 SITES = ("residual", "heads")
@@ -219,45 +219,106 @@ def export_gguf(vector: SteeringVector, path: str | Path, model_hint: str | None
 
 
 def import_gguf(path: str | Path) -> SteeringVector:
-    """Read a llama.cpp/repeng control vector; raises VectorFileError naming the reason."""
+    """Read a llama.cpp/repeng control vector; raises VectorFileError naming the reason.
+
+    As strict as llama.cpp's loader (common.cpp, llama_control_vector_load_one): only
+    `direction.<i>` tensors, F32, 1-D, one length. Stricter where llama.cpp or repeng would
+    quietly pick a meaning: two tensors naming one layer ("direction.01", "direction.1";
+    llama.cpp adds them, repeng keeps the last) are refused. `direction.0` is read as layer 0's
+    output, as repeng writes it; only llama.cpp cannot load it, so export_gguf refuses it.
+    """
     import gguf
 
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise VectorFileError(f"{path.name}: cannot be read ({e.strerror})") from e
+    if magic != b"GGUF":  # the magic is these 4 bytes in either byte order
+        if not magic:
+            raise VectorFileError(f"{path.name}: is empty, not a GGUF file")
+        if b"GGUF".startswith(magic):
+            raise VectorFileError(f"{path.name}: truncated GGUF file ({len(magic)} bytes)")
+        raise VectorFileError(f"{path.name}: not a GGUF file (it does not start with b'GGUF')")
+    try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise VectorFileError(f"{path.name}: not a readable GGUF file ({e})") from e
-    arch_field = reader.fields.get("general.architecture")
-    arch = _gguf_string(arch_field) if arch_field is not None else None
+    except Exception as e:  # a cut-off file fails with ValueError, IndexError, ... from numpy
+        raise VectorFileError(f"{path.name}: truncated or corrupt GGUF file ({e})") from e
+    arch = _gguf_string(path, reader, "general.architecture")
     if arch != "controlvector":
         raise VectorFileError(f"{path.name}: GGUF architecture is {arch!r}, not 'controlvector'")
-    hint_field = reader.fields.get("controlvector.model_hint")
-    hint = _gguf_string(hint_field) if hint_field is not None else None
-    directions = {}
+    hint = _gguf_string(path, reader, "controlvector.model_hint")
+    directions: dict[int, np.ndarray] = {}
+    names: dict[int, str] = {}
     for tensor in reader.tensors:
-        m = _GGUF_KEY.match(tensor.name)
+        name = tensor.name
+        m = _GGUF_KEY.match(name)
         if not m:
-            raise VectorFileError(f"{path.name}: unexpected tensor {tensor.name!r}")
+            raise VectorFileError(
+                f"{path.name}: unexpected tensor {name[:64]!r} (want 'direction.<i>')"
+            )
+        if len(m.group(1)) > 9:  # no model has that many layers; int() of 4300+ digits raises
+            raise VectorFileError(f"{path.name}: {name[:24]}... names no layer of any model")
+        layer = int(m.group(1))
+        if layer in names:
+            raise VectorFileError(
+                f"{path.name}: tensors {names[layer]!r} and {name!r} both name layer {layer}"
+            )
+        names[layer] = name
+        # llama.cpp loads F32 only; converting F16 (exact) or dequantizing would accept a
+        # file llama.cpp refuses, and a quantized direction is not the vector that was made.
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
             raise VectorFileError(
-                f"{path.name}: {tensor.name} is {tensor.tensor_type.name}, not F32"
+                f"{path.name}: {name} is {tensor.tensor_type.name}, not F32 "
+                "(llama.cpp control vectors are F32)"
             )
-        directions[int(m.group(1))] = np.array(tensor.data, dtype=np.float32).reshape(-1)
+        # GGML order, ne[0] the row length. Like llama.cpp (ggml_n_dims), [H, 1, ...] (numpy
+        # (1, H)) is H values; flattening any other shape would give a wrong-length vector.
+        ne = [int(n) for n in tensor.shape]
+        if not ne or any(n != 1 for n in ne[1:]):
+            shape = tuple(reversed(ne))
+            raise VectorFileError(f"{path.name}: {name} has shape {shape}, a direction is 1-D")
+        if ne[0] == 0:
+            raise VectorFileError(f"{path.name}: {name} holds no values")
+        vec = np.array(tensor.data, dtype=np.float32).reshape(-1)
+        if not np.all(np.isfinite(vec)):
+            raise VectorFileError(f"{path.name}: {name} (layer {layer}) holds NaN or Inf")
+        directions[layer] = vec
     if not directions:
         raise VectorFileError(f"{path.name}: holds no direction.<i> tensors")
-    sizes = {v.shape[0] for v in directions.values()}
-    if len(sizes) != 1:
-        raise VectorFileError(f"{path.name}: directions have different lengths {sorted(sizes)}")
+    by_size: dict[int, list[str]] = {}
+    for layer in sorted(directions):
+        by_size.setdefault(directions[layer].shape[0], []).append(names[layer])
+    if len(by_size) != 1:
+        listed = "; ".join(f"{n} in {', '.join(ts)}" for n, ts in sorted(by_size.items()))
+        raise VectorFileError(f"{path.name}: directions have different lengths ({listed})")
     try:
         return SteeringVector(
-            directions=directions, hidden_size=sizes.pop(), architecture=hint, method="gguf-import"
+            directions=directions,
+            hidden_size=next(iter(by_size)),
+            architecture=hint,
+            method="gguf-import",
         )
     except VectorFileError as e:
         raise VectorFileError(f"{path.name}: {e}") from e
 
 
-def _gguf_string(f) -> str:
-    return bytes(f.parts[f.data[0]]).decode("utf-8")
+def _gguf_string(path: Path, reader, key: str) -> str | None:
+    """The string value of `key`, None if absent; another type or bad UTF-8 is refused
+    (reading its bytes as text would invent an architecture or model hint)."""
+    import gguf
+
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    if f.types != [gguf.GGUFValueType.STRING]:
+        kind = "/".join(t.name for t in f.types) or "empty"
+        raise VectorFileError(f"{path.name}: GGUF key {key!r} is {kind}, not a string")
+    try:
+        return bytes(f.parts[f.data[0]]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise VectorFileError(f"{path.name}: GGUF key {key!r} is not valid UTF-8") from e
 
 
 def read_any(path: str | Path) -> SteeringVector:
