@@ -6,6 +6,7 @@ every route.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 from fastapi import Request
@@ -46,9 +47,15 @@ def invalid(e: ValidationError, root: str | None = None) -> APIError:
     """A pydantic error as a 400 naming the first offending field."""
     err = e.errors(include_url=False)[0]
     loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-    param = ".".join(x for x in (root, loc) if x) or None
     msg = err["msg"].removeprefix("Value error, ")
+    named = _NAMED.match(msg)
+    if not loc and named:  # a model-level check that names its field: "arms: ..."
+        loc, msg = named.group(1), msg[named.end() :]
+    param = ".".join(x for x in (root, loc) if x) or None
     return APIError(400, f"{param}: {msg}" if param else msg, param)
+
+
+_NAMED = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*): ")
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:

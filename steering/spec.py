@@ -203,10 +203,11 @@ def _check_layer(layer: int, ctx: SpecContext) -> None:
         )
 
 
-def _layer_in_range(cls: type, layer: int, info: ValidationInfo) -> int:
-    """Field validator of a single `layer` (head masks, readout entries)."""
+def _layer_in_range(cls: type, layer: int | None, info: ValidationInfo) -> int | None:
+    """Field validator of a single optional `layer` (readout entries, conditions; None:
+    the entry's own rules decide, e.g. an SAE's layer)."""
     ctx = _context(info)
-    if ctx is not None:
+    if ctx is not None and layer is not None:
         _check_layer(layer, ctx)
     return layer
 

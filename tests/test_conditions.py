@@ -233,6 +233,10 @@ ERRORS = [
         "set positions to 'generated'",
     ),
     ({"conditions": [{"name": "x", "data": C1, "threshold": 0.1}]}, "'layer' is required"),
+    (  # an explicit null (found by the fuzzer: it was a TypeError's text)
+        {"conditions": [{"name": "x", "data": C1, "layer": None, "threshold": 0.1}]},
+        "'layer' is required",
+    ),
     (
         {"conditions": [{"name": "x", "data": C1[:5], "layer": 1, "threshold": 0.1}]},
         "hidden size is",

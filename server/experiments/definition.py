@@ -73,12 +73,13 @@ class ExperimentDef(BaseModel):
     def _consistent(self) -> ExperimentDef:
         names = [a.name for a in self.arms]
         if dup := _repeated(names):
-            raise ValueError(f"arm names must be unique (repeated: {dup})")
+            # "<field>: ..." names the field for the API's error (errors.invalid).
+            raise ValueError(f"arms: arm names must be unique (repeated: {dup})")
         if self.control is not None and self.control not in names:
-            raise ValueError(f"control {self.control!r} is not an arm ({', '.join(names)})")
+            raise ValueError(f"control: {self.control!r} is not an arm ({', '.join(names)})")
         bad = [m for m in self.metrics if not METRIC_PATTERN.match(m)]
         if bad:
-            raise ValueError(f"metric names must match {METRIC_PATTERN.pattern}: {bad}")
+            raise ValueError(f"metrics: metric names must match {METRIC_PATTERN.pattern}: {bad}")
         return self
 
     @property
