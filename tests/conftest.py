@@ -137,6 +137,16 @@ class Engines:
             additional_config={"steerserve": {"heads": False, "decoding": False}},
         ),
         "compiled": dict(enforce_eager=False),
+        "disabled-compiled": dict(
+            enforce_eager=False, additional_config={"steerserve": {"enabled": False}}
+        ),
+        # What real serving uses: bfloat16, steered and plain.
+        "bf16": dict(enforce_eager=True, dtype="bfloat16"),
+        "bf16-disabled": dict(
+            enforce_eager=True,
+            dtype="bfloat16",
+            additional_config={"steerserve": {"enabled": False}},
+        ),
         # vLLM keeps only the newest engine's metrics in the Prometheus registry, so a test
         # that reads counters gets an engine of its own, started right before it reads.
         "metrics": dict(enforce_eager=True),
@@ -188,12 +198,15 @@ class Engines:
             self._engines[key] = LLM(str(self.model_dirs[arch]), additional_config=extra, **kw)
         return self._engines[key]
 
-    def reference(self, arch: str = "llama"):
-        if arch not in self._refs:
+    def reference(self, arch: str = "llama", dtype: str = "float32"):
+        key = arch if dtype == "float32" else f"{arch}:{dtype}"
+        if key not in self._refs:
+            import torch
+
             from steering.reference import ReferenceModel
 
-            self._refs[arch] = ReferenceModel(self.model_dirs[arch])
-        return self._refs[arch]
+            self._refs[key] = ReferenceModel(self.model_dirs[arch], dtype=getattr(torch, dtype))
+        return self._refs[key]
 
 
 @pytest.fixture(scope="session")
