@@ -212,7 +212,7 @@ def _parse(
         enrollment = state.experiments.enroll(
             experiment,
             model=request.model,
-            unit=raw_request.headers.get(UNIT_HEADER) or request.user,
+            unit=_header_text(raw_request, UNIT_HEADER) or request.user,
             request_key=request.request_id,
             steered=raw_steering is not None,
         )
@@ -232,7 +232,7 @@ def _parse(
 
 
 def _experiment_name(raw_request: Request, field: Any) -> str | None:
-    header = raw_request.headers.get(EXPERIMENT_HEADER)
+    header = _header_text(raw_request, EXPERIMENT_HEADER)
     if field is not None and not isinstance(field, str):
         raise APIError(400, "experiment: must be an experiment's name", "experiment")
     if field is not None and header is not None and field != header:
@@ -242,6 +242,20 @@ def _experiment_name(raw_request: Request, field: Any) -> str | None:
             "experiment",
         )
     return field if field is not None else header
+
+
+def _header_text(raw_request: Request, name: str) -> str | None:
+    """A header's value as the text the client sent: HTTP carries bytes, which Starlette
+    decodes as latin-1, while clients (httpx, requests, browsers) send UTF-8. Without
+    this a unit "Zoë" in X-Unit-Id would hash as "ZoÃ«" and get another arm than the same
+    unit sent as `user`."""
+    value = raw_request.headers.get(name)
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8: the bytes as latin-1 text, as received
+        return value
 
 
 def _check_id(recorded: Recorded, actual: str | None) -> None:

@@ -659,3 +659,31 @@ def test_openapi_describes_every_steerserve_route_and_body(server):
     text = json.dumps(schema)
     for ref in set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text)):
         assert ref in components, ref
+
+
+def test_non_ascii_text_and_over_length_prompts(server):
+    """Steered chat in several scripts; a prompt longer than the model's context with a
+    spec is refused (400) and the server goes on; a vector name outside ASCII is a 404
+    naming it."""
+    c = client(server)
+    for text in ("café crème, s'il vous plaît", "東京の猫 🐈", "مرحبا", "\u0000\u200b\ufeff"):
+        r = c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": text}],
+            max_tokens=4,
+            user="Zoë",
+            extra_body={"steering": {"vectors": [{"name": "happy"}]}},
+        )
+        assert r.choices[0].message.content is not None
+    too_long = [7] * (ENGINE_KW["max_model_len"] + 5)
+    for steering in (None, {"vectors": [{"name": "happy"}]}):
+        status, err = api_error(
+            lambda s=steering: c.completions.create(
+                model=MODEL, prompt=too_long, max_tokens=2, extra_body={"steering": s}
+            )
+        )
+        msg = err["message"].lower()
+        assert status == 400 and ("context" in msg or "maximum" in msg), err
+    r = httpx.get(f"{server}/v1/vectors/caf%C3%A9", timeout=30)
+    assert r.status_code == 404 and "'café'" in r.json()["error"]["message"], r.text
+    assert complete(c)[1]  # none of it hurt the server
