@@ -105,3 +105,12 @@ def test_steering_effect_smoke(tmp_path):
     assert result["decoding"][0]["decoding"] == "greedy" and "9-16" in result["decoding"][0]
     assert (tmp_path / "effect.png").stat().st_size > 10_000
     assert "Head masks" in (tmp_path / "effect.md").read_text()
+
+
+def test_soak_smoke(tmp_path):
+    """Concurrent mixed streams (with disconnects) each equal to their solo run; slots back
+    to zero once idle (the script exits non-zero otherwise)."""
+    result = _smoke("soak.py", tmp_path / "soak.json", "--max-rss-growth", "256")
+    c = result["counts"]
+    assert c["completed"] > 50 and c["dropped"] > 0 and c["mismatched"] == c["errors"] == 0
+    assert result["end"]["slots_active"] == 0 and result["peak_running"] > 1
