@@ -205,14 +205,21 @@ def _hook_sample(original):
             runtime.readouts.collect()
         if runtime.token_conditions is not None:
             runtime.token_conditions.collect()
-        if runtime.plan and logits is not None:
+        # Layer-reading decoding only on rows whose sample vLLM keeps. An unfinished
+        # chunk's sample is discarded: decoding.apply skips those before the last prompt
+        # row by position, but a request recomputed after preemption also has unfinished
+        # chunks past its prompt (rel >= 0), and contrast / lfd appended a layer for each
+        # (its report one entry per such chunk too long, later entries shifted).
+        discard = self.discard_request_mask.np
+        plan = [p for p in runtime.plan if not discard[p.row]]
+        if plan and logits is not None:
             from steering.engine import decoding
 
             logits = decoding.apply(
                 self.get_model(),
                 runtime.tables,
                 logits,
-                runtime.plan,
+                plan,
                 compiled=runtime.compiled_decoding,
             )
         with seeded.restore_discarded(self):
