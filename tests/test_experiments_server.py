@@ -540,6 +540,26 @@ def test_readme_example_runs(exp_server, tmp_path):
 DURABLE = {"name": "durable", "arms": [{"name": "a"}, {"name": "b", "steering": HAPPY}]}
 
 
+def test_non_ascii_units_and_names(exp_server):
+    """A unit id outside ASCII gets one arm whether it comes as `user` or as X-Unit-Id
+    (UTF-8 bytes in the header), the hashed one; a non-ASCII experiment name is a 400
+    naming the field; an unknown one in the header a 404 that quotes it as sent."""
+    base, _ = exp_server
+    for unit in ("Zoë", "東京-7", "user-\u00e9\u0301"):
+        want = _expected_arm(TONE, unit)
+        by_user = _complete(base, {"user": unit}, {"X-Experiment": "tone"})
+        by_header = _complete(base, None, {"X-Experiment": "tone", "X-Unit-Id": unit.encode()})
+        assert by_user.headers["x-experiment-arm"] == want, unit
+        assert by_header.headers["x-experiment-arm"] == want, unit
+    bad = {"name": "café", "arms": [{"name": "a"}]}
+    r = httpx.put(f"{base}/v1/admin/experiments/caf%C3%A9", json=bad, headers=ADMIN_H, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
+    r = _post(
+        base, "/v1/completions", {"model": MODEL, "prompt": "x"}, {"X-Experiment": "näme".encode()}
+    )
+    assert r.status_code == 404 and "'näme'" in r.json()["error"]["message"], r.text
+
+
 def test_kill_9_after_acknowledged_feedback_loses_nothing(
     exp_server, model_dirs, vectors_dir, exp_dir
 ):
@@ -565,23 +585,3 @@ def test_kill_9_after_acknowledged_feedback_loses_nothing(
         # The file's experiments are unchanged, so still version 1, and still sticky.
         echo = _complete(base2, {"experiment": "tone", "user": "user-0"}).json()["steering"]
         assert (echo["version"], echo["arm"]) == (1, _expected_arm(TONE, "user-0"))
-
-
-def test_non_ascii_units_and_names(exp_server):
-    """A unit id outside ASCII gets one arm whether it comes as `user` or as X-Unit-Id
-    (UTF-8 bytes in the header), the hashed one; a non-ASCII experiment name is a 400
-    naming the field; an unknown one in the header a 404 that quotes it as sent."""
-    base, _ = exp_server
-    for unit in ("Zoë", "東京-7", "user-\u00e9\u0301"):
-        want = _expected_arm(TONE, unit)
-        by_user = _complete(base, {"user": unit}, {"X-Experiment": "tone"})
-        by_header = _complete(base, None, {"X-Experiment": "tone", "X-Unit-Id": unit.encode()})
-        assert by_user.headers["x-experiment-arm"] == want, unit
-        assert by_header.headers["x-experiment-arm"] == want, unit
-    bad = {"name": "café", "arms": [{"name": "a"}]}
-    r = httpx.put(f"{base}/v1/admin/experiments/caf%C3%A9", json=bad, headers=ADMIN_H, timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
-    r = _post(
-        base, "/v1/completions", {"model": MODEL, "prompt": "x"}, {"X-Experiment": "näme".encode()}
-    )
-    assert r.status_code == 404 and "'näme'" in r.json()["error"]["message"], r.text
