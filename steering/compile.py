@@ -717,7 +717,10 @@ def _compile_residual(
     ops: dict[int, tuple[list[FeatureRows], np.ndarray]] = {}
     dyn_index = {id(e): j for j, e in enumerate(e for e in entries if e.is_dynamic)}
     dyn_dirs: dict[int, np.ndarray] = {}
-    for layer in sorted({layer for e in entries for layer in e.resolved} | set(at_layer)):
+    # Each entry's vectors and window, read once: `resolved` is a pydantic private
+    # attribute (a slow __getattr__), and this loop runs per layer and class.
+    folded = [(e, e.resolved, WINDOWS[e.positions], e.is_dynamic) for e in entries]
+    for layer in sorted({layer for _, res, _, _ in folded for layer in res} | set(at_layer)):
         b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
         # Dynamic adds at this layer: their directions, pushed through later projections.
         d = np.zeros((NUM_CLASSES, len(dyn_index), hidden_size), dtype=np.float64)
@@ -725,24 +728,30 @@ def _compile_residual(
         here = at_layer.get(layer, [])
         gated = [rows for f, rows in here if f.op != "add"]
         coef = np.zeros((NUM_CLASSES, len(gated), NUM_COEFS), dtype=np.float64)
+        units: dict[int, np.ndarray] = {}  # projections' unit vectors, per entry
         for c, cls in enumerate(classes):
-            for entry in entries:
-                vec = entry.resolved.get(layer)
-                if vec is not None and entry.is_dynamic:  # its window is applied per token
+            for entry, res, window, dynamic in folded:
+                vec = res.get(layer)
+                if vec is None:
+                    continue
+                if dynamic:  # its window is applied per token
                     w = unit(vec) if entry.normalize else vec
                     d[c, dyn_index[id(entry)]] = w.astype(np.float64)
                     here_dyn = True
                     continue
-                if vec is None or not _covers(WINDOWS[entry.positions], cls):
+                if not _covers(window, cls):
                     continue
                 if entry.op == "add":
                     w = unit(vec) if entry.normalize else vec
                     b[c] += entry.scale * w.astype(np.float64)
                     continue
-                u = unit(vec).astype(np.float64)
+                u = units.get(id(entry))
+                if u is None:
+                    u = units[id(entry)] = unit(vec).astype(np.float64)
                 gain = entry.scale if entry.op == "ablate" else 1.0
                 b[c] -= gain * np.dot(b[c], u) * u
-                d[c] -= gain * np.outer(d[c] @ u, u)
+                if dyn_index:
+                    d[c] -= gain * np.outer(d[c] @ u, u)
                 if entry.op == "clamp":
                     b[c] += entry.value * u
             k = 0

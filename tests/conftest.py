@@ -257,6 +257,30 @@ def generate_one(llm, prompt: list[int], params) -> Run:
     return generate(llm, [prompt], params)[0]
 
 
+# The oracle's bound on |engine log-prob - reference log-prob| (float32 models).
+PARITY_TOL = 1e-4
+
+
+def assert_close(got, want, what: str, tol: float = PARITY_TOL) -> float:
+    """Max |got - want| within `tol` (and the same shape); returns it."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    assert err <= tol, f"{what}: max |engine - reference| = {err:.2e} > {tol}"
+    return err
+
+
+def assert_matches_reference(run: Run, ref, prompt: list[int], spec, what: str) -> None:
+    """A greedy run (sampled with prompt_logprobs) against the HF reference: the same
+    tokens, and every generated and prompt row's log-prob within PARITY_TOL."""
+    tokens, lps = ref.greedy(prompt, len(run.tokens), spec)
+    assert run.tokens == tokens, f"{what}: greedy tokens differ"
+    assert_close(run.logprobs, lps, f"{what} greedy log-probs")
+    lp = ref.logprobs(prompt, len(prompt), spec)
+    want = [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    assert_close(run.prompt_logprobs, want, f"{what} prompt log-probs")
+
+
 @pytest.fixture(scope="session")
 def capturer(model_dirs):
     """A capture engine on the Llama test model (prefix caching is always off there);

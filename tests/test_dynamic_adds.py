@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import generate, generate_one, prompt_ids, random_vector, sampling
+from conftest import (
+    assert_close,
+    assert_matches_reference,
+    generate,
+    generate_one,
+    prompt_ids,
+    random_vector,
+    sampling,
+)
 
 from steering.compile import compile_spec, dynamic_coef, dynamic_params
 from steering.engine.frontend import SteeringValidationError
 from steering.sae import SaeRegistry
 from steering.spec import SpecError
 
-TOL = 1e-4
 V1 = random_vector(21).tolist()
 V2 = random_vector(22).tolist()
 
@@ -79,13 +86,6 @@ CASES = {
 }
 
 
-def _assert_close(got, want, what):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, what
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    assert err <= TOL, f"{what}: max |engine - reference| = {err:.2e} > {TOL}"
-
-
 def _spec(engines, raw, **kw):
     ctx = dict(saes=SaeRegistry(engines.saes_dir), max_features=3, max_dynamic=2) | kw
     return engines.reference("llama").spec(raw, **ctx)
@@ -99,12 +99,7 @@ def test_dynamic_adds_equal_the_reference(engines, variant, case):
     spec = _spec(engines, raw)
     prompt = prompt_ids(seed=sum(map(ord, case)) % 1000, length=12)
     run = generate_one(llm, prompt, sampling(raw, max_tokens=10, prompt_logprobs=True))
-    tokens, lps = ref.greedy(prompt, 10, spec)
-    assert run.tokens == tokens, f"{case}: greedy tokens differ"
-    _assert_close(run.logprobs, lps, f"{case} greedy log-probs")
-    lp = ref.logprobs(prompt, len(prompt), spec)
-    want = [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
-    _assert_close(run.prompt_logprobs, want, f"{case} prompt log-probs")
+    assert_matches_reference(run, ref, prompt, spec, case)
 
 
 def test_schedules_change_strength_over_the_generation(engines):
@@ -196,9 +191,9 @@ def test_long_chunked_prompt_equals_the_reference(engines):
     spec = _spec(engines, raw)
     tokens, lps = ref.greedy(prompt, 6, spec)
     assert run.tokens == tokens
-    _assert_close(run.logprobs, lps, "chunked greedy log-probs")
+    assert_close(run.logprobs, lps, "chunked greedy log-probs")
     lp = ref.logprobs(prompt, len(prompt), spec)
-    _assert_close(
+    assert_close(
         run.prompt_logprobs, [float(lp[i, prompt[i + 1]]) for i in range(89)], "prompt rows"
     )
 

@@ -25,6 +25,8 @@ from conftest import (
     BLOCK_SIZE,
     ENGINE_KW,
     MAX_BATCHED_TOKENS,
+    assert_close,
+    assert_matches_reference,
     generate_one,
     prompt_ids,
     random_vector,
@@ -34,7 +36,6 @@ from conftest import (
 from steering.engine.request_ids import api_request_key
 from steering.engine.worker import readouts, reports
 
-TOL = 1e-4
 V1 = random_vector(41).tolist()
 V2 = random_vector(42).tolist()
 R1 = random_vector(43).tolist()
@@ -45,14 +46,6 @@ def head_vector(seed: int, width: int = 256, norm: float = 8.0) -> list[float]:
     """A direction on the Llama test model's o_proj input (4 heads x 64)."""
     v = np.random.default_rng(seed).standard_normal(width)
     return (v * (norm / np.linalg.norm(v))).tolist()
-
-
-def _assert_close(got, want, what: str) -> float:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    assert err <= TOL, f"{what}: max |engine - reference| = {err:.2e} > {TOL}"
-    return err
 
 
 def _tokens_and_logprobs(out) -> tuple[list[int], list[float]]:
@@ -73,7 +66,7 @@ def _check_readout(ref, raw, prompt, tokens, got, what: str) -> None:
     assert generated.shape == (len(tokens), len(entries)), f"{what}: {generated.shape}"
     assert np.isfinite(generated).all(), f"{what}: a generated token was never read"
     assert np.abs(generated).max() > 0.1  # not a table of zeros
-    _assert_close(generated, rows[p - 1 : p - 1 + len(tokens)], f"{what} readout")
+    assert_close(generated, rows[p - 1 : p - 1 + len(tokens)], f"{what} readout")
     wants_prompt = [bool(e.get("prompt")) for e in entries]
     if not any(wants_prompt):
         assert got["prompt"] is None
@@ -82,7 +75,7 @@ def _check_readout(ref, raw, prompt, tokens, got, what: str) -> None:
     assert values.shape == (p, len(entries)), f"{what}: prompt values {values.shape}"
     for k in np.flatnonzero(wants_prompt):
         assert np.isfinite(values[:, k]).all(), f"{what}: a prompt row was never read"
-        _assert_close(values[:, k], rows[:p, k], f"{what} prompt readout {k}")
+        assert_close(values[:, k], rows[:p, k], f"{what} prompt readout {k}")
 
 
 # --- 1. long chunked prompts, every intervention kind ------------------------------------
@@ -160,13 +153,8 @@ def test_long_prompt_interventions_equal_the_reference(engines, case):
     spec = ref.spec(raw)
     run = generate_one(llm, prompt, sampling(raw, max_tokens=8, prompt_logprobs=True))
     plain = generate_one(llm, prompt, sampling(None, max_tokens=8))
-    tokens, lps = ref.greedy(prompt, 8, spec)
-    assert run.tokens == tokens, f"{case}: greedy tokens differ"
-    _assert_close(run.logprobs, lps, f"{case} greedy log-probs")
-    # Every prompt row's log-prob: the rows on both sides of each chunk boundary.
-    lp = ref.logprobs(prompt, len(prompt), spec)
-    want = [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
-    _assert_close(run.prompt_logprobs, want, f"{case} prompt log-probs")
+    # Every prompt row's log-prob too: the rows on both sides of each chunk boundary.
+    assert_matches_reference(run, ref, prompt, spec, case)
     changed = np.abs(np.array(run.logprobs) - np.array(plain.logprobs)).max()
     assert run.tokens != plain.tokens or changed > 1e-3, f"{case} had no effect"
 
@@ -193,7 +181,7 @@ def test_long_prompt_decoding_equals_the_reference(engines, case):
     tokens, lps = _tokens_and_logprobs(out)
     want_tokens, want_lps = ref.greedy(prompt, 8, spec)
     assert tokens == want_tokens
-    _assert_close(lps, want_lps, f"{case} log-probs")
+    assert_close(lps, want_lps, f"{case} log-probs")
     report = reports(llm, out.request_id)[0]
     if case == "fuse-auto":
         assert report["layer"] == ref.last_fuse_layer
@@ -221,7 +209,7 @@ def test_long_prompt_readout_equals_the_reference(engines):
     tokens, lps = _tokens_and_logprobs(out)
     want_tokens, want_lps = ref.greedy(prompt, 8, ref.spec(READOUT, max_readouts=4))
     assert tokens == want_tokens
-    _assert_close(lps, want_lps, "readout log-probs")
+    assert_close(lps, want_lps, "readout log-probs")
     got = readouts(llm, out.request_id)[0]
     _check_readout(ref, READOUT, prompt, tokens, got, "long prompt")
 
@@ -259,7 +247,7 @@ def _greedy_check(ref, prompt, tokens, lps, spec) -> None:
     lp = ref.logprobs(prompt + tokens, len(prompt), spec)
     rows = lp[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
     assert tokens == rows.argmax(dim=-1).tolist(), "greedy tokens differ from the reference"
-    _assert_close(lps, [float(rows[j, t]) for j, t in enumerate(tokens)], "log-probs")
+    assert_close(lps, [float(rows[j, t]) for j, t in enumerate(tokens)], "log-probs")
 
 
 PREEMPTED = [
@@ -427,4 +415,4 @@ def test_preempted_capture_equals_hf(tight_capturer, engines, monkeypatch):
         assert isinstance(results.get(key), dict), results.get(key)
         states = _layer_outputs(ref, prompt)
         want = {"last": states[-1], "mean": states.mean(axis=0), "all": states}[pos]
-        _assert_close(decode(results[key]), want, f"capture {pos}")
+        assert_close(decode(results[key]), want, f"capture {pos}")

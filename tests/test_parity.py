@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import generate_one, prompt_ids, random_vector, sampling
+from conftest import assert_close, generate_one, prompt_ids, random_vector, sampling
 
 from steering.tiny_models import ARCHITECTURES
 
-TOL = 1e-4
 V1 = random_vector(11).tolist()
 V2 = random_vector(12).tolist()
 
@@ -132,13 +131,6 @@ CASES = {
 }
 
 
-def _assert_close(got, want, what):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, what
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    assert err <= TOL, f"{what}: max |engine - reference| = {err:.2e} > {TOL}"
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("case", sorted(CASES) + sorted(HEAD_CASES))
 def test_parity_with_reference(engines, arch, case):
@@ -153,13 +145,13 @@ def test_parity_with_reference(engines, arch, case):
     # Greedy continuation: the same tokens, with the same log-probs.
     ref_tokens, ref_lps = ref.greedy(prompt, 8, spec)
     assert run.tokens == ref_tokens, f"{arch}/{case}: greedy tokens differ"
-    _assert_close(run.logprobs, ref_lps, f"{arch}/{case} greedy log-probs")
+    assert_close(run.logprobs, ref_lps, f"{arch}/{case} greedy log-probs")
     # Teacher-forced on the engine's tokens (robust even if a near-tie were to flip).
-    _assert_close(run.logprobs, ref.score(prompt, run.tokens, spec), f"{arch}/{case} scored")
+    assert_close(run.logprobs, ref.score(prompt, run.tokens, spec), f"{arch}/{case} scored")
     # Prompt rows: log-probs of every prompt token under the intervention.
     lp = ref.logprobs(prompt, len(prompt), spec)
     want = [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
-    _assert_close(run.prompt_logprobs, want, f"{arch}/{case} prompt log-probs")
+    assert_close(run.prompt_logprobs, want, f"{arch}/{case} prompt log-probs")
 
     # The intervention did something (so these comparisons can fail).
     changed = np.abs(np.array(run.logprobs) - np.array(plain.logprobs)).max()

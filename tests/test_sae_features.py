@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import generate, generate_one, prompt_ids, random_vector, sampling
+from conftest import (
+    assert_close,
+    assert_matches_reference,
+    generate,
+    generate_one,
+    prompt_ids,
+    random_vector,
+    sampling,
+)
 
 from steering.engine.frontend import SteeringValidationError
 from steering.engine.worker import readouts
 from steering.sae import SaeRegistry, read_any
 from steering.vectors import VectorRegistry
 
-TOL = 1e-4
 V1 = random_vector(11).tolist()
 
 CASES = {
@@ -74,13 +81,6 @@ CASES = {
 }
 
 
-def _assert_close(got, want, what):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, what
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    assert err <= TOL, f"{what}: max |engine - reference| = {err:.2e} > {TOL}"
-
-
 def _ref(engines, arch: str = "llama"):
     return engines.reference(arch)
 
@@ -100,13 +100,7 @@ def test_feature_ops_equal_the_reference(engines, variant, case):
     prompt = prompt_ids(seed=sum(map(ord, case)) % 1000, length=12)
     run = generate_one(llm, prompt, sampling(raw, max_tokens=8, prompt_logprobs=True))
     plain = generate_one(llm, prompt, sampling(None, max_tokens=8, prompt_logprobs=True))
-
-    ref_tokens, ref_lps = ref.greedy(prompt, 8, spec)
-    assert run.tokens == ref_tokens, f"{case}: greedy tokens differ"
-    _assert_close(run.logprobs, ref_lps, f"{case} greedy log-probs")
-    lp = ref.logprobs(prompt, len(prompt), spec)
-    want = [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
-    _assert_close(run.prompt_logprobs, want, f"{case} prompt log-probs")
+    assert_matches_reference(run, ref, prompt, spec, case)
     changed = np.abs(np.array(run.logprobs) - np.array(plain.logprobs)).max()
     assert run.tokens != plain.tokens or changed > 1e-3, f"{case} had no effect"
 
@@ -120,7 +114,7 @@ def test_feature_ops_on_another_family(engines):
     run = generate_one(llm, prompt, sampling(raw, max_tokens=6))
     tokens, lps = ref.greedy(prompt, 6, spec)
     assert run.tokens == tokens
-    _assert_close(run.logprobs, lps, "qwen3 log-probs")
+    assert_close(run.logprobs, lps, "qwen3 log-probs")
 
 
 def test_thresholds_are_exercised(engines):
@@ -177,7 +171,7 @@ def test_feature_add_equals_the_same_direction_inline(engines):
     inline = {"vectors": [{"data": {"2": (1.5 * sae.w_dec[8]).tolist()}}]}
     by_vector = generate_one(llm, prompt, sampling(inline))
     assert by_feature.tokens == by_vector.tokens
-    _assert_close(by_feature.logprobs, by_vector.logprobs, "feature add vs inline")
+    assert_close(by_feature.logprobs, by_vector.logprobs, "feature add vs inline")
 
 
 def test_gemma_scope_and_saelens_files_of_one_sae_steer_identically(engines):

@@ -152,8 +152,11 @@ class LayerLogits:
 def apply(
     model, tables, logits: torch.Tensor, plan: list[PlannedRow], compiled: bool = False
 ) -> torch.Tensor:
-    """`logits` with the planned rows replaced by fused / contrasted scores (in place)."""
-    todo = [p for p in plan if p.rel >= -1]  # rows of unfinished prompt chunks are discarded
+    """`logits` with the planned rows replaced by fused / contrasted scores (in place).
+
+    `plan` holds only rows whose sample vLLM keeps (hooks._hook_sample drops the rows of
+    unfinished prefill chunks, recomputed ones after preemption included)."""
+    todo = list(plan)
     if not todo:
         return logits
     layer_logits = LayerLogits(model, tables)

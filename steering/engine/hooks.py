@@ -206,10 +206,9 @@ def _hook_sample(original):
         if runtime.token_conditions is not None:
             runtime.token_conditions.collect()
         # Layer-reading decoding only on rows whose sample vLLM keeps. An unfinished
-        # chunk's sample is discarded: decoding.apply skips those before the last prompt
-        # row by position, but a request recomputed after preemption also has unfinished
-        # chunks past its prompt (rel >= 0), and contrast / lfd appended a layer for each
-        # (its report one entry per such chunk too long, later entries shifted).
+        # chunk's sample is discarded, and after preemption such chunks lie past the prompt
+        # too (rel >= 0), so position alone cannot tell: contrast / lfd would append a
+        # layer for each (a report one entry too long, later entries shifted).
         discard = self.discard_request_mask.np
         plan = [p for p in runtime.plan if not discard[p.row]]
         if plan and logits is not None:

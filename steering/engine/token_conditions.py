@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from steering.compile import COND_SIGN, COND_STRICT, COND_THRESHOLD, Conditions
+from steering.compile import Conditions
+from steering.engine.layers import conditions_met
 from steering.engine.token_runs import TokenRun, put_token, token_runs
 
 
@@ -28,20 +29,15 @@ class TokenConditionState:
     def not_computed(self) -> np.ndarray:
         return np.full(len(self.columns), np.nan, np.float32)
 
-    def fired(self, values: np.ndarray) -> np.ndarray:
-        """As layers.conditions_met decides, on the host (NaN: not met)."""
-        p = self.params
-        diff = p[:, COND_SIGN] * (values.astype(np.float64) - p[:, COND_THRESHOLD])
-        with np.errstate(invalid="ignore"):
-            return np.where(p[:, COND_STRICT] > 0, diff > 0, diff >= 0)
-
     def report(self, k: int) -> dict:
-        """Token-level condition k's values and whether it fired, per generated token."""
-        values = [float(v[k]) for v in self.values]
-        fired = [bool(self.fired(v)[k]) for v in self.values]
+        """Token-level condition k's values and whether it fired, per generated token:
+        decided as the graph decides (layers.conditions_met, float32; NaN: not met)."""
+        values = np.array([v[k] for v in self.values], dtype=np.float32)
+        par = torch.from_numpy(self.params[k]).expand(len(values), -1)
+        fired = conditions_met(torch.from_numpy(values), par).tolist()
         known = [f for f, v in zip(fired, values, strict=True) if not np.isnan(v)]
         return {
-            "values": [None if np.isnan(v) else v for v in values],
+            "values": [None if np.isnan(v) else float(v) for v in values],
             "fired": fired,
             "fired_rate": sum(known) / len(known) if known else None,
         }
