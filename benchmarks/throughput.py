@@ -15,6 +15,7 @@ the requests of "distinct-specs-all-layers": the alternative users have today.
     python benchmarks/throughput.py                  # the ~100M model, batches 1-64
     python benchmarks/throughput.py --smoke          # seconds, tiny model (run by the tests)
     python benchmarks/throughput.py --moe            # the ~100M MoE model (MOE_SCENARIOS)
+    python benchmarks/throughput.py --control        # + a second plain engine (A/A noise floor)
     python benchmarks/throughput.py --gpu --model DIR   # CUDA: compiled, CUDA graphs on
 
 Writes JSON, a markdown table (.md) and a plot (.png) to benchmarks/results/.
@@ -66,6 +67,10 @@ TOPK_K = 16
 # every generated token pays the whole cost).
 CONDITIONAL_SCENARIOS = ("conditional-unsteered", "distinct-conditional-specs")
 HF_SCENARIOS = ("hf-hooks",)
+# An A/A control (--control): a second engine with the extension off, measured like every
+# scenario against the first. Its ratio should be 1.00x; how far it strays is the run's
+# noise floor (drift, and one engine instance placed worse than another).
+CONTROL_SCENARIOS = ("plain-control",)
 # On the MoE benchmark model (--moe): residual and head steering as on the dense model, and
 # router steering.
 MOE_SCENARIOS = (
@@ -93,6 +98,7 @@ SCENARIOS = (
 # What each scenario gives every request, for the table.
 DESCRIPTIONS = {
     "plain": "plain vLLM (extension disabled)",
+    "plain-control": "plain vLLM again, a second engine (A/A control)",
     "unsteered": "extension enabled, unsteered",
     "same-spec-one-layer": "one residual vector at one layer, all requests",
     "same-spec-all-layers": "one residual vector at all layers, all requests",
@@ -119,7 +125,7 @@ DESCRIPTIONS = {
 
 def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
     """Per-request steering specs of a scenario (None = unsteered)."""
-    if scenario in ("plain", "unsteered"):
+    if scenario in ("plain", "plain-control", "unsteered"):
         return [None] * n
     rng = np.random.default_rng(0)
     num_layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
@@ -285,6 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="additional_config.steerserve.max_projections of the steered engine",
     )
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="add plain-control: a second plain engine, whose ratio is the run's noise floor",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, few tokens: seconds")
     p.add_argument(
         "--moe",
@@ -316,12 +327,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = AutoConfig.from_pretrained(model)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if args.control and "plain-control" not in scenarios:
+        scenarios.append("plain-control")
     most = max(batch_sizes)
     # Layer-reading decoding and readout are opt-in per engine (they cost every request),
     # so their scenarios run on engines of their own; the others measure them switched off.
     engine_of = {
         s: "plain"
         if s == "plain"
+        else "control"
+        if s in CONTROL_SCENARIOS
         else "decode"
         if s in DECODING_SCENARIOS
         else "readout"
@@ -356,11 +371,11 @@ def main(argv: list[str] | None = None) -> dict:
     engines: dict = {}
     for name in vllm_engines:
         settings: dict = {
-            "enabled": name != "plain",
+            "enabled": name not in ("plain", "control"),
             "decoding": name == "decode",
             "readout": name == "readout",
         }
-        if name != "plain" and args.max_projections is not None:
+        if name not in ("plain", "control") and args.max_projections is not None:
             settings["max_projections"] = args.max_projections
         if name in ("features", "features-at"):
             saes = write_bench_saes(

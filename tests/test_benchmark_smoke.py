@@ -44,9 +44,13 @@ def test_throughput_smoke(tmp_path):
 
 def test_moe_throughput_smoke(tmp_path):
     """--moe: the MoE scenarios (expert masks included) on the tiny Qwen3-MoE model."""
-    result = _smoke("throughput.py", tmp_path / "moe.json", "--moe")
-    assert {r["scenario"] for r in result["results"]} == set(MOE_SCENARIOS)
-    assert "expert" in (tmp_path / "moe.md").read_text()
+    result = _smoke("throughput.py", tmp_path / "moe.json", "--moe", "--control")
+    rows = {r["scenario"]: r for r in result["results"]}
+    assert set(rows) == {*MOE_SCENARIOS, "plain-control"}
+    # The A/A control is a second plain engine, paired with the first like any scenario.
+    assert rows["plain-control"]["ratio_vs_plain"] > 0
+    table = (tmp_path / "moe.md").read_text()
+    assert "expert" in table and "A/A control" in table
 
 
 def test_serving_smoke(tmp_path):
