@@ -71,6 +71,8 @@ HF_SCENARIOS = ("hf-hooks",)
 # scenario against the first. Its ratio should be 1.00x; how far it strays is the run's
 # noise floor (drift, and one engine instance placed worse than another).
 CONTROL_SCENARIOS = ("plain-control",)
+# The engines with the extension switched off (vLLM's own code path).
+PLAIN_ENGINES = ("plain", "control")
 # On the MoE benchmark model (--moe): residual and head steering as on the dense model, and
 # router steering.
 MOE_SCENARIOS = (
@@ -371,11 +373,11 @@ def main(argv: list[str] | None = None) -> dict:
     engines: dict = {}
     for name in vllm_engines:
         settings: dict = {
-            "enabled": name not in ("plain", "control"),
+            "enabled": name not in PLAIN_ENGINES,
             "decoding": name == "decode",
             "readout": name == "readout",
         }
-        if name not in ("plain", "control") and args.max_projections is not None:
+        if name not in PLAIN_ENGINES and args.max_projections is not None:
             settings["max_projections"] = args.max_projections
         if name in ("features", "features-at"):
             saes = write_bench_saes(

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_close, generate_one, prompt_ids, random_vector, sampling
+from conftest import (
+    assert_close,
+    assert_matches_reference,
+    generate_one,
+    prompt_ids,
+    random_vector,
+    sampling,
+)
 
 from steering.tiny_models import ARCHITECTURES
 
@@ -142,16 +149,10 @@ def test_parity_with_reference(engines, arch, case):
     run = generate_one(llm, prompt, sampling(raw, max_tokens=8, prompt_logprobs=True))
     plain = generate_one(llm, prompt, sampling(None, max_tokens=8, prompt_logprobs=True))
 
-    # Greedy continuation: the same tokens, with the same log-probs.
-    ref_tokens, ref_lps = ref.greedy(prompt, 8, spec)
-    assert run.tokens == ref_tokens, f"{arch}/{case}: greedy tokens differ"
-    assert_close(run.logprobs, ref_lps, f"{arch}/{case} greedy log-probs")
+    # Greedy continuation (the same tokens and log-probs) and every prompt row's log-prob.
+    assert_matches_reference(run, ref, prompt, spec, f"{arch}/{case}")
     # Teacher-forced on the engine's tokens (robust even if a near-tie were to flip).
     assert_close(run.logprobs, ref.score(prompt, run.tokens, spec), f"{arch}/{case} scored")
-    # Prompt rows: log-probs of every prompt token under the intervention.
-    lp = ref.logprobs(prompt, len(prompt), spec)
-    want = [float(lp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
-    assert_close(run.prompt_logprobs, want, f"{arch}/{case} prompt log-probs")
 
     # The intervention did something (so these comparisons can fail).
     changed = np.abs(np.array(run.logprobs) - np.array(plain.logprobs)).max()

@@ -156,15 +156,14 @@ def apply(
 
     `plan` holds only rows whose sample vLLM keeps (hooks._hook_sample drops the rows of
     unfinished prefill chunks, recomputed ones after preemption included)."""
-    todo = list(plan)
-    if not todo:
+    if not plan:
         return logits
     layer_logits = LayerLogits(model, tables)
-    for p in todo:
+    for p in plan:
         s = p.state
         if s.spec.mode == "fuse" and s.fuse_layer is None:
             _choose_by_iks(layer_logits, p)
-    todo = [p for p in todo if p.state.spec.mode != "fuse" or p.state.fuse_layer is not None]
+    todo = [p for p in plan if p.state.spec.mode != "fuse" or p.state.fuse_layer is not None]
     if not todo:
         return logits
     pairs = sorted(
