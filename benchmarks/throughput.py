@@ -60,8 +60,9 @@ FEATURES_PER_LAYER = 8
 # features per generated token (the full encoder on those rows at the sampler step).
 TOPK_SCENARIOS = ("topk-unsteered", "topk-readouts")
 TOPK_K = 16
-# On an engine with conditions on (max_conditions 1, max_dynamic 1, condition_layers the
-# middle layer unless --condition-layers all): its cost unsteered, and a distinct conditional
+# On an engine with conditions on (max_conditions 1, no dynamic adds: a gated constant add
+# folds into the constants; condition_layers the middle layer unless --condition-layers
+# all): its cost unsteered, and a distinct conditional
 # spec per request (CAST: one condition on the prompt's mean at
 # the middle layer, a behaviour vector at every layer gated by it, always met here so that
 # every generated token pays the whole cost).
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
             first = feature_layers(cfg.num_hidden_layers)[0]
             settings.update(saes_dir=str(saes), topk_sae=f"bench{first}")
         if name == "conditional":
-            settings.update(max_dynamic=1, max_conditions=1)
+            settings.update(max_conditions=1)
             if args.condition_layers == "used":  # the one layer the conditions read
                 settings["condition_layers"] = [cfg.num_hidden_layers // 2]
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)

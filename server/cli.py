@@ -84,7 +84,8 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Request-level conditions (spec `conditions`, CAST) one request may use; "
         f"entries gate on them with `when` (0, the default, turns them off; "
-        f"{DEMO_MAX_CONDITIONS} for the demo model). Needs --max-steering-dynamic > 0.",
+        f"{DEMO_MAX_CONDITIONS} for the demo model). Gated scheduled or RMS-relative adds "
+        "also need --max-steering-dynamic.",
     )
     group.add_argument(
         "--steering-condition-layers",

@@ -48,6 +48,13 @@ the projections after it at that layer (linear, so the per-token coefficient fac
 and the forward pass adds sum_j coef_j(t) d_j after the projections, before the feature ops
 (which then see it in the stream). coef_j(t) = scale * window * schedule(g) (host, per token,
 `dynamic_coef`), times RMS(h) of the layer's own output for relative adds (in the graph).
+
+Gated constant adds (a `when`, no schedule) fold into b like any add, twice: b and the
+feature offsets are kept with the spec's folded gate (spec.folded_gate) closed and open,
+rows g * NUM_CLASSES + class of `const` and `features.coef`; `gate` is the gate's truth
+table over the conditions met, and the forward pass picks the row per token. Adds under
+another expression are dynamic adds whose coefficient the graph multiplies by their gate
+(spec.dynamic_entries; docs/design.md#gated-adds).
 """
 
 from __future__ import annotations
@@ -67,12 +74,14 @@ from steering.spec import (
     ScheduleKind,
     SteeringSpec,
     VectorEntry,
+    dynamic_entries,
+    folded_gate,
     gate_truth,
     unit,
 )
 
 PAYLOAD_KEY = "steerserve.compiled"
-PAYLOAD_VERSION = 7
+PAYLOAD_VERSION = 8
 
 NEVER = 1 << 62
 WINDOWS: dict[str, tuple[int, int]] = {
@@ -162,15 +171,15 @@ class FeatureOps:
     layers: np.ndarray  # [m] int64
     enc: np.ndarray  # [m, K, hidden] float32
     dec: np.ndarray  # [m, K, hidden] float32
-    coef: np.ndarray  # [m, NUM_CLASSES, K, NUM_COEFS] float32
+    coef: np.ndarray  # [m, combos * NUM_CLASSES, K, NUM_COEFS] float32 (see CompiledSpec)
 
     @classmethod
-    def identity(cls, hidden: int = 0) -> FeatureOps:
+    def identity(cls, hidden: int = 0, rows: int = NUM_CLASSES) -> FeatureOps:
         return cls(
             np.zeros(0, dtype=np.int64),
             np.zeros((0, 0, hidden), dtype=np.float32),
             np.zeros((0, 0, hidden), dtype=np.float32),
-            np.zeros((0, NUM_CLASSES, 0, NUM_COEFS), dtype=np.float32),
+            np.zeros((0, rows, 0, NUM_COEFS), dtype=np.float32),
         )
 
     @property
@@ -394,7 +403,9 @@ class CompiledSpec:
     hidden_size: int
     projections: list[Projection]
     const_layers: np.ndarray  # [m] int64: layers with a non-zero folded constant
-    const: np.ndarray  # [m, NUM_CLASSES, hidden] float32
+    # [m, combos * NUM_CLASSES, hidden] float32: row g * NUM_CLASSES + c is class c's
+    # constant with the folded gate closed (g 0) or open (g 1); combos is 1 without one.
+    const: np.ndarray
     heads: HeadOps
     # Layer-reading decoding (plain data, see Decoding) or None.
     decoding: Decoding | None = None
@@ -403,6 +414,15 @@ class CompiledSpec:
     features: FeatureOps = field(default_factory=FeatureOps.identity)
     dynamic: DynamicAdds = field(default_factory=DynamicAdds.identity)
     conditions: Conditions = field(default_factory=Conditions.none)
+    # The folded gate (spec.folded_gate): gate[m] = 1 if its adds act when the conditions
+    # met are the bits of m; empty without one (then combos is 1). [2 ** conditions]
+    gate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+    @property
+    def combos(self) -> int:
+        """How many versions of the constants (and feature offsets) there are: 2 with a
+        folded gate (closed, open), else 1."""
+        return int(self.const.shape[1]) // NUM_CLASSES
 
     @property
     def key(self) -> str:
@@ -481,6 +501,7 @@ class CompiledSpec:
                 for p in self.projections
             ],
             "const_layers": self.const_layers.tolist(),
+            "combos": self.combos,
             "const": self.const.astype(np.float32).tobytes(),
             "decoding": self.decoding.to_payload() if self.decoding else None,
             "readout": [
@@ -519,6 +540,7 @@ class CompiledSpec:
                 "vecs": self.conditions.vecs.astype(np.float32).tobytes(),
                 "params": self.conditions.params.astype(np.float64).tobytes(),
             },
+            "gate": self.gate.astype(np.float32).tobytes(),
         }
 
     def to_wire(self) -> bytes:
@@ -548,7 +570,8 @@ class CompiledSpec:
             for p in payload["proj"]
         ]
         const_layers = np.asarray(payload["const_layers"], dtype=np.int64)
-        const = floats(payload["const"], len(const_layers), NUM_CLASSES, hidden)
+        rows = payload["combos"] * NUM_CLASSES
+        const = floats(payload["const"], len(const_layers), rows, hidden)
         h = payload["heads"]
         m = len(h["layers"])
         heads = HeadOps(
@@ -577,7 +600,7 @@ class CompiledSpec:
             np.asarray(f["layers"], dtype=np.int64),
             floats(f["enc"], m, k, hidden),
             floats(f["dec"], m, k, hidden),
-            floats(f["coef"], m, NUM_CLASSES, k, NUM_COEFS),
+            floats(f["coef"], m, rows, k, NUM_COEFS),
         )
         e = payload["experts"]
         experts = ExpertOps(
@@ -615,6 +638,7 @@ class CompiledSpec:
             features,
             dynamic,
             conditions,
+            np.frombuffer(payload["gate"], dtype=np.float32).copy(),
         )
 
 
@@ -630,15 +654,17 @@ def read_payload(payload: Any) -> dict:
 def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
     """Lower a validated (resolved) spec; an empty spec compiles to the identity."""
     residual = [e for e in spec.vectors if e.site == "residual"]
+    names = [c.name for c in spec.conditions]
     projections, const_layers, const, features, dynamic = _compile_residual(
         residual, spec.features, shape.hidden_size
     )
-    names = [c.name for c in spec.conditions]
-    gated = [e for e in residual if e.is_dynamic]
+    dyn = dynamic_entries(residual)
     dynamic.truth = np.array(
-        [gate_truth(e.when, names) if e.when else [True] * (1 << len(names)) for e in gated],
+        [gate_truth(e.when, names) if e.when else [True] * (1 << len(names)) for e in dyn],
         dtype=np.float32,
-    ).reshape(len(gated), 1 << len(names))
+    ).reshape(len(dyn), 1 << len(names))
+    gate = folded_gate(residual)
+    gate_table = np.array(gate_truth(gate, names) if gate else [], dtype=np.float32)
     heads = _compile_heads(spec, shape)
     decoding = None
     if spec.decoding is not None:
@@ -669,6 +695,7 @@ def compile_spec(spec: SteeringSpec, shape: ModelShape) -> CompiledSpec:
         features,
         dynamic,
         _compile_conditions(spec.conditions, shape.hidden_size),
+        gate_table,
     )
 
 
@@ -706,81 +733,92 @@ def _compile_residual(
         gain = float(entry.scale) if entry.op == "ablate" else 1.0
         projections.append(Projection(*WINDOWS[entry.positions], gain, layers, units))
 
-    # Fold constants per layer and class, in float64, through the later projections; the
-    # feature ops of a layer (after its vector entries) take <e, b> into their offsets.
+    # Fold constants per layer, gate and class, in float64, through the later projections;
+    # the feature ops of a layer (after its vector entries) take <e, b> into their offsets.
+    # With a folded gate there are two constants, closed (its adds left out) and open.
     classes = _classes([e.positions for e in entries] + [f.positions for f in features])
+    gate = folded_gate(entries)
+    combos = 2 if gate is not None else 1
     consts: dict[int, np.ndarray] = {}
     at_layer: dict[int, list[tuple[FeatureEntry, FeatureRows]]] = {}
     for f in features:
         rows = f.rows  # a pydantic private attribute: read once, not per class
         at_layer.setdefault(rows.layer, []).append((f, rows))
     ops: dict[int, tuple[list[FeatureRows], np.ndarray]] = {}
-    dyn_index = {id(e): j for j, e in enumerate(e for e in entries if e.is_dynamic)}
+    dynamic_adds = dynamic_entries(entries)
+    dyn_index = {id(e): j for j, e in enumerate(dynamic_adds)}
     dyn_dirs: dict[int, np.ndarray] = {}
-    # Each entry's vectors and window, read once: `resolved` is a pydantic private
-    # attribute (a slow __getattr__), and this loop runs per layer and class.
-    folded = [(e, e.resolved, WINDOWS[e.positions], e.is_dynamic) for e in entries]
-    for layer in sorted({layer for _, res, _, _ in folded for layer in res} | set(at_layer)):
-        b = np.zeros((NUM_CLASSES, hidden_size), dtype=np.float64)
-        # Dynamic adds at this layer: their directions, pushed through later projections.
+    # Each entry's vectors, window and kind, read once: `resolved` is a pydantic private
+    # attribute (a slow __getattr__), and this loop runs per layer, gate and class.
+    folded = [
+        (e, e.resolved, WINDOWS[e.positions], id(e) in dyn_index, e.when is not None)
+        for e in entries
+    ]
+    for layer in sorted({layer for _, res, _, _, _ in folded for layer in res} | set(at_layer)):
+        b = np.zeros((combos, NUM_CLASSES, hidden_size), dtype=np.float64)
+        # Dynamic adds at this layer: their directions, pushed through later projections
+        # (computed once, with the gate closed: a gate changes no projection).
         d = np.zeros((NUM_CLASSES, len(dyn_index), hidden_size), dtype=np.float64)
         here_dyn = False
         here = at_layer.get(layer, [])
-        gated = [rows for f, rows in here if f.op != "add"]
-        coef = np.zeros((NUM_CLASSES, len(gated), NUM_COEFS), dtype=np.float64)
+        clamps = [rows for f, rows in here if f.op != "add"]
+        coef = np.zeros((combos, NUM_CLASSES, len(clamps), NUM_COEFS), dtype=np.float64)
         units: dict[int, np.ndarray] = {}  # projections' unit vectors, per entry
-        for c, cls in enumerate(classes):
-            for entry, res, window, dynamic in folded:
-                vec = res.get(layer)
-                if vec is None:
-                    continue
-                if dynamic:  # its window is applied per token
-                    w = unit(vec) if entry.normalize else vec
-                    d[c, dyn_index[id(entry)]] = w.astype(np.float64)
-                    here_dyn = True
-                    continue
-                if not _covers(window, cls):
-                    continue
-                if entry.op == "add":
-                    w = unit(vec) if entry.normalize else vec
-                    b[c] += entry.scale * w.astype(np.float64)
-                    continue
-                u = units.get(id(entry))
-                if u is None:
-                    u = units[id(entry)] = unit(vec).astype(np.float64)
-                gain = entry.scale if entry.op == "ablate" else 1.0
-                b[c] -= gain * np.dot(b[c], u) * u
-                if dyn_index:
-                    d[c] -= gain * np.outer(d[c] @ u, u)
-                if entry.op == "clamp":
-                    b[c] += entry.value * u
-            k = 0
-            for f, rows in here:
-                active = _covers(WINDOWS[f.positions], cls)
-                if f.op == "add":
+        for g in range(combos):
+            for c, cls in enumerate(classes):
+                bc = b[g, c]
+                for entry, res, window, dynamic, gated in folded:
+                    vec = res.get(layer)
+                    if vec is None:
+                        continue
+                    if dynamic:  # its window is applied per token
+                        if g == 0:
+                            w = unit(vec) if entry.normalize else vec
+                            d[c, dyn_index[id(entry)]] = w.astype(np.float64)
+                            here_dyn = True
+                        continue
+                    if (gated and not g) or not _covers(window, cls):
+                        continue
+                    if entry.op == "add":
+                        w = unit(vec) if entry.normalize else vec
+                        bc += entry.scale * w.astype(np.float64)
+                        continue
+                    u = units.get(id(entry))
+                    if u is None:
+                        u = units[id(entry)] = unit(vec).astype(np.float64)
+                    gain = entry.scale if entry.op == "ablate" else 1.0
+                    bc -= gain * np.dot(bc, u) * u
+                    if dyn_index and g == 0:
+                        d[c] -= gain * np.outer(d[c] @ u, u)
+                    if entry.op == "clamp":
+                        bc += entry.value * u
+                k = 0
+                for f, rows in here:
+                    active = _covers(WINDOWS[f.positions], cls)
+                    if f.op == "add":
+                        if active:
+                            bc += f.add_scale * rows.dec.astype(np.float64)
+                        continue
+                    coef[g, c, k, COEF_OFFSET] = rows.offset + np.dot(rows.enc, bc)
+                    coef[g, c, k, COEF_THRESHOLD] = rows.threshold
                     if active:
-                        b[c] += f.add_scale * rows.dec.astype(np.float64)
-                    continue
-                coef[c, k, COEF_OFFSET] = rows.offset + np.dot(rows.enc, b[c])
-                coef[c, k, COEF_THRESHOLD] = rows.threshold
-                if active:
-                    alpha, beta = (f.value, -1.0) if f.op == "clamp" else (0.0, f.factor - 1.0)
-                    coef[c, k, COEF_ALPHA], coef[c, k, COEF_BETA] = alpha, beta
-                k += 1
-        b[len(classes) :] = b[0]
-        coef[len(classes) :] = coef[0]
+                        alpha, beta = (f.value, -1.0) if f.op == "clamp" else (0.0, f.factor - 1.0)
+                        coef[g, c, k, COEF_ALPHA], coef[g, c, k, COEF_BETA] = alpha, beta
+                    k += 1
+            b[g, len(classes) :] = b[g, 0]
+            coef[g, len(classes) :] = coef[g, 0]
         d[len(classes) :] = d[0]
         if here_dyn:
             dyn_dirs[layer] = d
         if np.any(b):
-            consts[layer] = b
-        if gated:
-            ops[layer] = (gated, coef)
+            consts[layer] = b.reshape(combos * NUM_CLASSES, hidden_size)
+        if clamps:
+            ops[layer] = (clamps, coef.reshape(combos * NUM_CLASSES, len(clamps), NUM_COEFS))
     const_layers = np.array(sorted(consts), dtype=np.int64)
     const = (
         np.stack([consts[int(i)] for i in const_layers]).astype(np.float32)
         if consts
-        else np.zeros((0, NUM_CLASSES, hidden_size), dtype=np.float32)
+        else np.zeros((0, combos * NUM_CLASSES, hidden_size), dtype=np.float32)
     )
     dynamic = DynamicAdds.identity(hidden_size)
     if dyn_index:
@@ -788,21 +826,22 @@ def _compile_residual(
         dynamic = DynamicAdds(
             np.array(dyn_layers, dtype=np.int64),
             np.stack([dyn_dirs[i] for i in dyn_layers]).astype(np.float32),
-            np.stack([dynamic_params(e) for e in entries if e.is_dynamic]),
+            np.stack([dynamic_params(e) for e in dynamic_adds]),
         )
-    return projections, const_layers, const, _pack_features(ops, hidden_size), dynamic
+    features_ops = _pack_features(ops, combos * NUM_CLASSES, hidden_size)
+    return projections, const_layers, const, features_ops, dynamic
 
 
 def _pack_features(
-    ops: dict[int, tuple[list[FeatureRows], np.ndarray]], hidden_size: int
+    ops: dict[int, tuple[list[FeatureRows], np.ndarray]], rows: int, hidden_size: int
 ) -> FeatureOps:
     if not ops:
-        return FeatureOps.identity(hidden_size)
+        return FeatureOps.identity(hidden_size, rows)
     layers = sorted(ops)
     width = max(len(gated) for gated, _ in ops.values())
     enc = np.zeros((len(layers), width, hidden_size), dtype=np.float32)
     dec = np.zeros_like(enc)
-    coef = np.zeros((len(layers), NUM_CLASSES, width, NUM_COEFS), dtype=np.float32)
+    coef = np.zeros((len(layers), rows, width, NUM_COEFS), dtype=np.float32)
     for i, layer in enumerate(layers):
         gated, c = ops[layer]
         for k, rows in enumerate(gated):

@@ -452,7 +452,9 @@ class VectorEntry(BaseModel):
             raise _fail("weight_unused", "'weight' is only used by op 'mix'")
         if self.heads is not None and self.site != "heads":
             raise _fail("heads_unused", "'heads' restricts a vector at site 'heads' only")
-        if self.is_dynamic and (self.op != "add" or self.site != "residual"):
+        if (self.is_dynamic or self.when is not None) and (
+            self.op != "add" or self.site != "residual"
+        ):
             raise _fail(
                 "dynamic_op",
                 "'schedule', 'relative' and 'when' apply to op 'add' at site 'residual' only",
@@ -465,8 +467,10 @@ class VectorEntry(BaseModel):
     @property
     def is_dynamic(self) -> bool:
         """Its strength varies per token (a schedule or an RMS-relative scale): an in-graph
-        add of its own rather than a folded constant (docs/design.md#dynamic-adds)."""
-        return self.schedule is not None or self.relative is not None or self.when is not None
+        add of its own rather than a folded constant (docs/design.md#dynamic-adds). A
+        `when` alone does not make it one: constant adds under one gate fold into a
+        second constant (`dynamic_entries` lists the adds that are dynamic in a spec)."""
+        return self.schedule is not None or self.relative is not None
 
     def _resolve(self, ctx: SpecContext) -> None:
         if self.name is not None:
@@ -1219,6 +1223,21 @@ def _check_gate_timing(i: int, entry: VectorEntry, conds: list[Condition]) -> No
             )
 
 
+def folded_gate(entries: list[VectorEntry]) -> str | None:
+    """The `when` whose constant adds fold into the constants: the first gated entry's
+    that is not dynamic otherwise (docs/design.md#gated-adds). One gate per request
+    folds; entries under another expression are dynamic adds (`dynamic_entries`)."""
+    return next((e.when for e in entries if e.when is not None and not e.is_dynamic), None)
+
+
+def dynamic_entries(entries: list[VectorEntry]) -> list[VectorEntry]:
+    """The entries the forward pass adds with a per-token coefficient (max_dynamic of them
+    per request): scheduled and RMS-relative adds, and adds gated by another expression
+    than the folded one."""
+    gate = folded_gate(entries)
+    return [e for e in entries if e.is_dynamic or (e.when is not None and e.when != gate)]
+
+
 def gate_names(expression: str) -> set[str]:
     """The condition names an expression (already checked by gate_truth) refers to."""
     tree = ast.parse(expression, mode="eval")
@@ -1375,7 +1394,7 @@ class SteeringSpec(BaseModel):
         h = hashlib.sha256(b"steerserve-spec-v2")
         for e in self.vectors:
             fields = (e.site, e.op, e.scale, e.value, e.weight, e.normalize, e.positions)
-            if e.is_dynamic:
+            if e.is_dynamic or e.when is not None:  # as before gated adds folded: stable ids
                 schedule = e.schedule.model_dump() if e.schedule is not None else None
                 fields += (e.relative, schedule)
             h.update(repr((*fields, sorted(e.resolved))).encode())
@@ -1525,19 +1544,22 @@ def _conditions_misfit(n: int, ctx: SpecContext) -> tuple[str, str]:
 
 
 def _dynamic_misfit(entries: list[VectorEntry], ctx: SpecContext) -> tuple[str, str] | None:
-    """More scheduled / RMS-relative adds than the engine's tables hold (0: off)."""
-    n = sum(1 for e in entries if e.is_dynamic)
+    """More dynamic adds (scheduled, RMS-relative, or gated by a second expression) than
+    the engine's tables hold (0: off)."""
+    n = len(dynamic_entries(entries))
     if n <= ctx.max_dynamic:
         return None
     if ctx.max_dynamic == 0:
         return (
             "dynamic_off",
-            "scheduled and RMS-relative adds are off on this server (turn them on with "
+            "scheduled and RMS-relative adds, and adds gated by more than one 'when' "
+            "expression, are off on this server (turn them on with "
             "additional_config.steerserve.max_dynamic; steerserve serve --max-steering-dynamic)",
         )
     return (
         "too_many",
-        f"{n} scheduled/RMS-relative adds, this server allows {ctx.max_dynamic} per request "
+        f"{n} dynamic adds (scheduled, RMS-relative, or gated by a second 'when' "
+        f"expression), this server allows {ctx.max_dynamic} per request "
         "(additional_config.steerserve.max_dynamic; steerserve serve --max-steering-dynamic)",
     )
 

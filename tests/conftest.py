@@ -163,6 +163,11 @@ class Engines:
             additional_config={"steerserve": {"decoding": False, "topk_sae": FEATURES["topk_sae"]}},
         ),
         "features-compiled": dict(enforce_eager=False, additional_config={"steerserve": FEATURES}),
+        # Conditions and SAE ops without dynamic adds: gated adds fold into the constants.
+        "conditions": dict(
+            enforce_eager=True,
+            additional_config={"steerserve": {"max_conditions": 2, "max_features": 3}},
+        ),
         # A KV cache of 10 blocks (320 tokens): a few long requests preempt each other.
         "features-tight": dict(
             enforce_eager=True,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import generate, prompt_ids, random_vector, sampling
 
+from steering.compile import compile_spec
 from steering.engine.frontend import SteeringValidationError
 from steering.engine.worker import conditions as worker_conditions
 from steering.sae import SaeRegistry
@@ -21,6 +22,7 @@ TOL = 1e-4
 C1 = random_vector(31).tolist()
 C2 = random_vector(32).tolist()
 B = random_vector(33, norm=10.0).tolist()
+A = random_vector(34).tolist()
 
 
 def _spec(engines, raw, **kw):
@@ -134,6 +136,51 @@ def test_composed_conditions_and_schedules(engines):
         np.testing.assert_allclose(lps, ref_lps, atol=TOL)
         assert [r["fired"] for r in report] == [want["a"][1], want["b"][1]]
     assert len({tuple(r[0]) for r in runs}) > 1  # the combinations steer differently
+
+
+@pytest.mark.parametrize("variant", ["conditions", "features"])
+def test_gated_adds_fold_into_the_constants(engines, variant):
+    """A gate's constant adds fold into a second constant (open), pushed through a later
+    ablation and into a feature clamp's offset at the same layer; on an engine without
+    dynamic adds ("conditions") and beside a second expression's add, which is a dynamic
+    one ("features"). Every combination of conditions against the reference, in one batch."""
+    llm, ref = engines.get("llama", variant), engines.reference("llama")
+    prompt = prompt_ids(seed=41, length=24)
+    a = {"name": "a", "data": C1, "layer": 1}
+    b = {"name": "b", "data": C2, "layer": 2, "reduce": "last_prompt", "measure": "projection"}
+    va, vb = _decide(engines, prompt, a), _decide(engines, prompt, b)
+    vectors = [
+        _behaviour("a and not b"),
+        {"data": {"2": A}, "op": "ablate", "positions": "generated"},  # the prompt as read
+        _behaviour("a and not b", data={"1": C2}, scale=0.4),
+    ]
+    if variant == "features":
+        vectors.append(_behaviour("b", data={"3": C1}, scale=-0.7))
+    clamp = {"sae": "gs_layer_2", "feature": 1, "op": "clamp", "value": 3.0}
+    raws = [
+        {
+            "conditions": [_with_threshold(a, va, fire_a), _with_threshold(b, vb, fire_b)],
+            "vectors": vectors,
+            "features": [clamp | {"positions": "generated"}],
+        }
+        for fire_a in (True, False)
+        for fire_b in (True, False)
+    ]
+    dynamic = 0 if variant == "conditions" else 2
+    compiled = compile_spec(_spec(engines, raws[0], max_dynamic=dynamic), ref.shape)
+    assert compiled.combos == 2 and compiled.gate.tolist() == [0, 1, 0, 0]
+    assert compiled.dynamic.count == (variant == "features")
+    runs = _run(llm, [prompt] * len(raws), raws)
+    for raw, (tokens, lps, report) in zip(raws, runs, strict=True):
+        spec = _spec(engines, raw, max_dynamic=dynamic)
+        want = ref.conditions(prompt, spec)
+        ref_tokens, ref_lps = ref.greedy(prompt, 8, spec)
+        assert tokens == ref_tokens
+        np.testing.assert_allclose(lps, ref_lps, atol=TOL)
+        assert [r["fired"] for r in report] == [want["a"][1], want["b"][1]]
+    # Each state of the gates steers its own way: "a and not b" open or closed (2), and
+    # with "b" too: (closed, open), (open, closed), (closed, closed).
+    assert len({tuple(r[1]) for r in runs}) == (3 if variant == "features" else 2)
 
 
 def test_chunked_prompt_and_batch_invariance(engines):
@@ -347,7 +394,6 @@ def test_condition_layers_restrict_where_conditions_read(engines):
     import argparse
 
     from server.cli import _steering_config, add_steering_args
-    from steering.compile import compile_spec
     from steering.engine.capacity import Capacity
 
     at_1 = {"conditions": [{"name": "x", "data": C1, "layer": 1, "threshold": 0.1}]}

@@ -7,6 +7,8 @@ that follow them at a layer, and every feature test's bit-identity, run beside t
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import (
@@ -246,7 +248,8 @@ ERRORS = [
     (
         {"vectors": [{"data": {str(i): V1}, "relative": "rms"} for i in range(3)]},
         "steering.vectors",
-        "3 scheduled/RMS-relative adds, this server allows 2",
+        "3 dynamic adds (scheduled, RMS-relative, or gated by a second 'when' expression), "
+        "this server allows 2",
     ),
 ]
 
@@ -258,7 +261,7 @@ def test_dynamic_errors_name_the_field(engines, raw, field, message):
     assert any(loc == field and message in msg for loc, msg in e.value.errors), e.value.errors
     # The engine's own front end says the same (offline use, raw spec in extra_args).
     llm = engines.get("llama", "features")
-    with pytest.raises(SteeringValidationError, match=message.replace("(", r"\(")):
+    with pytest.raises(SteeringValidationError, match=re.escape(message)):
         generate_one(llm, prompt_ids(seed=1, length=5), sampling(raw))
 
 

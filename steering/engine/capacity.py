@@ -84,7 +84,7 @@ class Capacity:
                 f"{spec.dynamic.count} scheduled/RMS-relative adds, the tables hold "
                 f"{self.max_dynamic} (max_dynamic)"
             )
-        if spec.conditions.count > self.max_conditions:
+        if spec.conditions.count > self.max_conditions or spec.combos > 1 << self.max_conditions:
             return (
                 f"{spec.conditions.count} conditions, the tables hold {self.max_conditions} "
                 "(max_conditions)"

@@ -92,10 +92,12 @@ class SteeringConfig:
     # in the batch (tables layers x slots x 3 x max_dynamic x hidden), so it is opt-in:
     # 0 (the default) refuses them with the switch to turn on. Plain adds stay folded.
     max_dynamic: int = 0
-    # Request-level conditions (spec `conditions`, CAST) one request may use; entries gate
-    # on them with `when` (each gated entry is a dynamic add, so max_dynamic must be > 0).
-    # Every layer adds each token's stream, weighted, into its request's accumulator
-    # ([max_num_seqs, max_conditions, hidden]); opt-in like the rest: 0 refuses them.
+    # Conditions (spec `conditions`, CAST's and token-level) one request may use; entries
+    # gate on them with `when`. A gated constant add folds into one constant per
+    # combination of conditions met (the constant tables grow 2 ** max_conditions-fold);
+    # a gated scheduled / RMS-relative add is a dynamic add (max_dynamic). Each condition
+    # layer adds each token's stream, weighted, into its request's accumulator
+    # ([2 * max_num_seqs + 1, max_conditions, hidden]); opt-in like the rest: 0 refuses them.
     max_conditions: int = 0
     # The layers conditions may read (None: every layer). The weighted sum runs at each of
     # them for every request (a [C, rows, tokens] @ [tokens, hidden] product), so an engine
@@ -158,11 +160,6 @@ class SteeringConfig:
         max_conditions = int(mine.get("max_conditions", cls.max_conditions))
         if not 0 <= max_conditions <= 6:
             raise ValueError(f"additional_config.{CONFIG_KEY}.max_conditions must be in 0..6")
-        if max_conditions and not max_dynamic:
-            raise ValueError(
-                f"additional_config.{CONFIG_KEY}.max_conditions needs max_dynamic > 0: the "
-                "entries that conditions gate are dynamic adds"
-            )
         return cls(
             enabled=enabled,
             vectors_dir=str(

@@ -32,6 +32,7 @@ from steering.compile import (
     COND_STRICT,
     COND_THRESHOLD,
     COND_TOKEN,
+    NUM_CLASSES,
 )
 from steering.engine.architectures import (
     UnsupportedModelError,
@@ -80,7 +81,7 @@ def apply_residual_ops(
         residual = residual + delta.to(residual.dtype)
     if features:
         residual = apply_feature_ops(tables, layer, stream, residual)
-    return residual + tables.const[layer].index_select(0, tables.tok_const[:num_tokens])
+    return residual + tables.const[layer].index_select(0, tables.tok_crow[:num_tokens])
 
 
 def dynamic_delta(tables: SteeringTables, layer: int, rms: torch.Tensor) -> torch.Tensor:
@@ -157,13 +158,20 @@ def decide_token_conditions(tables: SteeringTables, layer: int, stream: torch.Te
 def set_gates(
     tables: SteeringTables, slots: torch.Tensor, values: torch.Tensor, par: torch.Tensor
 ) -> None:
-    """tok_gate[t, j] = dyn_truth[slot, j, m], m the bits of the conditions token t meets."""
+    """With m the bits of the conditions token t meets: its constant row tok_crow[t] (the
+    folded gate's open or closed constant, gate_open[slot, m]) and its dynamic adds' gates
+    tok_gate[t, j] = dyn_truth[slot, j, m]."""
+    num_tokens = slots.shape[0]
     met = conditions_met(values, par)
     bits = torch.arange(met.shape[-1], device=met.device)
     combo = (met.long() << bits).sum(dim=-1)
-    truth = tables.dyn_truth.index_select(0, slots)
-    index = combo.view(-1, 1, 1).expand(-1, truth.shape[1], 1)
-    tables.tok_gate[: slots.shape[0]].copy_(truth.gather(2, index).squeeze(-1))
+    opened = tables.gate_open.index_select(0, slots).gather(1, combo.unsqueeze(-1)).squeeze(-1)
+    crow = tables.tok_const[:num_tokens] + (slots + opened) * NUM_CLASSES
+    tables.tok_crow[:num_tokens].copy_(crow)
+    if tables.max_dynamic:
+        truth = tables.dyn_truth.index_select(0, slots)
+        index = combo.view(-1, 1, 1).expand(-1, truth.shape[1], 1)
+        tables.tok_gate[:num_tokens].copy_(truth.gather(2, index).squeeze(-1))
 
 
 def accumulate_conditions(tables: SteeringTables, layer: int, stream: torch.Tensor) -> None:
@@ -197,7 +205,7 @@ def apply_feature_ops(
     slots = tables.tok_slot[:num_tokens]
     enc = tables.feat_enc[layer].index_select(0, slots)
     dec = tables.feat_dec[layer].index_select(0, slots)
-    coef = tables.feat_coef[layer].index_select(0, tables.tok_const[:num_tokens])
+    coef = tables.feat_coef[layer].index_select(0, tables.tok_crow[:num_tokens])
     for k in range(tables.max_features):
         c = coef[:, k]
         pre = (stream * enc[:, k].float()).sum(dim=-1) + c[:, 0]

@@ -42,9 +42,15 @@ class SteeringTables:
     """Device tensors read inside the forward pass (never re-bound, only updated in place).
 
     units    [layers, slots, max_proj, hidden]       projection directions (model dtype)
-    const    [layers, slots * NUM_CLASSES, hidden]   folded constant per slot and token class
+    const    [layers, slots * combos * NUM_CLASSES, hidden]  folded constant per slot,
+                                                     folded gate (closed, open) and token
+                                                     class (combos 2 with conditions, else 1)
     tok_slot [max_tokens]                            slot of each scheduled token (int64)
     tok_const[max_tokens]                            slot * NUM_CLASSES + class (int64)
+    tok_crow [max_tokens]                            (slot * 2 + open) * NUM_CLASSES + class:
+                                                     each token's row of const and feat_coef
+                                                     (in-graph; tok_const itself when
+                                                     combos is 1)
     tok_gain [max_tokens, max_proj]                  projection gains, 0 outside the op's
                                                      position window (float32)
     head_scale [layers, slots * NUM_CLASSES, H_local]        per-head factor (1 = identity)
@@ -54,14 +60,17 @@ class SteeringTables:
                                                              MoE models only (float32)
     feat_enc, feat_dec [layers, slots, max_features, hidden] SAE feature ops' encoder rows and
                                                              decoder rows (model dtype)
-    feat_coef [layers, slots * NUM_CLASSES, max_features, 4] their (offset, threshold, alpha,
-                                                             beta); zeros = no op (float32)
+    feat_coef [layers, slots * combos * NUM_CLASSES, max_features, 4] their (offset,
+                                                             threshold, alpha, beta); zeros
+                                                             = no op (float32)
     dyn_dirs [layers, slots * NUM_CLASSES, max_dynamic, hidden]  dynamic adds' directions
                                                              (model dtype; compile.DynamicAdds)
     tok_dyn  [max_tokens, max_dynamic]       their per-token coefficients (float32; 0 = none)
     tok_dyn_rms [max_tokens, max_dynamic]    whether each is RMS-relative (bool)
     dyn_truth [slots, max_dynamic, 2**max_conditions]  whether add j acts for each set of
                                              conditions met (1 without `when`; float32)
+    gate_open [slots, 2**max_conditions]     whether the folded gate (compile.CompiledSpec
+                                             .gate) is open for each set (int64)
     cond_vec [slots, max_conditions, hidden] conditions' directions (float32)
     cond_par [slots, max_conditions, 7]      their kind, offset, thresholds, sign, whether
                                              token-level (float32; compile.Conditions)
@@ -71,7 +80,8 @@ class SteeringTables:
     tok_req  [max_tokens]                    the accumulator row of each token (int64)
     tok_cw   [max_tokens, max_conditions]    its weight in each sum (0: not summed)
     tok_clayer [max_tokens, max_conditions]  the layer each sum reads (-1: none; int64)
-    tok_gate [max_tokens, max_dynamic]       each dynamic add's gate this step (in-graph)
+    tok_gate [max_tokens, max_dynamic]       each dynamic add's gate this step (in-graph;
+                                             with conditions and dynamic adds both on)
     tok_cval [max_tokens, max_conditions]    each token's condition values this step: its
                                              request's, or its own row's for token-level
                                              ones (NaN until their layer; in-graph)
@@ -124,11 +134,23 @@ class SteeringTables:
         self.units = torch.zeros(
             num_layers, num_slots, max_proj, hidden_size, dtype=dtype, device=device
         )
+        self.max_conditions = max_conditions
+        self.combos = 2 if max_conditions else 1
         self.const = torch.zeros(
-            num_layers, num_slots * NUM_CLASSES, hidden_size, dtype=dtype, device=device
+            num_layers,
+            num_slots * self.combos * NUM_CLASSES,
+            hidden_size,
+            dtype=dtype,
+            device=device,
         )
         self.tok_slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.tok_const = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        # Without conditions a token's constant row is its tok_const.
+        self.tok_crow = (
+            torch.zeros(max_tokens, dtype=torch.int64, device=device)
+            if max_conditions
+            else self.tok_const
+        )
         self.tok_gain = torch.zeros(max_tokens, max_proj, dtype=torch.float32, device=device)
         self.heads = heads
         self.head_dim = head_dim
@@ -167,7 +189,7 @@ class SteeringTables:
             self.feat_dec = torch.zeros(shape, dtype=dtype, device=device)
             self.feat_coef = torch.zeros(
                 num_layers,
-                num_slots * NUM_CLASSES,
+                num_slots * self.combos * NUM_CLASSES,
                 max_features,
                 NUM_COEFS,
                 dtype=torch.float32,
@@ -188,7 +210,6 @@ class SteeringTables:
             self.tok_dyn = torch.zeros(max_tokens, max_dynamic, dtype=torch.float32, device=device)
             self.tok_dyn_rms = torch.zeros(max_tokens, max_dynamic, dtype=torch.bool, device=device)
             per_token = (self.tok_dyn, self.tok_dyn_rms)
-        self.max_conditions = max_conditions if max_dynamic else 0
         # Accumulator rows: one per live request, preempted ones included (they keep
         # theirs), so twice the running batch; the last row is NaN, read by every token
         # without a row of its own, so that no condition is met from it.
@@ -198,6 +219,7 @@ class SteeringTables:
             c = self.max_conditions
             f32 = dict(dtype=torch.float32, device=device)
             self.dyn_truth = torch.ones(num_slots, max_dynamic, 1 << c, **f32)
+            self.gate_open = torch.zeros(num_slots, 1 << c, dtype=torch.int64, device=device)
             self.cond_vec = torch.zeros(num_slots, c, hidden_size, **f32)
             self.cond_par = torch.zeros(num_slots, c, NUM_COND_PARAMS, **f32)
             self.cond_acc = torch.zeros(self.condition_rows + 1, c, hidden_size, **f32)
@@ -207,7 +229,7 @@ class SteeringTables:
             )
             self.tok_cw = torch.zeros(max_tokens, c, **f32)
             self.tok_clayer = torch.full((max_tokens, c), -1, dtype=torch.int64, device=device)
-            self.tok_gate = torch.ones(max_tokens, max_dynamic, **f32)
+            self.tok_gate = torch.ones(max_tokens, max_dynamic, **f32)  # unused if 0 wide
             self.tok_cval = torch.zeros(max_tokens, c, **f32)
             per_token += (self.tok_req, self.tok_cw, self.tok_clayer)
         self.sample_idx: torch.Tensor | None = None
@@ -249,11 +271,12 @@ class SteeringTables:
         # Host staging: the same memory on CPU, pinned buffers copied asynchronously on GPU.
         self._per_token = (self.tok_slot, self.tok_const, self.tok_gain, *per_token)
         self._staged = tuple(self._staging(t) for t in self._per_token)
-        self.np_slot, self.np_const, self.np_gain = (t.numpy() for t in self._staged[:3])
+        host = iter(t.numpy() for t in self._staged)
+        self.np_slot, self.np_const, self.np_gain = next(host), next(host), next(host)
         if max_dynamic:
-            self.np_dyn, self.np_dyn_rms = (t.numpy() for t in self._staged[3:5])
+            self.np_dyn, self.np_dyn_rms = next(host), next(host)
         if self.max_conditions:
-            self.np_req, self.np_cw, self.np_clayer = (t.numpy() for t in self._staged[5:])
+            self.np_req, self.np_cw, self.np_clayer = next(host), next(host), next(host)
 
     @staticmethod
     def _staging(t: torch.Tensor) -> torch.Tensor:
@@ -276,8 +299,9 @@ class SteeringTables:
         )
         features = (self.feat_enc, self.feat_dec, self.feat_coef, self.dyn_dirs)
         if self.max_conditions:
-            features += (self.dyn_truth, self.cond_vec, self.cond_par, self.cond_acc)
-            features += (self.tok_gate, self.tok_cval)
+            features += (self.dyn_truth, self.gate_open, self.cond_vec, self.cond_par)
+            features += (self.cond_acc,)
+            features += (self.tok_gate, self.tok_cval, self.tok_crow)
         tensors = (
             self.units,
             self.const,
@@ -314,15 +338,19 @@ class SteeringTables:
             raise ValueError(f"compiled spec does not fit the steering tables: {problem}")
         self.units[:, slot].zero_()
         rows = slice(slot * NUM_CLASSES, (slot + 1) * NUM_CLASSES)
-        self.const[:, rows].zero_()
+        n = self.combos * NUM_CLASSES
+        crows = slice(slot * n, (slot + 1) * n)
+        # A spec without a folded gate has one constant: both of the slot's versions.
+        spec_rows = np.arange(n) % (spec.combos * NUM_CLASSES)
+        self.const[:, crows].zero_()
         for k, proj in enumerate(spec.projections):
             layers = torch.from_numpy(proj.layers).to(self.device)
             data = torch.from_numpy(proj.units).to(device=self.device, dtype=self.units.dtype)
             self.units[layers, slot, k] = data
         if spec.const_layers.size:
             layers = torch.from_numpy(spec.const_layers).to(self.device)
-            data = torch.from_numpy(spec.const).to(device=self.device, dtype=self.const.dtype)
-            self.const[layers, rows] = data
+            data = np.ascontiguousarray(spec.const[:, spec_rows])
+            self.const[layers, crows] = torch.from_numpy(data).to(self.device, self.const.dtype)
         if self.heads is not None:
             self._write_heads(rows, spec)
         if self.expert_bias is not None:
@@ -332,7 +360,7 @@ class SteeringTables:
                 layers = torch.from_numpy(ops.layers).to(self.device)
                 self.expert_bias[layers, rows] = torch.from_numpy(ops.bias).to(self.device)
         if self.feat_enc is not None:
-            self._write_features(slot, rows, spec)
+            self._write_features(slot, crows, spec_rows, spec)
         if self.dyn_dirs is not None:
             self.dyn_dirs[:, rows].zero_()
             ops = spec.dynamic
@@ -375,22 +403,27 @@ class SteeringTables:
         self.cond_vec[slot].zero_()
         self.cond_par[slot].zero_()  # sign 0: never met
         self.dyn_truth[slot].fill_(1.0)
+        self.gate_open[slot].zero_()
         n = conds.count
         if n:
             self.cond_vec[slot, :n] = torch.from_numpy(conds.vecs).to(self.device)
             par = torch.from_numpy(conds.params.astype(np.float32))
             self.cond_par[slot, :n] = par.to(self.device)
+        # Conditions past the spec's own are never met: combination m reads m's low bits.
+        combos = np.arange(1 << self.max_conditions) & ((1 << n) - 1)
         if dyn.count:
-            # Conditions past the spec's own are never met: combination m reads m's low bits.
-            combos = np.arange(1 << self.max_conditions) & ((1 << n) - 1)
             truth = torch.from_numpy(np.ascontiguousarray(dyn.truth[:, combos]))
             self.dyn_truth[slot, : dyn.count] = truth.to(self.device)
+        if spec.gate.size:
+            self.gate_open[slot] = torch.from_numpy(spec.gate[combos] > 0).to(self.device)
 
     def clear_condition_row(self, row: int) -> None:
         """A request's accumulator row, zeroed when the request takes it."""
         self.cond_acc[row].zero_()
 
-    def _write_features(self, slot: int, rows: slice, spec: CompiledSpec) -> None:
+    def _write_features(
+        self, slot: int, rows: slice, spec_rows: np.ndarray, spec: CompiledSpec
+    ) -> None:
         assert self.feat_enc is not None and self.feat_dec is not None
         assert self.feat_coef is not None
         self.feat_enc[:, slot].zero_()
@@ -404,7 +437,7 @@ class SteeringTables:
         dtype = self.feat_enc.dtype
         self.feat_enc[layers, slot, :k] = torch.from_numpy(ops.enc).to(self.device, dtype)
         self.feat_dec[layers, slot, :k] = torch.from_numpy(ops.dec).to(self.device, dtype)
-        coef = torch.from_numpy(ops.coef).to(self.device)
+        coef = torch.from_numpy(np.ascontiguousarray(ops.coef[:, spec_rows])).to(self.device)
         self.feat_coef[layers, rows, :k] = coef
 
     def _write_heads(self, rows: slice, spec: CompiledSpec) -> None:
