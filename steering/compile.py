@@ -857,45 +857,54 @@ def _compile_heads(spec: SteeringSpec, shape: ModelShape) -> HeadOps:
     if not entries and not spec.heads:
         return HeadOps.identity(n, d)
     classes = _classes([e.positions for e in entries] + [m.positions for m in spec.heads])
-    layers = sorted({m.layer for m in spec.heads} | {i for e in entries for i in e.resolved})
-    kept: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-    for layer in layers:
-        a = np.ones((NUM_CLASSES, n), dtype=np.float64)
-        b = np.zeros((NUM_CLASSES, n, d), dtype=np.float64)
-        q = np.ones((NUM_CLASSES, n), dtype=np.float64)
-        for c, cls in enumerate(classes):
-            for mask in spec.heads:
-                if mask.layer != layer or not _covers(WINDOWS[mask.positions], cls):
-                    continue
-                if mask.target == "query":
-                    q[c, mask.heads] *= mask.scale
-                else:
-                    a[c, mask.heads] *= mask.scale
-                    b[c, mask.heads] *= mask.scale
-            for entry in entries:
-                vec = entry.resolved.get(layer)
-                if vec is None or not _covers(WINDOWS[entry.positions], cls):
-                    continue
-                v = (unit(vec) if entry.normalize else vec).astype(np.float64).reshape(n, d)
-                if entry.op == "add":
-                    b[c] += entry.scale * v
-                else:  # mix, on the heads where v is non-zero
-                    on = np.any(v != 0.0, axis=1)
-                    w = float(entry.weight)
-                    a[c, on] *= 1.0 - w
-                    b[c, on] = (1.0 - w) * b[c, on] + w * v[on]
-        a[len(classes) :] = a[0]
-        b[len(classes) :] = b[0]
-        q[len(classes) :] = q[0]
-        if np.any(a != 1.0) or np.any(b) or np.any(q != 1.0):
-            kept.append((layer, a, b.reshape(NUM_CLASSES, n * d), q))
-    if not kept:
+
+    def covered(positions: str) -> list[int]:
+        window = WINDOWS[positions]
+        return [c for c, cls in enumerate(classes) if _covers(window, cls)]
+
+    # Each entry's vectors read once (`resolved` is a pydantic private attribute); all
+    # layers at once, masks before entries and entries in order at each layer and class.
+    vectors = [(e, e.resolved, covered(e.positions)) for e in entries]
+    layers = sorted({m.layer for m in spec.heads} | {i for _, res, _ in vectors for i in res})
+    row = {layer: i for i, layer in enumerate(layers)}
+    a = np.ones((len(layers), NUM_CLASSES, n), dtype=np.float64)
+    b = np.zeros((len(layers), NUM_CLASSES, n, d), dtype=np.float64)
+    q = np.ones((len(layers), NUM_CLASSES, n), dtype=np.float64)
+    for mask in spec.heads:
+        i, at = row[mask.layer], np.ix_(covered(mask.positions), mask.heads)
+        if mask.target == "query":
+            q[i][at] *= mask.scale
+        else:
+            a[i][at] *= mask.scale
+            b[i][at] *= mask.scale
+    for entry, res, cs in vectors:
+        for layer, vec in res.items():
+            i = row[layer]
+            v = (unit(vec) if entry.normalize else vec).astype(np.float64).reshape(n, d)
+            if entry.op == "add":
+                b[i, cs] += entry.scale * v
+                continue
+            on = np.any(v != 0.0, axis=1)  # mix, on the heads where v is non-zero
+            w = float(entry.weight)
+            for c in cs:
+                a[i, c, on] *= 1.0 - w
+                b[i, c, on] = (1.0 - w) * b[i, c, on] + w * v[on]
+    a[:, len(classes) :] = a[:, :1]
+    b[:, len(classes) :] = b[:, :1]
+    q[:, len(classes) :] = q[:, :1]
+    flat = len(layers), -1
+    kept = (
+        np.any(a.reshape(flat) != 1.0, axis=1)
+        | np.any(b.reshape(flat) != 0.0, axis=1)
+        | np.any(q.reshape(flat) != 1.0, axis=1)
+    )
+    if not kept.any():
         return HeadOps.identity(n, d)
     return HeadOps(
         n,
         d,
-        np.array([k[0] for k in kept], dtype=np.int64),
-        np.stack([k[1] for k in kept]).astype(np.float32),
-        np.stack([k[2] for k in kept]).astype(np.float32),
-        np.stack([k[3] for k in kept]).astype(np.float32),
+        np.array(layers, dtype=np.int64)[kept],
+        a[kept].astype(np.float32),
+        b[kept].reshape(-1, NUM_CLASSES, n * d).astype(np.float32),
+        q[kept].astype(np.float32),
     )
