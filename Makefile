@@ -34,8 +34,9 @@ lock:
 
 LINTED := steering server tests benchmarks examples demo
 
+# The 30 slowest tests are listed at the end: CI has 90 minutes on a 2-core machine.
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # ruff's lint rules and its formatter, both enforced: `ruff format $(LINTED)` fixes the latter.
 lint: setup

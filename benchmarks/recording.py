@@ -25,10 +25,30 @@ def versions() -> dict[str, str]:
     return out
 
 
+# CPU features that decide how fast a bf16 step runs: without AVX-512 BF16 or AMX, oneDNN
+# converts bf16 to float32 around every GEMM, and the plain model's step, the ratios'
+# denominator, slows by several times while steering's own work does not.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu() -> dict[str, object]:
+    """The processor's model name and which of CPU_FLAGS it has (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(
+        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in text.splitlines())
+    )
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", ""), "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
 def header(model: str, args: argparse.Namespace, **extra: object) -> dict:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "cpu": cpu(),
         "model": model,
         "versions": versions(),
         **extra,

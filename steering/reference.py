@@ -50,6 +50,8 @@ class ReferenceModel:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.shape = ModelShape.from_hf_config(self.model.config)
         self.dtype = dtype
+        # Rows of the last `logprobs` call whose plausibility filter had a tie (tie_logprob).
+        self.plausible_ties: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Which request-level conditions the current request met (`conditions`), while it
         # is steered; token-level ones' values per row in this forward pass, once read.
         self._met: dict[str, bool] = {}
@@ -369,6 +371,7 @@ class ReferenceModel:
         if spec is not None and spec.conditions:
             met = {n: m for n, (_, m) in self.conditions(token_ids[:prompt_len], spec).items()}
         self._met = met
+        self.plausible_ties = {}
         with self.steered(spec, prompt_len), self._captured(spec, after, before):
             logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
         if spec is not None and spec.decoding is not None:
@@ -468,12 +471,33 @@ class ReferenceModel:
         kl_q = torch.where(q > 0, q * (q.log() - m.log()), torch.zeros_like(q)).sum(-1)
         return 0.5 * (kl_p + kl_q)
 
-    @staticmethod
-    def _plausible(final_row: torch.Tensor, alpha: float, scores: torch.Tensor) -> torch.Tensor:
+    # A token whose final log-prob is this close to the plausibility threshold (DoLa, LFD)
+    # is a tie: float rounding decides it, and another implementation (vLLM's, or this one
+    # on another CPU) may keep what this one drops.
+    PLAUSIBLE_TIE = 1e-5
+
+    def _plausible(
+        self, r: int, final_row: torch.Tensor, alpha: float, scores: torch.Tensor
+    ) -> torch.Tensor:
         if alpha <= 0:
             return scores
-        keep = final_row >= final_row.max() + math.log(alpha)
+        threshold = final_row.max() + math.log(alpha)
+        keep = final_row >= threshold
+        tied = (final_row - threshold).abs() <= self.PLAUSIBLE_TIE
+        if tied.any():
+            self.plausible_ties[r] = (keep ^ tied, scores)
         return torch.where(keep, scores, -torch.inf)
+
+    def tie_logprob(self, row: int, token: int) -> float | None:
+        """`token`'s log-prob at `row` of the last `logprobs` call with the plausibility
+        filter's ties decided the other way; None where that row had no tie (or the
+        token itself would be filtered out)."""
+        if row not in self.plausible_ties:
+            return None
+        keep, scores = self.plausible_ties[row]
+        if not keep[token]:
+            return None
+        return float(scores[token] - torch.logsumexp(scores[keep], dim=-1))
 
     def _lfd(self, d, final, out, after, before, rows) -> torch.Tensor:
         """As LFD's `_lfd_select`/`_lfd_decoding`: its JS via F.kl_div, argmin, un-normed
@@ -493,7 +517,7 @@ class ReferenceModel:
             layer = d.candidates[min(range(len(scores)), key=scores.__getitem__)]
             self.last_contrast_layers.append(layer)
             raw = torch.log_softmax(self._lens(after[layer][r], norm=False).float(), dim=-1)
-            out[r] = self._plausible(final[r], d.alpha, final[r] + raw)
+            out[r] = self._plausible(r, final[r], d.alpha, final[r] + raw)
         return out
 
     def _decode(self, d, logits, after, before, prompt_len: int) -> torch.Tensor:
@@ -522,7 +546,7 @@ class ReferenceModel:
             scores = [float(self._jsd(final[r], early[c][r])) for c in d.candidates]
             m = d.candidates[max(range(len(scores)), key=scores.__getitem__)]
             self.last_contrast_layers.append(m)
-            out[r] = self._plausible(final[r], d.alpha, final[r] - early[m][r])
+            out[r] = self._plausible(r, final[r], d.alpha, final[r] - early[m][r])
         return out
 
     def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], spec=None):

@@ -26,6 +26,7 @@ from conftest import (
     ENGINE_KW,
     MAX_BATCHED_TOKENS,
     assert_close,
+    assert_decoded_close,
     assert_matches_reference,
     generate_one,
     prompt_ids,
@@ -247,7 +248,8 @@ def _greedy_check(ref, prompt, tokens, lps, spec) -> None:
     lp = ref.logprobs(prompt + tokens, len(prompt), spec)
     rows = lp[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
     assert tokens == rows.argmax(dim=-1).tolist(), "greedy tokens differ from the reference"
-    assert_close(lps, [float(rows[j, t]) for j, t in enumerate(tokens)], "log-probs")
+    want = [float(rows[j, t]) for j, t in enumerate(tokens)]
+    assert_decoded_close(lps, ref, len(prompt) - 1, tokens, want, "log-probs")
 
 
 PREEMPTED = [
