@@ -460,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "tok_per_s": b * args.output_len / med,
                 "ratio_vs_plain": statistics.median(paired) if paired else None,
                 "ratio_iqr": _quartiles(paired) if paired else None,
+                "ratio_ci95": median_ci(paired) if paired else None,
                 "ratio_of_medians": statistics.median(base) / med if base else None,
                 "runs_s": mine,
             }
@@ -476,8 +477,24 @@ def _quartiles(values: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
+def median_ci(values: list[float], level: float = 0.95) -> list[float] | None:
+    """A distribution-free confidence interval for the median: the order statistics
+    x_(k) and x_(n+1-k) with k the largest such that P(Binomial(n, 1/2) < k) <= (1 - level)/2.
+    Unlike the IQR (the spread of single rounds), it narrows as rounds are added, so it says
+    whether a median is above a line. None below 6 values (no 95% interval exists)."""
+    from scipy.stats import binom
+
+    n = len(values)
+    k = int(binom.ppf((1.0 - level) / 2.0, n, 0.5))  # P(B <= k) >= alpha/2: B < k is below
+    if k < 1:
+        return None
+    x = sorted(values)
+    return [x[k - 1], x[n - k]]
+
+
 def markdown_table(result: dict) -> str:
-    """One row per scenario: tok/s and the ratio to plain vLLM (IQR) per batch size."""
+    """One row per scenario: tok/s and the ratio to plain vLLM (IQR, and the median's 95%
+    confidence interval where there are enough rounds) per batch size."""
     rows = result["results"]
     sizes = sorted({r["batch_size"] for r in rows})
     head = " | ".join(f"batch {b}" for b in sizes)
@@ -490,6 +507,8 @@ def markdown_table(result: dict) -> str:
             if r["ratio_vs_plain"] is not None and s != "plain":
                 lo, hi = r["ratio_iqr"]
                 cell += f"<br>**{r['ratio_vs_plain']:.3f}x** ({lo:.2f}-{hi:.2f})"
+                if r.get("ratio_ci95"):
+                    cell += " CI {:.3f}-{:.3f}".format(*r["ratio_ci95"])
             cells.append(cell)
         lines.append(f"| {DESCRIPTIONS.get(s, s)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

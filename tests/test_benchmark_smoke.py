@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.capture_throughput import SCENARIOS as CAPTURE_SCENARIOS  # noqa: E402
 from benchmarks.readout_http import CONDITIONS as READOUT_CONDITIONS  # noqa: E402
 from benchmarks.serving import CONDITIONS as SERVING_CONDITIONS  # noqa: E402
-from benchmarks.throughput import MOE_SCENARIOS, SCENARIOS  # noqa: E402
+from benchmarks.throughput import MOE_SCENARIOS, SCENARIOS, median_ci  # noqa: E402
 
 
 def _smoke(script: str, out: Path, *flags: str) -> dict:
@@ -118,3 +118,24 @@ def test_soak_smoke(tmp_path):
     c = result["counts"]
     assert c["completed"] > 50 and c["dropped"] > 0 and c["mismatched"] == c["errors"] == 0
     assert result["end"]["slots_active"] == 0 and result["peak_running"] > 1
+
+
+def test_median_ci_is_the_order_statistic_interval() -> None:
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # no 95% interval from 5 values
+    assert median_ci([float(v) for v in range(6, 0, -1)]) == [1.0, 6.0]
+    assert median_ci([float(v) for v in range(1, 21)]) == [6.0, 15.0]
+    # It covers the true median about 95% of the time, and narrows with more rounds.
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for n in (12, 30):
+        draws = [median_ci(rng.standard_normal(n).tolist()) for _ in range(2000)]
+        covered = sum(lo <= 0.0 <= hi for lo, hi in draws) / len(draws)
+        assert 0.94 <= covered <= 0.99, (n, covered)
+    wide = np.median(
+        [hi - lo for lo, hi in (median_ci(rng.random(10).tolist()) for _ in range(500))]
+    )
+    narrow = np.median(
+        [hi - lo for lo, hi in (median_ci(rng.random(40).tolist()) for _ in range(500))]
+    )
+    assert narrow < 0.7 * wide
