@@ -724,112 +724,125 @@ def _classes(windows: list[str]) -> tuple[tuple[int, int], ...]:
 def _compile_residual(
     entries: list[VectorEntry], features: list[FeatureEntry], hidden_size: int
 ) -> tuple[list[Projection], np.ndarray, np.ndarray, FeatureOps, DynamicAdds]:
-    projections: list[Projection] = []
-    for entry in entries:
-        if entry.op == "add":
-            continue
-        layers = np.array(sorted(entry.resolved), dtype=np.int64)
-        units = np.stack([unit(entry.resolved[int(i)]) for i in layers]).astype(np.float32)
-        gain = float(entry.scale) if entry.op == "ablate" else 1.0
-        projections.append(Projection(*WINDOWS[entry.positions], gain, layers, units))
-
     # Fold constants per layer, gate and class, in float64, through the later projections;
     # the feature ops of a layer (after its vector entries) take <e, b> into their offsets.
     # With a folded gate there are two constants, closed (its adds left out) and open.
+    # Entries apply in order; each acts on all its layers, gates and classes in one array
+    # op, masked by the (gate, class) rows it covers: at one layer the order of entries is
+    # kept, and a loop per layer and row would cost ~20 us a layer (most of a compile).
     classes = _classes([e.positions for e in entries] + [f.positions for f in features])
-    gate = folded_gate(entries)
-    combos = 2 if gate is not None else 1
-    consts: dict[int, np.ndarray] = {}
+    nc = len(classes)
+    combos = 2 if folded_gate(entries) is not None else 1
     at_layer: dict[int, list[tuple[FeatureEntry, FeatureRows]]] = {}
     for f in features:
-        rows = f.rows  # a pydantic private attribute: read once, not per class
+        rows = f.rows  # a pydantic private attribute: read once
         at_layer.setdefault(rows.layer, []).append((f, rows))
-    ops: dict[int, tuple[list[FeatureRows], np.ndarray]] = {}
     dynamic_adds = dynamic_entries(entries)
     dyn_index = {id(e): j for j, e in enumerate(dynamic_adds)}
-    dyn_dirs: dict[int, np.ndarray] = {}
-    # Each entry's vectors, window and kind, read once: `resolved` is a pydantic private
-    # attribute (a slow __getattr__), and this loop runs per layer, gate and class.
-    folded = [
-        (e, e.resolved, WINDOWS[e.positions], id(e) in dyn_index, e.when is not None)
-        for e in entries
-    ]
-    for layer in sorted({layer for _, res, _, _, _ in folded for layer in res} | set(at_layer)):
-        b = np.zeros((combos, NUM_CLASSES, hidden_size), dtype=np.float64)
-        # Dynamic adds at this layer: their directions, pushed through later projections
-        # (computed once, with the gate closed: a gate changes no projection).
-        d = np.zeros((NUM_CLASSES, len(dyn_index), hidden_size), dtype=np.float64)
-        here_dyn = False
-        here = at_layer.get(layer, [])
+
+    def covered(positions: str, gated: bool = False) -> np.ndarray:
+        """[combos, nc, 1]: 1.0 on the rows an entry acts on (a gated add: gate open only)."""
+        window = WINDOWS[positions]
+        on = [
+            [float(_covers(window, cls) and (g == 1 or not gated)) for cls in classes]
+            for g in range(combos)
+        ]
+        return np.array(on)[..., None]
+
+    # `resolved` is a pydantic private attribute (a slow __getattr__): read once.
+    resolved = [e.resolved for e in entries]
+    layers = sorted({layer for res in resolved for layer in res} | set(at_layer))
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    # The fold over the spec's own classes (nc: 1 when every entry acts at all positions);
+    # class 0 is copied to the rest at the end.
+    bv = np.zeros((len(layers), combos, nc, hidden_size), dtype=np.float64)
+    # Dynamic adds' directions, pushed through later projections (a gate changes none).
+    dv = np.zeros((len(layers), nc, len(dyn_index), hidden_size), dtype=np.float64)
+    with_dyn = np.zeros(len(layers), dtype=bool)
+    projections: list[Projection] = []
+    for entry, res in zip(entries, resolved, strict=True):
+        own = sorted(res)
+        # Its rows of the fold: a view when it has every layer (no gather and scatter).
+        at: slice | np.ndarray = (
+            slice(None)
+            if len(own) == len(layers)
+            else np.array([row_of[layer] for layer in own], dtype=np.int64)
+        )
+        rows = covered(entry.positions, entry.when is not None)[None]  # [1, combos, nc, 1]
+        if entry.op == "add":
+            vecs = [unit(res[i]) if entry.normalize else res[i] for i in own]
+            w = np.stack(vecs).astype(np.float64)  # [n, hidden]
+            if id(entry) in dyn_index:  # its window and strength are applied per token
+                dv[at, :, dyn_index[id(entry)]] = w[:, None, :]
+                with_dyn[at] = True
+            else:  # on the rows it covers only: most of a gated spec's rows are zero
+                for g, c in zip(*np.nonzero(rows[0, :, :, 0]), strict=True):
+                    bv[at, g, c] += entry.scale * w
+            continue
+        units = np.stack([unit(res[i]) for i in own])  # [n, hidden] float32
+        gain = float(entry.scale) if entry.op == "ablate" else 1.0
+        projections.append(
+            Projection(*WINDOWS[entry.positions], gain, np.array(own, dtype=np.int64), units)
+        )
+        u = units.astype(np.float64)
+        ub = u[:, None, None, :]  # against [n, combos or nc, nc or J, hidden]
+        folded = bv[at]
+        folded -= (rows * (gain * (folded @ u[:, None, :, None]))) * ub
+        if entry.op == "clamp":
+            folded += rows * (entry.value * ub)
+        bv[at] = folded
+        if dyn_index:  # a projection is never gated: gate row 0 says which classes
+            dirs = dv[at]
+            dirs -= gain * ((rows[0, 0][None, :, None] * (dirs @ u[:, None, :, None])) * ub)
+            dv[at] = dirs
+    ops: dict[int, tuple[list[FeatureRows], np.ndarray]] = {}
+    for layer, here in at_layer.items():
+        bl = bv[row_of[layer]]  # [combos, nc, hidden], after the layer's vector entries
         clamps = [rows for f, rows in here if f.op != "add"]
         coef = np.zeros((combos, NUM_CLASSES, len(clamps), NUM_COEFS), dtype=np.float64)
-        units: dict[int, np.ndarray] = {}  # projections' unit vectors, per entry
-        for g in range(combos):
-            for c, cls in enumerate(classes):
-                bc = b[g, c]
-                for entry, res, window, dynamic, gated in folded:
-                    vec = res.get(layer)
-                    if vec is None:
-                        continue
-                    if dynamic:  # its window is applied per token
-                        if g == 0:
-                            w = unit(vec) if entry.normalize else vec
-                            d[c, dyn_index[id(entry)]] = w.astype(np.float64)
-                            here_dyn = True
-                        continue
-                    if (gated and not g) or not _covers(window, cls):
-                        continue
-                    if entry.op == "add":
-                        w = unit(vec) if entry.normalize else vec
-                        bc += entry.scale * w.astype(np.float64)
-                        continue
-                    u = units.get(id(entry))
-                    if u is None:
-                        u = units[id(entry)] = unit(vec).astype(np.float64)
-                    gain = entry.scale if entry.op == "ablate" else 1.0
-                    bc -= gain * np.dot(bc, u) * u
-                    if dyn_index and g == 0:
-                        d[c] -= gain * np.outer(d[c] @ u, u)
-                    if entry.op == "clamp":
-                        bc += entry.value * u
-                k = 0
-                for f, rows in here:
-                    active = _covers(WINDOWS[f.positions], cls)
-                    if f.op == "add":
-                        if active:
-                            bc += f.add_scale * rows.dec.astype(np.float64)
-                        continue
-                    coef[g, c, k, COEF_OFFSET] = rows.offset + np.dot(rows.enc, bc)
-                    coef[g, c, k, COEF_THRESHOLD] = rows.threshold
-                    if active:
-                        alpha, beta = (f.value, -1.0) if f.op == "clamp" else (0.0, f.factor - 1.0)
-                        coef[g, c, k, COEF_ALPHA], coef[g, c, k, COEF_BETA] = alpha, beta
-                    k += 1
-            b[g, len(classes) :] = b[g, 0]
-            coef[g, len(classes) :] = coef[g, 0]
-        d[len(classes) :] = d[0]
-        if here_dyn:
-            dyn_dirs[layer] = d
-        if np.any(b):
-            consts[layer] = b.reshape(combos * NUM_CLASSES, hidden_size)
+        k = 0
+        for f, rows in here:
+            active = covered(f.positions)[0, :, 0] > 0.0  # [nc]
+            if f.op == "add":
+                bl += active[:, None] * (f.add_scale * rows.dec.astype(np.float64))
+                continue
+            alpha, beta = (f.value, -1.0) if f.op == "clamp" else (0.0, f.factor - 1.0)
+            ck = coef[:, :nc, k]
+            ck[..., COEF_OFFSET] = rows.offset + bl @ rows.enc.astype(np.float64)
+            ck[..., COEF_THRESHOLD] = rows.threshold
+            ck[..., COEF_ALPHA] = np.where(active, alpha, 0.0)
+            ck[..., COEF_BETA] = np.where(active, beta, 0.0)
+            k += 1
         if clamps:
+            coef[:, nc:] = coef[:, :1]
             ops[layer] = (clamps, coef.reshape(combos * NUM_CLASSES, len(clamps), NUM_COEFS))
-    const_layers = np.array(sorted(consts), dtype=np.int64)
-    const = (
-        np.stack([consts[int(i)] for i in const_layers]).astype(np.float32)
-        if consts
-        else np.zeros((0, combos * NUM_CLASSES, hidden_size), dtype=np.float32)
-    )
+    kept = bv.any(axis=(1, 2, 3))
+    const_layers = np.array(layers, dtype=np.int64)[kept]
+    const = _all_classes(bv[kept], axis=2).reshape(-1, combos * NUM_CLASSES, hidden_size)
     dynamic = DynamicAdds.identity(hidden_size)
     if dyn_index:
-        dyn_layers = sorted(dyn_dirs)
         dynamic = DynamicAdds(
-            np.array(dyn_layers, dtype=np.int64),
-            np.stack([dyn_dirs[i] for i in dyn_layers]).astype(np.float32),
+            np.array(layers, dtype=np.int64)[with_dyn],
+            _all_classes(dv[with_dyn], axis=1),
             np.stack([dynamic_params(e) for e in dynamic_adds]),
         )
     features_ops = _pack_features(ops, combos * NUM_CLASSES, hidden_size)
     return projections, const_layers, const, features_ops, dynamic
+
+
+def _all_classes(folded: np.ndarray, axis: int) -> np.ndarray:
+    """`folded` (float64, its first `nc` classes along `axis`) as float32 with all
+    NUM_CLASSES, the classes it does not have copied from class 0 (see `_classes`)."""
+    nc = folded.shape[axis]
+    if nc == NUM_CLASSES:
+        return folded.astype(np.float32)
+    shape = list(folded.shape)
+    shape[axis] = NUM_CLASSES
+    out = np.empty(shape, dtype=np.float32)
+    lead = (slice(None),) * axis
+    out[lead + (slice(0, nc),)] = folded
+    out[lead + (slice(nc, None),)] = folded[lead + (slice(0, 1),)]
+    return out
 
 
 def _pack_features(
@@ -870,13 +883,10 @@ def _compile_heads(spec: SteeringSpec, shape: ModelShape) -> HeadOps:
     a = np.ones((len(layers), NUM_CLASSES, n), dtype=np.float64)
     b = np.zeros((len(layers), NUM_CLASSES, n, d), dtype=np.float64)
     q = np.ones((len(layers), NUM_CLASSES, n), dtype=np.float64)
+    # Masks come first at a layer, while b is still zero there: they scale `a` (or `q`).
     for mask in spec.heads:
-        i, at = row[mask.layer], np.ix_(covered(mask.positions), mask.heads)
-        if mask.target == "query":
-            q[i][at] *= mask.scale
-        else:
-            a[i][at] *= mask.scale
-            b[i][at] *= mask.scale
+        at = (row[mask.layer], np.array(covered(mask.positions))[:, None], mask.heads)
+        (q if mask.target == "query" else a)[at] *= mask.scale
     for entry, res, cs in vectors:
         for layer, vec in res.items():
             i = row[layer]

@@ -12,6 +12,7 @@ import ast
 import hashlib
 import math
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -479,7 +480,7 @@ class VectorEntry(BaseModel):
             origin = f"vector {self.name!r}"
         else:
             assert self.data is not None
-            source = {k: np.asarray(v, dtype=np.float32) for k, v in self.data.items()}
+            source = {k: inline_float32(v) for k, v in self.data.items()}
             origin = "'data'"
         layers = self.layers if self.layers is not None else sorted(source)
         missing = [layer for layer in layers if layer not in source]
@@ -911,7 +912,7 @@ class ReadoutEntry(BaseModel):
                     got=len(self.data),
                     want=ctx.shape.hidden_size,
                 )
-            vec = np.asarray(self.data, dtype=np.float32)
+            vec = inline_float32(self.data)
         if not np.isfinite(vec).all():
             raise _fail("not_finite", "the vector holds NaN or Inf")
         if not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
@@ -1111,7 +1112,7 @@ class Condition(BaseModel):
                     got=len(self.data),
                     want=ctx.shape.hidden_size,
                 )
-            vec = np.asarray(self.data, dtype=np.float32)
+            vec = inline_float32(self.data)
         if not np.isfinite(vec).all():
             raise _fail("not_finite", "the condition's direction has NaN or Inf")
         if not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
@@ -1397,9 +1398,10 @@ class SteeringSpec(BaseModel):
             if e.is_dynamic or e.when is not None:  # as before gated adds folded: stable ids
                 schedule = e.schedule.model_dump() if e.schedule is not None else None
                 fields += (e.relative, schedule)
-            h.update(repr((*fields, sorted(e.resolved))).encode())
-            for layer in sorted(e.resolved):
-                h.update(e.resolved[layer].tobytes())
+            resolved = e.resolved  # a pydantic private attribute: read once
+            h.update(repr((*fields, sorted(resolved))).encode())
+            for layer in sorted(resolved):
+                h.update(resolved[layer].tobytes())
         for m in self.heads:
             h.update(repr(("mask", m.layer, m.heads, m.scale, m.target, m.positions)).encode())
         for m in self.experts:
@@ -1616,6 +1618,14 @@ def _spec_error(e: ValidationError, root: str) -> SpecError:
         ],
         kinds=kinds,
     )
+
+
+def inline_float32(values: list[float]) -> np.ndarray:
+    """Inline floats (Python floats once pydantic has validated them) as float32, rounded as
+    numpy rounds them. struct packs a list of floats as C doubles about 3x faster than numpy
+    converts it element by element, and a request's inline vectors are thousands of floats."""
+    doubles = np.frombuffer(struct.pack(f"{len(values)}d", *values), dtype=np.float64)
+    return doubles.astype(np.float32)
 
 
 def unit(vec: np.ndarray) -> np.ndarray:

@@ -139,3 +139,13 @@ def test_median_ci_is_the_order_statistic_interval() -> None:
         [hi - lo for lo, hi in (median_ci(rng.random(40).tolist()) for _ in range(500))]
     )
     assert narrow < 0.7 * wide
+
+
+def test_spec_compile_times_every_phase() -> None:
+    from benchmarks import spec_compile
+
+    got = spec_compile.main(["--smoke"])
+    assert set(got) == set(spec_compile.DEFAULT.split(","))
+    for phases in got.values():
+        assert set(phases) == set(spec_compile.PHASES)
+        assert all(ms > 0.0 for ms in phases.values())
