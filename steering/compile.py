@@ -785,7 +785,7 @@ def _compile_residual(
             Projection(*WINDOWS[entry.positions], gain, np.array(own, dtype=np.int64), units)
         )
         u = units.astype(np.float64)
-        ub = u[:, None, None, :]  # against [n, combos or nc, nc or J, hidden]
+        ub = u[:, None, None, :]  # broadcasts over [n, combos, nc, hidden] and [n, nc, J, hidden]
         folded = bv[at]
         folded -= (rows * (gain * (folded @ u[:, None, :, None]))) * ub
         if entry.op == "clamp":
