@@ -762,13 +762,13 @@ def _compile_residual(
     projections: list[Projection] = []
     for entry, res in zip(entries, resolved, strict=True):
         own = sorted(res)
-        # Its rows of the fold: a view when it has every layer (no gather and scatter).
+        # Its layers in the fold: a view when it has every layer (no gather and scatter).
         at: slice | np.ndarray = (
             slice(None)
             if len(own) == len(layers)
             else np.array([row_of[layer] for layer in own], dtype=np.int64)
         )
-        rows = covered(entry.positions, entry.when is not None)[None]  # [1, combos, nc, 1]
+        on = covered(entry.positions, entry.when is not None)[None]  # [1, combos, nc, 1]
         if entry.op == "add":
             vecs = [unit(res[i]) if entry.normalize else res[i] for i in own]
             w = np.stack(vecs).astype(np.float64)  # [n, hidden]
@@ -776,7 +776,7 @@ def _compile_residual(
                 dv[at, :, dyn_index[id(entry)]] = w[:, None, :]
                 with_dyn[at] = True
             else:  # on the rows it covers only: most of a gated spec's rows are zero
-                for g, c in zip(*np.nonzero(rows[0, :, :, 0]), strict=True):
+                for g, c in zip(*np.nonzero(on[0, :, :, 0]), strict=True):
                     bv[at, g, c] += entry.scale * w
             continue
         units = np.stack([unit(res[i]) for i in own])  # [n, hidden] float32
@@ -787,13 +787,13 @@ def _compile_residual(
         u = units.astype(np.float64)
         ub = u[:, None, None, :]  # broadcasts over [n, combos, nc, hidden] and [n, nc, J, hidden]
         folded = bv[at]
-        folded -= (rows * (gain * (folded @ u[:, None, :, None]))) * ub
+        folded -= (on * (gain * (folded @ u[:, None, :, None]))) * ub
         if entry.op == "clamp":
-            folded += rows * (entry.value * ub)
+            folded += on * (entry.value * ub)
         bv[at] = folded
         if dyn_index:  # a projection is never gated: gate row 0 says which classes
             dirs = dv[at]
-            dirs -= gain * ((rows[0, 0][None, :, None] * (dirs @ u[:, None, :, None])) * ub)
+            dirs -= gain * ((on[0, 0][None, :, None] * (dirs @ u[:, None, :, None])) * ub)
             dv[at] = dirs
     ops: dict[int, tuple[list[FeatureRows], np.ndarray]] = {}
     for layer, here in at_layer.items():
