@@ -7,6 +7,9 @@ round (A B C A B C ...). The machine's speed drifts by 10-50% over minutes on a 
 plain vLLM is taken within each round (plain time / scenario time, same batch size) and
 summarised by the median over rounds, with the interquartile range; the ratio of the two
 medians is kept in the JSON too.
+--lockstep goes further: a round's engines run side by side, one engine step each in turn
+(about 0.1 s a step at batch 32), so that drift over seconds hits them alike; scenarios that
+share an engine run in groups of their own, each beside plain vLLM again.
 Engines run in-process and side by side: "plain" is an engine with the extension switched
 off (`additional_config={"steerserve": {"enabled": False}}`: vLLM's own code path).
 "hf-hooks" is HF transformers' generate with steering hooks (benchmarks/hf_hooks.py) on
@@ -16,6 +19,7 @@ the requests of "distinct-specs-all-layers": the alternative users have today.
     python benchmarks/throughput.py --smoke          # seconds, tiny model (run by the tests)
     python benchmarks/throughput.py --moe            # the ~100M MoE model (MOE_SCENARIOS)
     python benchmarks/throughput.py --control        # + a second plain engine (A/A noise floor)
+    python benchmarks/throughput.py --lockstep       # engines stepped in turn (not hf-hooks)
     python benchmarks/throughput.py --gpu --model DIR   # CUDA: compiled, CUDA graphs on
 
 Writes JSON, a markdown table (.md) and a plot (.png) to benchmarks/results/.
@@ -24,10 +28,12 @@ Writes JSON, a markdown table (.md) and a plot (.png) to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +74,7 @@ TOPK_K = 16
 # every generated token pays the whole cost).
 CONDITIONAL_SCENARIOS = ("conditional-unsteered", "distinct-conditional-specs")
 HF_SCENARIOS = ("hf-hooks",)
+_REQUEST_IDS = itertools.count()
 # An A/A control (--control): a second engine with the extension off, measured like every
 # scenario against the first. Its ratio should be 1.00x; how far it strays is the run's
 # noise floor (drift, and one engine instance placed worse than another).
@@ -299,6 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="add plain-control: a second plain engine, whose ratio is the run's noise floor",
     )
+    p.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="run a round's engines side by side, one engine step each in turn (lockstep())",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, few tokens: seconds")
     p.add_argument(
         "--moe",
@@ -307,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", help="JSON results path (default: benchmarks/results/<stamp>.json)")
     args = p.parse_args(argv)
+    if args.lockstep and args.scenarios and set(HF_SCENARIOS) & set(args.scenarios.split(",")):
+        p.error("--lockstep steps vLLM engines: hf-hooks cannot run in it")
 
     if args.smoke:
         args.batch_sizes, args.output_len, args.prompt_len, args.rounds = "1,4", 8, 8, 1
@@ -318,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         spec = TinySpec() if args.smoke else BENCH_SPEC
     if args.scenarios is None:
-        args.scenarios = ",".join(MOE_SCENARIOS if args.moe else SCENARIOS)
+        default = MOE_SCENARIOS if args.moe else SCENARIOS
+        args.scenarios = ",".join(s for s in default if not (args.lockstep and s in HF_SCENARIOS))
     model = Path(args.model) if args.model else build_tiny_model(cache / spec.slug, spec)
 
     import torch
@@ -421,6 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
         for s in scenarios
     }
 
+    def check(outs: list) -> None:
+        assert all(len(o) == args.output_len for o in outs)
+
     def run(s: str, b: int) -> float:
         t0 = time.perf_counter()
         if engine_of[s] == "hf":
@@ -432,24 +450,49 @@ def main(argv: list[str] | None = None) -> dict:
             )
             outs = [o.outputs[0].token_ids for o in got]
         dt = time.perf_counter() - t0
-        assert all(len(o) == args.output_len for o in outs)
+        check(outs)
         return dt
 
     cells = [(s, b) for b in batch_sizes for s in scenarios]
     times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
-    with tqdm(total=(args.rounds + 1) * len(cells), desc="throughput", unit="run") as bar:
+    # The plain time each scenario's run is paired with, round by round.
+    base_times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
+    groups = lockstep_groups(scenarios, engine_of) if args.lockstep else [scenarios]
+    runs_per_round = sum(len(g) for g in groups) * len(batch_sizes)
+    with tqdm(total=(args.rounds + 1) * runs_per_round, desc="throughput", unit="run") as bar:
         for r in range(args.rounds + 1):
             for b in batch_sizes:
-                # Rotate the order each round so that no scenario always runs first.
-                k = r % len(scenarios)
-                for s in scenarios[k:] + scenarios[:k]:
-                    dt = run(s, b)
-                    if r > 0:  # round 0 warms caches and allocators
-                        times[s, b].append(dt)
-                    bar.update()
+                for group in groups:
+                    # Rotate the order each round so that no scenario always runs first.
+                    k = r % len(group)
+                    order = group[k:] + group[:k]
+                    if args.lockstep:
+                        spent, outs = lockstep(
+                            {
+                                s: stepped(engines[engine_of[s]], prompts[:b], params[s][:b])
+                                for s in order
+                            }
+                        )
+                        for s in order:
+                            check(outs[s])
+                    else:
+                        spent = {}
+                        for s in order:
+                            spent[s] = run(s, b)
+                            bar.update()
+                    if r == 0:  # round 0 warms caches and allocators
+                        continue
+                    for s in group:
+                        if s == "plain" and group is not groups[0]:
+                            continue  # plain's own row: its first group's runs
+                        times[s, b].append(spent[s])
+                        if "plain" in spent:
+                            base_times[s, b].append(spent["plain"])
+                if args.lockstep:
+                    bar.update(sum(len(g) for g in groups))
     rows = []
     for s, b in cells:
-        mine, base = times[s, b], times.get(("plain", b))
+        mine, base = times[s, b], base_times[s, b]
         med = statistics.median(mine)
         paired = [p / t for p, t in zip(base, mine, strict=True)] if base else None
         rows.append(
@@ -468,6 +511,61 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**recording.header(str(model) if args.model else spec.slug, args), "results": rows}
     recording.write(result, args.out, "throughput", markdown_table(result), plot)
     return result
+
+
+def lockstep_groups(scenarios: list[str], engine_of: dict[str, str]) -> list[list[str]]:
+    """Scenarios in groups that run side by side: plain in each, no engine twice in one."""
+    groups: list[list[str]] = []
+    for s in scenarios:
+        if s == "plain":
+            continue
+        for g in groups:
+            if all(engine_of[o] != engine_of[s] for o in g):
+                g.append(s)
+                break
+        else:
+            groups.append(["plain", s] if "plain" in scenarios else [s])
+    return groups or [["plain"]]
+
+
+def stepped(llm, prompts: list[list[int]], params: list) -> Iterator[None]:
+    """llm.generate() as a generator: it yields once its requests are added and after each
+    engine step, and returns the generated token ids, in request order."""
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    ids = [f"lockstep-{next(_REQUEST_IDS)}" for _ in prompts]
+    for rid, prompt, sp in zip(ids, prompts, params, strict=True):
+        sp.output_kind = RequestOutputKind.FINAL_ONLY  # as generate() sets it
+        engine.add_request(rid, {"prompt_token_ids": prompt}, sp)
+    yield
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        yield
+    return [done[rid] for rid in ids]
+
+
+def lockstep(runs: dict[str, Iterator[None]]) -> tuple[dict[str, float], dict[str, list]]:
+    """Advance each run by one step in turn until all are done; each run's time is the sum
+    of its own steps. The machine's speed drifts over seconds (docs/design.md#performance-
+    protocol): a step takes ~0.1 s, so runs timed step by step side by side see the same
+    drift, where whole runs one after another (~10 s each) do not."""
+    spent = dict.fromkeys(runs, 0.0)
+    outs: dict[str, list] = {}
+    live = list(runs)
+    while live:
+        for name in list(live):
+            t0 = time.perf_counter()
+            try:
+                next(runs[name])
+            except StopIteration as stop:
+                outs[name] = stop.value
+                live.remove(name)
+            spent[name] += time.perf_counter() - t0
+    return spent, outs
 
 
 def _quartiles(values: list[float]) -> list[float]:

@@ -18,7 +18,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.capture_throughput import SCENARIOS as CAPTURE_SCENARIOS  # noqa: E402
 from benchmarks.readout_http import CONDITIONS as READOUT_CONDITIONS  # noqa: E402
 from benchmarks.serving import CONDITIONS as SERVING_CONDITIONS  # noqa: E402
-from benchmarks.throughput import MOE_SCENARIOS, SCENARIOS, median_ci  # noqa: E402
+from benchmarks.throughput import (  # noqa: E402
+    HF_SCENARIOS,
+    MOE_SCENARIOS,
+    SCENARIOS,
+    lockstep,
+    lockstep_groups,
+    median_ci,
+)
 
 
 def _smoke(script: str, out: Path, *flags: str) -> dict:
@@ -51,6 +58,43 @@ def test_moe_throughput_smoke(tmp_path):
     assert rows["plain-control"]["ratio_vs_plain"] > 0
     table = (tmp_path / "moe.md").read_text()
     assert "expert" in table and "A/A control" in table
+
+
+def test_lockstep_throughput_smoke(tmp_path):
+    """--lockstep: every scenario but HF's, stepped beside plain vLLM; scenarios on one
+    engine (unsteered and the steered ones) in groups of their own, each with plain."""
+    result = _smoke("throughput.py", tmp_path / "lock.json", "--lockstep", "--control")
+    rows = {(r["scenario"], r["batch_size"]): r for r in result["results"]}
+    scenarios = {s for s in SCENARIOS if s not in HF_SCENARIOS} | {"plain-control"}
+    assert set(rows) == {(s, b) for s in scenarios for b in (1, 4)}
+    assert rows["plain", 4]["ratio_vs_plain"] == 1.0
+    assert all(r["ratio_vs_plain"] > 0 and len(r["runs_s"]) == 1 for r in rows.values())
+    assert result["config"]["lockstep"] is True
+
+
+def test_lockstep_interleaves_steps_and_times_each_run_alone() -> None:
+    import time
+
+    order: list[str] = []
+
+    def run(name: str, steps: int, seconds: float):
+        for i in range(steps):
+            order.append(f"{name}{i}")
+            time.sleep(seconds)
+            yield
+        return [name] * steps
+
+    spent, outs = lockstep({"a": run("a", 3, 0.02), "b": run("b", 1, 0.06)})
+    assert order == ["a0", "b0", "a1", "a2"]  # one step each in turn; b ends after its one
+    assert outs == {"a": ["a"] * 3, "b": ["b"]}
+    assert 0.055 <= spent["a"] < 0.09 and 0.055 <= spent["b"] < 0.09
+
+
+def test_lockstep_groups_put_plain_beside_every_engine_once() -> None:
+    engine_of = {"plain": "plain", "u": "steer", "v": "steer", "c": "cond", "k": "control"}
+    groups = lockstep_groups(["plain", "u", "v", "c", "k"], engine_of)
+    assert groups == [["plain", "u", "c", "k"], ["plain", "v"]]
+    assert lockstep_groups(["plain"], {"plain": "plain"}) == [["plain"]]
 
 
 def test_serving_smoke(tmp_path):
