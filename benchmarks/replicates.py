@@ -31,7 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import recording  # noqa: E402
-from benchmarks.throughput import CONTROL_SCENARIOS, DESCRIPTIONS  # noqa: E402
+from benchmarks.throughput import (  # noqa: E402
+    CONTROL_SCENARIOS,
+    DESCRIPTIONS,
+    engine_for,
+    lockstep_groups,
+)
 
 # What makes two runs measure the same thing. Batch sizes, rounds, scenarios and the
 # control may differ: a (scenario, batch size) cell pools the runs that have it.
@@ -121,11 +126,12 @@ def run_ratio(result: dict, row: dict, reference: str) -> float | None:
     """A run's ratio for `row` against `reference`: its plain engine (the run's own
     `ratio_vs_plain`), its A/A control engine, or the mean time of the two. Against the
     latter two, the median over rounds of per-round ratios, rounds paired by index from
-    `runs_s`; None when the run has no control at that batch size."""
+    `runs_s`; None when the run has no control at that batch size, or when the row's
+    rounds did not run beside the control's (beside_control)."""
     if reference == "plain":
         return row.get("ratio_vs_plain")
     here = {r["scenario"]: r for r in result["results"] if r["batch_size"] == row["batch_size"]}
-    if CONTROL_SCENARIOS[0] not in here:
+    if CONTROL_SCENARIOS[0] not in here or not beside_control(result, row["scenario"]):
         return None
     control = here[CONTROL_SCENARIOS[0]]["runs_s"]
     plain = here["plain"]["runs_s"]
@@ -135,6 +141,19 @@ def run_ratio(result: dict, row: dict, reference: str) -> float | None:
         else [(p + c) / 2.0 for p, c in zip(plain, control, strict=True)]
     )
     return statistics.median(b / t for b, t in zip(bases, row["runs_s"], strict=True))
+
+
+def beside_control(result: dict, scenario: str) -> bool:
+    """Whether `scenario`'s rounds ran beside the control's. In lockstep, scenarios that
+    share an engine run in groups of their own, each beside plain vLLM again
+    (throughput.lockstep_groups); the control and plain's own row are in the first group, so
+    pairing another group's rounds with theirs by index would pair runs that were not
+    stepped together. The groups follow from the rows, which are in scenario order."""
+    if not result["config"].get("lockstep"):
+        return True
+    scenarios = list(dict.fromkeys(r["scenario"] for r in result["results"]))
+    groups = lockstep_groups(scenarios, {s: engine_for(s) for s in scenarios})
+    return any(scenario in g and CONTROL_SCENARIOS[0] in g for g in groups)
 
 
 def pool(

@@ -193,6 +193,33 @@ def test_replicates_pool_against_the_control_or_the_mean_of_both_plain_engines(t
     assert x["run_ratios"] == [pytest.approx(sorted([9.9 / 10.5, 10.1 / 10.4, 10.0 / 10.6])[1])]
 
 
+def test_replicates_pair_only_rounds_stepped_beside_the_control(tmp_path) -> None:
+    # In lockstep two scenarios of one engine run in groups of their own, each beside plain
+    # again; the control and plain's row are in the first. The second scenario's rounds were
+    # not stepped beside them: against the control (or the mean) the run has no ratio for
+    # it, against plain (its own group's plain runs, paired in throughput.py) it has.
+    from benchmarks import replicates
+
+    first, second = "distinct-specs-all-layers", "distinct-experts-and-vectors"
+    cells = {(first, 32): 0.98, (second, 32): 0.96, ("plain-control", 32): 1.0}
+    result = _run_result(cells)
+    for row in result["results"]:
+        row["runs_s"] = [10.0, 10.0]
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps(result))
+    runs = replicates.load_runs([path])
+    assert not replicates.beside_control(result, second)
+    assert replicates.beside_control(result, first)
+    for reference in ("control", "mean"):
+        (row,) = replicates.pool(runs, reference=reference)["results"]
+        assert row["scenario"] == first
+    rows = {r["scenario"]: r for r in replicates.pool(runs, reference="plain")["results"]}
+    assert rows[second]["run_ratios"] == [0.96]
+    # Run one after another (not lockstep), every scenario's round is paired by index.
+    result["config"]["lockstep"] = False
+    assert replicates.beside_control(result, second)
+
+
 def test_replicates_refuse_runs_of_different_protocols(tmp_path) -> None:
     from benchmarks import replicates
 
