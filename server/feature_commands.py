@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from server.file_info import print_file_info
 from steering.sae import SaeFileError, SparseAutoencoder, read_any, save_sae
 
 # Labelled features shown by `info` without --json (the JSON has them all).
@@ -99,20 +100,14 @@ def _format_info(info: dict[str, Any]) -> str:
 
 
 def info(args: argparse.Namespace) -> int:
-    status = 0
-    described = []
-    for name in args.paths:
-        path = Path(name)
-        try:
-            described.append(describe(path, read_any(path, args.layer)))
-        except (OSError, SaeFileError) as e:
-            print(f"steerserve features info: {path}: {e}", file=sys.stderr)
-            status = 1
-    if args.json:
-        print(json.dumps(described, indent=2))
-    elif described:
-        print("\n\n".join(_format_info(d) for d in described))
-    return status
+    return print_file_info(
+        "features",
+        args.paths,
+        lambda path: describe(path, read_any(path, args.layer)),
+        (SaeFileError,),
+        _format_info,
+        args.json,
+    )
 
 
 def convert(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from server.file_info import print_file_info
 from steering.vectors import (
     SUFFIXES,
     SteeringVector,
@@ -91,20 +92,14 @@ def _format_info(info: dict[str, Any]) -> str:
 
 
 def info(args: argparse.Namespace) -> int:
-    status = 0
-    described = []
-    for name in args.files:
-        path = Path(name)
-        try:
-            described.append(describe(path, read_any(path)))
-        except (OSError, VectorFileError) as e:
-            print(f"steerserve vectors info: {path}: {e}", file=sys.stderr)
-            status = 1
-    if args.json:
-        print(json.dumps(described, indent=2))
-    else:
-        print("\n\n".join(_format_info(d) for d in described))
-    return status
+    return print_file_info(
+        "vectors",
+        args.files,
+        lambda path: describe(path, read_any(path)),
+        (VectorFileError,),
+        _format_info,
+        args.json,
+    )
 
 
 def convert(args: argparse.Namespace) -> int:

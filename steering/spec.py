@@ -243,6 +243,40 @@ def _registered(name: str, ctx: SpecContext, site: str) -> Mapping[int, np.ndarr
         raise _fail("unknown_vector", "{reason}", reason=e.args[0] if e.args else str(e)) from e
 
 
+def _direction_at(
+    name: str | None, data: list[float] | None, layer: int, ctx: SpecContext, what: str
+) -> np.ndarray:
+    """One layer's float32 direction from registered vector `name` or inline `data` (one of
+    them given): present at `layer`, the model's width, finite and not zero. `what` names it
+    in the errors ("the vector", "the condition's direction")."""
+    if name is not None:
+        found = _registered(name, ctx, "residual")
+        if layer not in found:
+            raise _fail(
+                "layer_missing",
+                "vector {name} has no data for layer {layer} (it has {have})",
+                name=repr(name),
+                layer=layer,
+                have=sorted(int(k) for k in found),
+            )
+        vec = np.array(found[layer], dtype=np.float32)
+    else:
+        assert data is not None
+        if len(data) != ctx.shape.hidden_size:
+            raise _fail(
+                "width",
+                "'data' has {got} values, the model's hidden size is {want}",
+                got=len(data),
+                want=ctx.shape.hidden_size,
+            )
+        vec = inline_float32(data)
+    if not np.isfinite(vec).all():
+        raise _fail("not_finite", "{what} holds NaN or Inf", what=what)
+    if not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
+        raise _fail("zero_vector", "{what} is zero, it has no direction", what=what)
+    return vec
+
+
 def _check_heads(heads: list[int], ctx: SpecContext | None) -> list[int]:
     if not heads:
         raise _fail("empty_heads", "must name at least one head")
@@ -891,32 +925,8 @@ class ReadoutEntry(BaseModel):
             return self._resolve_topk(ctx)
         if self.sae is not None:
             return self._resolve_feature(ctx)
-        if self.name is not None:
-            found = _registered(self.name, ctx, "residual")
-            layers = sorted(int(k) for k in found)
-            if self.layer not in layers:
-                raise _fail(
-                    "layer_missing",
-                    "vector {name} has no data for layer {layer} (it has {have})",
-                    name=repr(self.name),
-                    layer=self.layer,
-                    have=layers,
-                )
-            vec = np.asarray(found[self.layer], dtype=np.float32)
-        else:
-            assert self.data is not None
-            if len(self.data) != ctx.shape.hidden_size:
-                raise _fail(
-                    "width",
-                    "'data' has {got} values, the model's hidden size is {want}",
-                    got=len(self.data),
-                    want=ctx.shape.hidden_size,
-                )
-            vec = inline_float32(self.data)
-        if not np.isfinite(vec).all():
-            raise _fail("not_finite", "the vector holds NaN or Inf")
-        if not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
-            raise _fail("zero_vector", "the vector is zero, it has no direction")
+        assert self.layer is not None
+        vec = _direction_at(self.name, self.data, self.layer, ctx, "the vector")
         self._unit = unit(vec)
         return self
 
@@ -1092,31 +1102,7 @@ class Condition(BaseModel):
         if self.layer is None:
             raise _fail("condition_layer", "'layer' is required with a vector")
         _check_condition_layer(self.layer, ctx)
-        if self.vector is not None:
-            found = _registered(self.vector, ctx, "residual")
-            if self.layer not in found:
-                raise _fail(
-                    "layer_missing",
-                    "vector {name} has no data for layer {layer} (it has {have})",
-                    name=repr(self.vector),
-                    layer=self.layer,
-                    have=sorted(int(k) for k in found),
-                )
-            vec = np.array(found[self.layer], dtype=np.float32)
-        else:
-            assert self.data is not None
-            if len(self.data) != ctx.shape.hidden_size:
-                raise _fail(
-                    "width",
-                    "'data' has {got} values, the model's hidden size is {want}",
-                    got=len(self.data),
-                    want=ctx.shape.hidden_size,
-                )
-            vec = inline_float32(self.data)
-        if not np.isfinite(vec).all():
-            raise _fail("not_finite", "the condition's direction has NaN or Inf")
-        if not float(np.linalg.norm(vec.astype(np.float64))) > 0.0:
-            raise _fail("zero_vector", "the condition's direction is zero")
+        vec = _direction_at(self.vector, self.data, self.layer, ctx, "the condition's direction")
         self._direction = vec
         return self
 
